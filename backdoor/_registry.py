@@ -1,0 +1,77 @@
+"""A small named registry shared by datasets, models, attacks and defenses (after timm's)."""
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import pkgutil
+from typing import Any, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownNameError(KeyError):
+    """Raised for a name that is not registered; the message lists what is allowed."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    """Maps names to factories. ``create`` drops None keyword arguments so a gap never overrides a default."""
+
+    def __init__(self, family: str, package: str | None = None):
+        self.family = family
+        self._package = package  # modules under it are imported on first use
+        self._entries: dict[str, Callable[..., T]] = {}
+        self._loaded = package is None
+
+    def register(self, name: str | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def decorator(factory: Callable[..., T]) -> Callable[..., T]:
+            key = name or getattr(factory, "name", None) or factory.__name__
+            if key in self._entries and self._entries[key] is not factory:
+                raise ValueError(f"{self.family} {key!r} is registered twice")
+            self._entries[key] = factory
+            return factory
+
+        return decorator
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        package = importlib.import_module(self._package)
+        for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
+            if not module.startswith("_"):
+                importlib.import_module(f"{self._package}.{module}")
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Sorted registered names matching a shell wildcard."""
+        self._load()
+        return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
+
+    def get(self, name: str) -> Callable[..., T]:
+        self._load()
+        if name not in self._entries:
+            raise UnknownNameError(
+                f"unknown {self.family} {name!r}; registered: {', '.join(self.names())}"
+            )
+        return self._entries[name]
+
+    def create(self, name: str, **kwargs: Any) -> T:
+        return self.get(name)(**{k: v for k, v in kwargs.items() if v is not None})
+
+    def __contains__(self, name: str) -> bool:
+        self._load()
+        return name in self._entries
+
+    def expand(self, patterns: list[str]) -> list[str]:
+        """Expand wildcard patterns into names, keeping first-seen order; an unmatched pattern is an error."""
+        out: list[str] = []
+        for pattern in patterns:
+            matched = self.names(pattern)
+            if not matched:
+                raise UnknownNameError(
+                    f"{self.family} {pattern!r} matches nothing; registered: {', '.join(self.names())}"
+                )
+            out.extend(m for m in matched if m not in out)
+        return out

@@ -1,0 +1,57 @@
+"""Blended (Chen et al., "Targeted Backdoor Attacks on Deep Learning Systems Using Data Poisoning", 2017).
+
+Dirty label. x' = (1 - alpha) * x + alpha * t with alpha = 0.2 at train and test time, computed in float and
+rounded to uint8. ``pattern``: ``"noise"`` (default) is a fixed uniform-noise image drawn from ``pattern_seed``
+(the original uses a cartoon "Hello Kitty" image that we cannot ship); a path to any image file is accepted
+and resized (bilinear) to the input size.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from backdoor.attacks import register_attack
+from backdoor.attacks.base import Attack
+
+
+@lru_cache(maxsize=8)
+def _image_pattern(path: str) -> torch.Tensor:
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"blended: pattern image {path!r} does not exist (use 'noise' or an image path)")
+    array = torch.frombuffer(bytearray(Image.open(path).convert("RGB").tobytes()), dtype=torch.uint8)
+    w, h = Image.open(path).size
+    return array.view(h, w, 3).permute(2, 0, 1).float().div(255)
+
+
+def blend_pattern(pattern: str, pattern_seed: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The trigger image t as float [C, H, W] in [0, 1]."""
+    c, h, w = shape
+    if pattern == "noise":
+        g = torch.Generator().manual_seed(pattern_seed)
+        return torch.rand(c, h, w, generator=g)
+    image = _image_pattern(str(Path(pattern).expanduser()))
+    return F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0].clamp(0, 1)[:c]
+
+
+@register_attack("blended")
+class Blended(Attack):
+    """Blended: alpha-blend (0.2) a fixed image into the input, dirty label."""
+
+    kind = "dirty_label"
+
+    def __init__(self, target: int = 0, alpha: float = 0.2, pattern: str = "noise", pattern_seed: int = 0,
+                 **kwargs):
+        super().__init__(target=target, **kwargs)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"blended: alpha must be in (0, 1], got {alpha}")
+        self.alpha, self.pattern, self.pattern_seed = alpha, pattern, pattern_seed
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        t = blend_pattern(self.pattern, self.pattern_seed, tuple(x.shape[1:])).to(x.device)
+        blended = (1 - self.alpha) * x.float() + self.alpha * 255 * t
+        return blended.round().clamp(0, 255).to(torch.uint8)

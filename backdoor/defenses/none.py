@@ -1,0 +1,15 @@
+"""No defense: the backdoored model as it is (the first column group of every leaderboard)."""
+from __future__ import annotations
+
+from backdoor.defenses import register_defense
+from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+
+
+@register_defense("none")
+class NoDefense(Defense):
+    """No defense: evaluate the backdoored model unchanged."""
+
+    kind = "none"
+
+    def run(self, inputs: DefenseInputs) -> DefenseOutcome:
+        return DefenseOutcome(model=inputs.model)

@@ -1,0 +1,79 @@
+"""The paper's three metrics (BackdoorBench section 3.2), as fractions in [0, 1].
+
+C-Acc: accuracy on the whole clean test set. ASR: fraction of the poisoned test set (every non-target test
+sample with the trigger) predicted as the target. R-Acc: fraction of the poisoned test set predicted as its
+true label. Since a non-target sample cannot be both, ASR + R-Acc <= 1.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Metrics:
+    c_acc: float
+    asr: float
+    r_acc: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def clean_accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    if len(y) == 0:
+        raise ValueError("clean accuracy of an empty test set")
+    return float((pred == y).float().mean())
+
+
+def attack_success_rate(pred: torch.Tensor, target: int | torch.Tensor) -> float:
+    """Fraction of poisoned (non-target) test samples predicted as the target."""
+    if len(pred) == 0:
+        raise ValueError("attack success rate of an empty poisoned test set")
+    return float((pred == target).float().mean())
+
+
+def robust_accuracy(pred: torch.Tensor, y_true: torch.Tensor) -> float:
+    """Fraction of poisoned test samples still predicted as their true label."""
+    if len(pred) == 0:
+        raise ValueError("robust accuracy of an empty poisoned test set")
+    return float((pred == y_true).float().mean())
+
+
+def backdoor_metrics(clean_pred: torch.Tensor, clean_y: torch.Tensor, poisoned_pred: torch.Tensor,
+                     poisoned_y: torch.Tensor, target: int) -> Metrics:
+    """``poisoned_y`` are the true labels of the poisoned test set, which must hold no target-class sample."""
+    if bool((poisoned_y == target).any()):
+        raise ValueError("the poisoned test set must exclude target-class samples")
+    return Metrics(
+        c_acc=clean_accuracy(clean_pred, clean_y),
+        asr=attack_success_rate(poisoned_pred, target),
+        r_acc=robust_accuracy(poisoned_pred, poisoned_y),
+    )
+
+
+def detection_metrics(flagged: torch.Tensor, truth: torch.Tensor, scores: torch.Tensor | None = None) -> dict:
+    """Score a defense's poison detection against the true mask (harness side only).
+
+    TPR = flagged poisoned / poisoned, FPR = flagged clean / clean, precision = flagged poisoned / flagged,
+    AUROC of ``scores`` (higher = more suspicious) when given. Undefined figures are None.
+    """
+    flagged, truth = flagged.bool(), truth.bool()
+    if flagged.shape != truth.shape:
+        raise ValueError(f"flags {tuple(flagged.shape)} do not match the poison mask {tuple(truth.shape)}")
+    tp = int((flagged & truth).sum())
+    fp = int((flagged & ~truth).sum())
+    positives, negatives = int(truth.sum()), int((~truth).sum())
+    out = {
+        "flagged": int(flagged.sum()),
+        "tpr": tp / positives if positives else None,
+        "fpr": fp / negatives if negatives else None,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "auroc": None,
+    }
+    if scores is not None and positives and negatives:
+        from sklearn.metrics import roc_auc_score
+
+        out["auroc"] = float(roc_auc_score(truth.numpy(), scores.float().numpy()))
+    return out

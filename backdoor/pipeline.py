@@ -1,0 +1,315 @@
+"""Run one grid case end to end: dataset -> poisoned set -> backdoored model -> defense -> metrics.
+
+Each stage is an artifact in the cache keyed by its full spec, so a rerun, another selection or another
+worker loads it instead of training. ``run_case`` returns the record that the harness stores.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import platform
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+import backdoor
+from backdoor.attacks import Attack, AttackContext, PoisonedSet, create_attack
+from backdoor.cache import ArtifactCache, module_to_tensors, tensors_with_prefix
+from backdoor.data import Dataset, Split, dataset_from_tensors, dataset_to_tensors, load_dataset
+from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
+from backdoor.metrics import backdoor_metrics, detection_metrics
+from backdoor.models import Classifier, create_model
+from backdoor.progress import log
+from backdoor.training import TrainConfig, fit, predict
+
+CLEAN = "clean"  # the attack name of reference rows: a clean model trained the same way
+
+
+@dataclass(frozen=True)
+class Case:
+    """One cell of the grid. ``attack == "clean"`` is the clean reference row."""
+
+    matrix: str
+    dataset: str
+    model: str
+    attack: str
+    defense: str
+    ratio: float
+    seed: int
+    target: int = 0
+    dataset_params: dict = field(default_factory=dict)
+    model_params: dict = field(default_factory=dict)
+    attack_params: dict = field(default_factory=dict)
+    defense_params: dict = field(default_factory=dict)
+    training: TrainConfig = TrainConfig()
+    defense_training: TrainConfig = TrainConfig(batch_size=256)
+    clean_fraction: float = 0.05
+    matrix_hash: str = ""
+
+    @property
+    def case_id(self) -> str:
+        if self.attack == CLEAN:
+            return f"{self.dataset}-{self.model}-{CLEAN}-s{self.seed}-{self.defense}"
+        return f"{self.dataset}-{self.model}-{self.attack}-p{self.ratio:g}-s{self.seed}-{self.defense}"
+
+    @property
+    def group(self) -> str:
+        """Cases sharing one backdoored model (all its defenses): one xdist group."""
+        return self.case_id.rsplit("-", 1)[0]
+
+
+def derive_seed(seed: int, stage: str) -> int:
+    return int(hashlib.sha256(f"{seed}:{stage}".encode()).hexdigest()[:8], 16)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class StageLog:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.hits: dict[str, bool] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+class Runner:
+    """Builds (or loads) each artifact of a case through the cache, on one device."""
+
+    def __init__(self, cache: ArtifactCache, device: torch.device | str = "cpu"):
+        self.cache = cache
+        self.device = torch.device(device)
+
+    # -- specs: everything that determines an artifact ---------------------------------------------------
+    @staticmethod
+    def dataset_spec(case: Case) -> dict:
+        return {"dataset": case.dataset, "params": case.dataset_params}
+
+    def model_spec(self, case: Case) -> dict:
+        return {**self.dataset_spec(case), "model": case.model, "model_params": case.model_params,
+                "training": case.training.to_dict()}
+
+    def attack_spec(self, case: Case, attack: Attack) -> dict:
+        return {**self.dataset_spec(case), "attack": case.attack, "attack_params": attack.params(),
+                "ratio": case.ratio, "seed": case.seed}
+
+    def backdoor_spec(self, case: Case, attack: Attack) -> dict:
+        return {**self.model_spec(case), **self.attack_spec(case, attack)}
+
+    def defense_spec(self, case: Case, upstream: dict, defense) -> dict:
+        return {"upstream": upstream, "defense": case.defense, "defense_params": defense.params(),
+                "defense_training": case.defense_training.to_dict(), "clean_fraction": case.clean_fraction,
+                "seed": case.seed}
+
+    # -- stages -------------------------------------------------------------------------------------------
+    def _cached(self, log_: StageLog, stage: str, kind: str, spec: dict, build):
+        with log_.stage(stage):
+            artifact, hit = self.cache.get_or_build(kind, spec, build)
+        log_.hits[stage] = hit
+        return artifact
+
+    def dataset(self, case: Case, log_: StageLog) -> Dataset:
+        build = lambda: dataset_to_tensors(load_dataset(case.dataset, **case.dataset_params))  # noqa: E731
+        tensors, meta = self._cached(log_, "dataset", "dataset", self.dataset_spec(case), build)
+        return dataset_from_tensors(tensors, meta)
+
+    def new_model(self, case: Case, data: Dataset) -> Classifier:
+        return create_model(case.model, data.num_classes, data.mean, data.std, **case.model_params)
+
+    def train_config(self, case: Case, data: Dataset) -> TrainConfig:
+        return case.training.with_(hflip=case.training.hflip and data.hflip)
+
+    def _load_model(self, case: Case, data: Dataset, tensors: dict) -> Classifier:
+        model = self.new_model(case, data)
+        model.load_state_dict(tensors_with_prefix(tensors, "model."))
+        return model.to(self.device).eval()
+
+    def clean_model(self, case: Case, data: Dataset, log_: StageLog) -> Classifier:
+        def build():
+            model = self.new_model(case, data)
+            history = fit(model, data.train, self.train_config(case, data), device=self.device,
+                          seed=derive_seed(case.seed, "clean-model"), desc=f"{case.model} clean")
+            return module_to_tensors(model), {"history": history}
+
+        tensors, _ = self._cached(log_, "clean_model", "clean_model", {**self.model_spec(case), "seed": case.seed},
+                                  build)
+        return self._load_model(case, data, tensors)
+
+    def attack(self, case: Case, data: Dataset, log_: StageLog) -> Attack:
+        if not 0 <= case.target < data.num_classes:
+            raise ValueError(f"target class {case.target} is outside {case.dataset}'s classes 0..{data.num_classes - 1}")
+        attack = create_attack(case.attack, target=case.target, **case.attack_params)
+        ctx = AttackContext(
+            dataset=data, device=self.device, seed=derive_seed(case.seed, "attack-material"),
+            training=self.train_config(case, data), model_name=case.model,
+            cached=lambda kind, spec, build: self.cache.get_or_build(kind, spec, build)[0],
+            clean_model=lambda: self.clean_model(case, data, StageLog()),
+            spec=self.model_spec(case),
+        )
+        with log_.stage("attack_material"):
+            attack.prepare(ctx)
+        return attack
+
+    def poisoned(self, case: Case, attack: Attack, data: Dataset, log_: StageLog, spec: dict) -> PoisonedSet:
+        def build():
+            p = attack.poison_train(data.train, case.ratio, derive_seed(case.seed, "poison"))
+            return {"x": p.x, "y": p.y, "mask": p.mask}, {"effective_ratio": p.effective_ratio}
+
+        tensors, meta = self._cached(log_, "poison", "poisoned", spec, build)
+        return PoisonedSet(tensors["x"], tensors["y"], tensors["mask"].bool(), meta["effective_ratio"])
+
+    def backdoored_model(self, case: Case, attack: Attack, data: Dataset, log_: StageLog) -> tuple[Classifier, PoisonedSet]:
+        spec = self.backdoor_spec(case, attack)
+        config = self.train_config(case, data)
+        seed = derive_seed(case.seed, "backdoor-model")
+        if attack.kind == "training_controllable":
+            def build():
+                model = self.new_model(case, data)
+                hooks = attack.train_hooks(data, case.ratio, derive_seed(case.seed, "poison"))
+                history = fit(model, data.train, config, device=self.device, seed=seed, hooks=hooks,
+                              desc=f"{case.attack} train")
+                state = {f"attack.{k}": v for k, v in attack.state_tensors().items()}
+                return {**module_to_tensors(model), **state}, {"history": history}
+
+            tensors, _ = self._cached(log_, "backdoor_model", "backdoor_model", spec, build)
+            attack.load_state_tensors(tensors_with_prefix(tensors, "attack."))
+            # The fixed poisoned set (for data-side defenses) needs the trained trigger: keyed by the model.
+            poisoned = self.poisoned(case, attack, data, log_, {"backdoor_model": spec})
+            return self._load_model(case, data, tensors), poisoned
+
+        poisoned = self.poisoned(case, attack, data, log_, self.attack_spec(case, attack))
+
+        def build():
+            model = self.new_model(case, data)
+            history = fit(model, poisoned.split, config, device=self.device, seed=seed, desc=f"{case.attack} train")
+            return module_to_tensors(model), {"history": history}
+
+        tensors, _ = self._cached(log_, "backdoor_model", "backdoor_model", spec, build)
+        return self._load_model(case, data, tensors), poisoned
+
+    def defender_clean_subset(self, case: Case, data: Dataset) -> Split:
+        g = torch.Generator().manual_seed(derive_seed(case.seed, "defender-clean"))
+        n = max(1, int(round(case.clean_fraction * len(data.train))))
+        return data.train.subset(torch.randperm(len(data.train), generator=g)[:n].sort().values)
+
+    def defend(self, case: Case, model: Classifier, data: Dataset, poisoned: PoisonedSet | None, upstream: dict,
+               log_: StageLog) -> tuple[Classifier, dict]:
+        defense = create_defense(case.defense, **case.defense_params)
+        if defense.kind == "none":
+            return model, {"defense_params": defense.params(), "defense_kind": "none", "info": {}}
+        train_config = self.train_config(case, data)
+
+        def build():
+            inputs = DefenseInputs(
+                model=self.new_model(case, data).to(self.device).eval(), clean=self.defender_clean_subset(case, data),
+                num_classes=data.num_classes, device=self.device, seed=derive_seed(case.seed, "defense"),
+                training=case.defense_training.with_(hflip=case.defense_training.hflip and data.hflip),
+                retraining=train_config, new_model=lambda: self.new_model(case, data),
+                fit=lambda m, split, config, **kw: fit(m, split, config, device=self.device, **kw),
+                poisoned_train=poisoned.split if defense.kind == "data_side" and poisoned is not None else None,
+            )
+            inputs.model.load_state_dict(model.state_dict())
+            try:
+                outcome = defense.run(inputs)
+            except NotApplicable as reason:
+                return {}, {"not_applicable": str(reason)}
+            tensors = module_to_tensors(outcome.model)
+            if outcome.flagged is not None:
+                tensors["flagged"] = outcome.flagged.bool().cpu()
+            if outcome.scores is not None:
+                tensors["scores"] = outcome.scores.float().cpu()
+            return tensors, {"info": outcome.info}
+
+        spec = self.defense_spec(case, upstream, defense)
+        tensors, meta = self._cached(log_, "defense", "defended_model", spec, build)
+        result = {"defense_params": defense.params(), "defense_kind": defense.kind, "info": meta.get("info", {})}
+        if "not_applicable" in meta:
+            return None, {**result, "not_applicable": meta["not_applicable"]}
+        if "flagged" in tensors and poisoned is not None:
+            result["detection"] = detection_metrics(tensors["flagged"], poisoned.mask, tensors.get("scores"))
+        return self._load_model(case, data, tensors), result
+
+    # -- the whole case ------------------------------------------------------------------------------------
+    def run(self, case: Case) -> dict:
+        log_ = StageLog()
+        started = time.perf_counter()
+        log(f"[{case.case_id}] start")
+        data = self.dataset(case, log_)
+        attack, poisoned = None, None
+        if case.attack == CLEAN:
+            model = self.clean_model(case, data, log_)
+            upstream = {"clean_model": {**self.model_spec(case), "seed": case.seed}}
+        else:
+            attack = self.attack(case, data, log_)
+            model, poisoned = self.backdoored_model(case, attack, data, log_)
+            upstream = self.backdoor_spec(case, attack)
+        defended, result = self.defend(case, model, data, poisoned, upstream, log_)
+        record = self._record(case, data, attack, poisoned, result, log_)
+        if defended is not None:
+            with log_.stage("evaluate"):
+                record.update(self.evaluate(defended, data, attack, case.target))
+        record["stage_seconds"] = dict(log_.seconds)
+        record["total_seconds"] = round(time.perf_counter() - started, 3)
+        log(f"[{case.case_id}] c_acc={record['c_acc']} asr={record['asr']} r_acc={record['r_acc']}")
+        return record
+
+    def evaluate(self, model: Classifier, data: Dataset, attack: Attack | None, target: int) -> dict:
+        clean_pred = predict(model, data.test.x, device=self.device)
+        if attack is None:
+            return {"c_acc": float((clean_pred == data.test.y).float().mean()), "asr": None, "r_acc": None}
+        poisoned_test = attack.poison_test(data.test)
+        m = backdoor_metrics(clean_pred, data.test.y, predict(model, poisoned_test.x, device=self.device),
+                             poisoned_test.y, target)
+        return m.to_dict()
+
+    def _record(self, case: Case, data: Dataset, attack: Attack | None, poisoned: PoisonedSet | None,
+                result: dict, log_: StageLog) -> dict:
+        return {
+            "case_id": case.case_id,
+            "matrix": case.matrix,
+            "dataset": case.dataset, "dataset_params": case.dataset_params,
+            "model": case.model, "model_params": case.model_params,
+            "attack": case.attack, "attack_kind": attack.kind if attack else None,
+            "attack_params": attack.params() if attack else {},
+            "defense": case.defense, "defense_kind": result["defense_kind"],
+            "defense_params": result["defense_params"],
+            "poison_ratio": case.ratio if attack else 0.0,
+            "effective_ratio": poisoned.effective_ratio if poisoned is not None else (0.0 if not attack else None),
+            "seed": case.seed, "target": case.target,
+            "training": case.training.to_dict(), "defense_training": case.defense_training.to_dict(),
+            "clean_fraction": case.clean_fraction,
+            "status": "not_applicable" if "not_applicable" in result else "ok",
+            "reason": result.get("not_applicable"),
+            "c_acc": None, "asr": None, "r_acc": None,
+            "detection": result.get("detection"),
+            "defense_info": result.get("info", {}),
+            "cache_hits": log_.hits,
+            "provenance": self.provenance(case),
+        }
+
+    @cached_property
+    def _static_provenance(self) -> dict:
+        return {"package_version": backdoor.__version__, "git_commit": git_commit(),
+                "torch_version": torch.__version__, "python": platform.python_version()}
+
+    def provenance(self, case: Case) -> dict:
+        device = str(self.device)
+        if self.device.type == "cuda":
+            device += f" ({torch.cuda.get_device_name(self.device)})"
+        return {**self._static_provenance, "matrix_hash": case.matrix_hash, "device": device,
+                "seed": case.seed, "utc_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

@@ -1,0 +1,112 @@
+"""Shared machinery of the on-disk dataset readers: decoding image files into one uint8 tensor, finding the
+dataset folder under a data root, and the "files not found" error.
+
+Decoding uses PIL once per file (dataset construction, cached by the pipeline afterwards), on a thread pool
+of ``torch.get_num_threads()`` workers (PIL releases the GIL while decoding); every file writes only its own
+slot of a preallocated uint8 tensor, so the result does not depend on the number of workers.
+"""
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from backdoor.data import DatasetNotFoundError, default_data_root
+from backdoor.progress import progress
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+ROOT_HELP = ("Set the data root with the environment variable BACKDOOR_DATA_ROOT (default ~/.backdoor/data) "
+             "or with the dataset parameter `root` (in a matrix: `datasets: {{{name}: {{root: /path}}}}`).")
+
+
+def natural_key(path: Path) -> tuple:
+    """Sort key that orders ``x_2`` before ``x_10`` (the order in which the files were numbered)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name))
+
+
+def check_image_size(name: str, image_size) -> int:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"{name}: image_size must be a positive integer (pixels per side), got {image_size!r}")
+    return image_size
+
+
+def resolve_root(root: str | os.PathLike | None) -> Path:
+    """The directory the user points at (``root``), or the default data root."""
+    return Path(root).expanduser() if root is not None else default_data_root()
+
+
+def not_found(name: str, root: Path, looked_for: Sequence[Path], how_to_get: str) -> DatasetNotFoundError:
+    paths = "\n".join(f"  - {p}" for p in looked_for)
+    return DatasetNotFoundError(
+        f"{name}: dataset files not found under the data root {root}; looked for:\n{paths}\n"
+        f"{ROOT_HELP.format(name=name)}\nGet the files: {how_to_get}"
+    )
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, hidden entries skipped), in natural order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames
+                     if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(found, key=lambda p: (natural_key(p.parent), natural_key(p)))
+
+
+def read_images(paths: Sequence[Path], image_size: int, boxes: Sequence[tuple[int, int, int, int]] | None = None,
+                desc: str = "reading images") -> torch.Tensor:
+    """Decode image files into one uint8 tensor [N, 3, S, S].
+
+    Each image is converted to RGB, optionally cropped to its box (left, upper, right, lower; right/lower
+    exclusive), and resized to S x S with PIL's bilinear filter (antialiased when shrinking, the filter that
+    torchvision's ``Resize`` applies to PIL images) when it is not already S x S; the aspect ratio is not kept.
+    """
+    from PIL import Image
+
+    if boxes is not None and len(boxes) != len(paths):
+        raise ValueError(f"{len(boxes)} boxes for {len(paths)} images")
+    out = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
+    slots = out.numpy()  # shares memory with ``out``
+
+    def decode(i: int) -> None:
+        path = paths[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if boxes is not None:
+                    im = im.crop(boxes[i])
+                if im.size != (image_size, image_size):
+                    im = im.resize((image_size, image_size), Image.BILINEAR)
+                slots[i] = np.asarray(im).transpose(2, 0, 1)
+        except FileNotFoundError as e:
+            raise DatasetNotFoundError(f"image file {path} is listed but missing") from e
+        except OSError as e:  # PIL's UnidentifiedImageError and truncated files
+            raise ValueError(f"cannot decode image file {path}: {e}") from e
+
+    workers = max(1, min(torch.get_num_threads(), 16, len(paths)))
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in progress(pool.map(decode, range(len(paths))), desc, total=len(paths)):
+            pass
+    return out
+
+
+def chunked_channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``backdoor.data.channel_stats`` (mean, unbiased std, [0, 1] units, 4 decimals, std >= 1e-3) computed in
+    chunks, so that a large uint8 set is never copied whole to float."""
+    c = x.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, x.shape[0], chunk):
+        part = x[start:start + chunk].to(torch.float64).div_(255)
+        total += part.sum(dim=(0, 2, 3))
+        total_sq += part.square().sum(dim=(0, 2, 3))
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / n
+    var = ((total_sq - n * mean.square()) / max(n - 1, 1)).clamp_min(0)
+    std = var.sqrt().clamp_min(1e-3)
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())

@@ -1,0 +1,90 @@
+"""CIFAR-10 and CIFAR-100 from the official python-pickle distribution.
+
+A. Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", technical report, University of
+Toronto, 2009 (https://www.cs.toronto.edu/~kriz/cifar.html).
+
+Layout (the extracted ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``): ``cifar-10-batches-py/``
+with ``data_batch_1`` .. ``data_batch_5`` (train, in this order) and ``test_batch``; ``cifar-100-python/``
+with ``train`` and ``test``. ``root`` is the folder that holds that directory (default: the data root,
+``$BACKDOOR_DATA_ROOT``), or the directory itself.
+
+Defaults, as in the BackdoorBench paper and code: 32x32, 50,000 train / 10,000 test images; CIFAR-10 10
+classes, mean (0.4914, 0.4822, 0.4465), std (0.247, 0.243, 0.261); CIFAR-100 100 fine-label classes, mean
+(0.5071, 0.4865, 0.4409), std (0.2673, 0.2564, 0.2762). Horizontal flip is label-preserving for both.
+
+Departures: the original code flips only CIFAR-10 during training (its transform builder tests for the name
+``cifar10``); we declare ``hflip=True`` for CIFAR-100 as well, because mirrored natural images keep their
+class. The trainer's own ``hflip`` switch still turns it off for a run that wants the original behaviour.
+The pickles are read by this module, not by torchvision's ``CIFAR10``, so that no md5 check rejects a
+subset or a re-packed copy; the arrays are used as stored (row-major 3 x 32 x 32 per image, RGB planes).
+Pickle files can run code when loaded: point ``root`` at copies you trust, as with any pickle reader.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backdoor.data import Dataset, Split, register_dataset
+from backdoor.data._files import not_found, resolve_root
+
+HOW_TO_GET = ("download the python version ({archive}) from https://www.cs.toronto.edu/~kriz/cifar.html "
+              "and extract it in the data root")
+
+
+def _read_pickle(path: Path, label_key: str, num_classes: int) -> Split:
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
+        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise ValueError(f"{path}: expected a dict with keys 'data' and {label_key!r}, got {keys}")
+    data = np.asarray(entry["data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: 'data' must be uint8 [N, 3072], got {data.dtype} {data.shape}")
+    labels = torch.as_tensor(np.asarray(entry[label_key], dtype=np.int64))
+    if labels.shape != (data.shape[0],):
+        raise ValueError(f"{path}: {labels.numel()} labels for {data.shape[0]} images")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{path}: labels must lie in 0..{num_classes - 1}, "
+                         f"found {int(labels.min())}..{int(labels.max())}")
+    x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return Split(x, labels)
+
+
+def _load(name: str, root, folder: str, archive: str, train_files: list[str], test_file: str, label_key: str,
+          num_classes: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Dataset:
+    base = resolve_root(root)
+    names = train_files + [test_file]
+    candidates = [base / folder, base]  # the folder that holds the extracted directory, or the directory itself
+    for directory in candidates:
+        if all((directory / n).is_file() for n in names):
+            break
+    else:
+        looked_for = [directory / n for directory in candidates for n in names]
+        raise not_found(name, base, looked_for, HOW_TO_GET.format(archive=archive))
+    parts = [_read_pickle(directory / n, label_key, num_classes) for n in train_files]
+    train = Split(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+    test = _read_pickle(directory / test_file, label_key, num_classes)
+    return Dataset(name=name, train=train, test=test, num_classes=num_classes, mean=mean, std=std, hflip=True,
+                   params={})
+
+
+@register_dataset("cifar10")
+def cifar10(root: str | None = None) -> Dataset:
+    """CIFAR-10: 32x32 natural images, 10 classes, 50,000 train / 10,000 test (official pickles)."""
+    return _load("cifar10", root, "cifar-10-batches-py", "cifar-10-python.tar.gz",
+                 [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels", 10,
+                 (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
+
+
+@register_dataset("cifar100")
+def cifar100(root: str | None = None) -> Dataset:
+    """CIFAR-100: 32x32 natural images, 100 fine-label classes, 50,000 train / 10,000 test (official pickles)."""
+    return _load("cifar100", root, "cifar-100-python", "cifar-100-python.tar.gz", ["train"], "test",
+                 "fine_labels", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+
+cifar10.num_classes = 10
+cifar100.num_classes = 100

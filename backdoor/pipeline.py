@@ -98,7 +98,9 @@ class Runner:
     # -- specs: everything that determines an artifact ---------------------------------------------------
     @staticmethod
     def dataset_spec(case: Case) -> dict:
-        return {"dataset": case.dataset, "params": case.dataset_params}
+        # Where the files live does not change the data, except for imagefolder, whose root *is* the data.
+        params = {k: v for k, v in case.dataset_params.items() if k != "root" or case.dataset == "imagefolder"}
+        return {"dataset": case.dataset, "params": params}
 
     def model_spec(self, case: Case) -> dict:
         return {**self.dataset_spec(case), "model": case.model, "model_params": case.model_params,

@@ -73,6 +73,15 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
+def num_classes_of(name: str, params: dict) -> int | None:
+    """The class count a dataset will have, without loading it (None when only loading can tell).
+
+    Factories declare it as a ``num_classes`` attribute: an int, or a callable of the parameters.
+    """
+    declared = getattr(DATASETS.get(name), "num_classes", None)
+    return declared(params) if callable(declared) else declared
+
+
 def load_dataset(name: str, **params) -> Dataset:
     return DATASETS.create(name, **params)
 

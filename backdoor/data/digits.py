@@ -48,3 +48,6 @@ def digits(image_size: int = 32, test_fraction: float = 0.2, split_seed: int = 0
         hflip=False,  # a mirrored digit is another glyph
         params={"image_size": image_size, "test_fraction": test_fraction, "split_seed": split_seed},
     )
+
+
+digits.num_classes = 10

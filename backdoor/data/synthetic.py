@@ -46,3 +46,6 @@ def synthetic(num_classes: int = 10, train_size: int = 1000, test_size: int = 20
         params={"num_classes": num_classes, "train_size": train_size, "test_size": test_size,
                 "image_size": image_size, "noise": noise, "max_shift": max_shift, "seed": seed},
     )
+
+
+synthetic.num_classes = lambda params: params.get("num_classes", 10)

@@ -1,0 +1,225 @@
+"""Declarative grid matrices (YAML): load, validate, expand into cases.
+
+A matrix names its axes (datasets, models, attacks, defenses, poison ratios, seeds), the training budgets
+and, optionally, regression expectations. Everything is validated on load, before any training: an unknown
+name, key or parameter, a ratio outside (0, 1], a target outside the dataset, or malformed YAML raises
+``MatrixError`` naming the file, the key, the bad value and what is allowed. Expansion is deterministic
+(axis order as written; no sets), so every pytest-xdist worker collects the same cases in the same order.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from backdoor._registry import Registry, UnknownNameError
+from backdoor.attacks import ATTACKS
+from backdoor.data import DATASETS, num_classes_of
+from backdoor.defenses import DEFENSES
+from backdoor.models import MODELS
+from backdoor.pipeline import CLEAN, Case
+from backdoor.training import TrainConfig
+
+TOP_LEVEL_KEYS = {
+    "name": "results folder name (default: the file's stem)",
+    "description": "free text",
+    "datasets": "dataset names, or name -> parameters",
+    "models": "model names, or name -> parameters",
+    "attacks": "attack names (wildcards allowed), or name -> parameter overrides",
+    "defenses": "defense names (wildcards allowed), or name -> parameter overrides; 'none' is no defense",
+    "poison_ratios": "poison ratios in (0, 1]",
+    "seeds": "integer seeds",
+    "target": "target class (all-to-one), default 0",
+    "cap_ratio": "clean-label attacks: cap an infeasible ratio to the largest feasible one (default false)",
+    "reference": "add a clean reference model row per dataset/model/seed (default true)",
+    "training": "attack training budget: " + ", ".join(f.name for f in fields(TrainConfig)),
+    "defense_training": "defense budget: the training keys plus clean_fraction",
+    "expected": "file (relative to the matrix) of expected metrics for regression checks",
+}
+
+
+class MatrixError(ValueError):
+    """An invalid matrix; the message names the file, the key, the bad value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Matrix:
+    path: Path
+    name: str
+    description: str
+    datasets: dict[str, dict]
+    models: dict[str, dict]
+    attacks: dict[str, dict]
+    defenses: dict[str, dict]
+    poison_ratios: list[float]
+    seeds: list[int]
+    target: int
+    cap_ratio: bool
+    reference: bool
+    training: TrainConfig
+    defense_training: TrainConfig
+    clean_fraction: float
+    expected_path: Path | None
+    digest: str = field(default="")
+
+    def cases(self) -> list[Case]:
+        """Every case of the grid, reference rows first within each dataset/model/seed."""
+        out: list[Case] = []
+        common = dict(matrix=self.name, target=self.target, training=self.training,
+                      defense_training=self.defense_training, clean_fraction=self.clean_fraction,
+                      matrix_hash=self.digest)
+        for dataset, dparams in self.datasets.items():
+            for model, mparams in self.models.items():
+                for seed in self.seeds:
+                    base = dict(common, dataset=dataset, model=model, seed=seed, dataset_params=dparams,
+                                model_params=mparams)
+                    if self.reference:
+                        out.append(Case(attack=CLEAN, defense="none", ratio=0.0, **base))
+                    for ratio in self.poison_ratios:
+                        for attack, aparams in self.attacks.items():
+                            aparams = self._attack_params(attack, aparams)
+                            for defense, fparams in self.defenses.items():
+                                out.append(Case(attack=attack, defense=defense, ratio=ratio, attack_params=aparams,
+                                                defense_params=fparams, **base))
+        return out
+
+    def _attack_params(self, attack: str, params: dict) -> dict:
+        if self.cap_ratio and "cap_ratio" not in params:
+            return {**params, "cap_ratio": True}
+        return params
+
+
+def _fail(path: Path, key: str, message: str) -> MatrixError:
+    return MatrixError(f"{path}: {key}: {message}")
+
+
+def _allowed_params(factory) -> set[str] | None:
+    """Keyword parameters a factory or class accepts (None = anything)."""
+    if hasattr(factory, "param_names"):
+        return set(factory.param_names())
+    params = inspect.signature(factory).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return {n for n in params if n != "num_classes"}
+
+
+def _named_axis(path: Path, key: str, value: Any, registry: Registry, glob: bool) -> dict[str, dict]:
+    if value is None or value == [] or value == {}:
+        raise _fail(path, key, f"must name at least one of: {', '.join(registry.names())}")
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        value = {v: {} for v in value} if all(isinstance(v, str) for v in value) else value
+    if not isinstance(value, dict):
+        raise _fail(path, key, f"expected a list of names or a mapping name -> parameters, got {value!r}")
+    out: dict[str, dict] = {}
+    for pattern, params in value.items():
+        params = {} if params is None else params
+        if not isinstance(params, dict):
+            raise _fail(path, f"{key}.{pattern}", f"parameters must be a mapping, got {params!r}")
+        try:
+            names = registry.expand([str(pattern)]) if glob else [registry.get(str(pattern)) and str(pattern)]
+        except UnknownNameError as e:
+            raise _fail(path, key, f"{pattern!r} is not a registered {registry.family}; "
+                                   f"allowed: {', '.join(registry.names())}") from e
+        for name in names:
+            allowed = _allowed_params(registry.get(name))
+            unknown = sorted(set(params) - allowed) if allowed is not None else []
+            if unknown:
+                raise _fail(path, f"{key}.{name}", f"unknown parameter(s) {unknown}; allowed: {sorted(allowed)}")
+            out[name] = dict(params)
+    return out
+
+
+def _train_config(path: Path, key: str, value: Any, base: TrainConfig, extra: set[str]) -> tuple[TrainConfig, dict]:
+    value = value or {}
+    if not isinstance(value, dict):
+        raise _fail(path, key, f"expected a mapping, got {value!r}")
+    allowed = {f.name for f in fields(TrainConfig)} | extra
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise _fail(path, key, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    for name in ("epochs", "batch_size", "crop_padding"):
+        if name in value and (not isinstance(value[name], int) or isinstance(value[name], bool) or value[name] < 0
+                              or (name != "crop_padding" and value[name] == 0)):
+            raise _fail(path, f"{key}.{name}", f"{value[name]!r} is not allowed; expected a positive integer")
+    for name in ("lr", "momentum", "weight_decay"):
+        if name in value and (not isinstance(value[name], (int, float)) or value[name] < 0):
+            raise _fail(path, f"{key}.{name}", f"{value[name]!r} is not allowed; expected a number >= 0")
+    if "schedule" in value and value["schedule"] not in ("cosine", "constant"):
+        raise _fail(path, f"{key}.schedule", f"{value['schedule']!r} is not allowed; expected cosine or constant")
+    rest = {k: value[k] for k in extra if k in value}
+    return base.with_(**{k: v for k, v in value.items() if k not in extra}), rest
+
+
+def load_matrix(path: str | Path) -> Matrix:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise MatrixError(f"{path}: cannot read the matrix file ({e.strerror})") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise MatrixError(f"{path}: malformed YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise MatrixError(f"{path}: the matrix must be a mapping of keys ({', '.join(TOP_LEVEL_KEYS)}), got {raw!r}")
+    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise _fail(path, unknown[0], f"unknown key; allowed keys: {', '.join(TOP_LEVEL_KEYS)}")
+    for required in ("datasets", "models", "attacks", "defenses", "poison_ratios"):
+        if required not in raw:
+            raise _fail(path, required, f"missing ({TOP_LEVEL_KEYS[required]})")
+
+    datasets = _named_axis(path, "datasets", raw["datasets"], DATASETS, glob=False)
+    models = _named_axis(path, "models", raw["models"], MODELS, glob=False)
+    attacks = _named_axis(path, "attacks", raw["attacks"], ATTACKS, glob=True)
+    defenses = _named_axis(path, "defenses", raw["defenses"], DEFENSES, glob=True)
+    ratios = _ratios(path, raw["poison_ratios"])
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise _fail(path, "seeds", f"{seeds!r} is not allowed; expected a non-empty list of integers")
+    target = raw.get("target", 0)
+    if not isinstance(target, int) or isinstance(target, bool):
+        raise _fail(path, "target", f"{target!r} is not allowed; expected a class index (integer)")
+    for dataset, params in datasets.items():
+        classes = num_classes_of(dataset, params)
+        if classes is not None and not 0 <= target < classes:
+            raise _fail(path, "target", f"{target} is outside {dataset}'s classes; allowed: 0..{classes - 1}")
+    for flag in ("cap_ratio", "reference"):
+        if flag in raw and not isinstance(raw[flag], bool):
+            raise _fail(path, flag, f"{raw[flag]!r} is not allowed; expected true or false")
+
+    training, _ = _train_config(path, "training", raw.get("training"), TrainConfig(), set())
+    defense_training, rest = _train_config(path, "defense_training", raw.get("defense_training"),
+                                           TrainConfig(batch_size=256), {"clean_fraction"})
+    clean_fraction = rest.get("clean_fraction", 0.05)
+    if not isinstance(clean_fraction, (int, float)) or not 0 < clean_fraction <= 1:
+        raise _fail(path, "defense_training.clean_fraction", f"{clean_fraction!r} is not allowed; expected (0, 1]")
+    expected = raw.get("expected")
+    if expected is not None and not isinstance(expected, str):
+        raise _fail(path, "expected", f"{expected!r} is not allowed; expected a file name")
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not name or "/" in name:
+        raise _fail(path, "name", f"{name!r} is not allowed; expected a folder name without '/'")
+    return Matrix(
+        path=path, name=name, description=str(raw.get("description", "")), datasets=datasets, models=models,
+        attacks=attacks, defenses=defenses, poison_ratios=ratios, seeds=seeds, target=target,
+        cap_ratio=bool(raw.get("cap_ratio", False)), reference=bool(raw.get("reference", True)),
+        training=training, defense_training=defense_training, clean_fraction=float(clean_fraction),
+        expected_path=(path.parent / expected) if expected else None,
+        digest=hashlib.sha256(text.encode()).hexdigest()[:16],
+    )
+
+
+def _ratios(path: Path, value: Any) -> list[float]:
+    if not isinstance(value, list) or not value:
+        raise _fail(path, "poison_ratios", f"{value!r} is not allowed; expected a non-empty list of numbers in (0, 1]")
+    for r in value:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+            raise _fail(path, "poison_ratios", f"{r!r} is outside the allowed range (0, 1]")
+    return [float(r) for r in value]

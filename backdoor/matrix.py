@@ -97,17 +97,18 @@ def _fail(path: Path, key: str, message: str) -> MatrixError:
     return MatrixError(f"{path}: {key}: {message}")
 
 
-def _allowed_params(factory) -> set[str] | None:
-    """Keyword parameters a factory or class accepts (None = anything)."""
+def _allowed_params(factory, reserved: set[str]) -> set[str] | None:
+    """Keyword parameters a factory or class accepts (None = anything), less those the harness sets."""
     if hasattr(factory, "param_names"):
-        return set(factory.param_names())
+        return set(factory.param_names()) - reserved
     params = inspect.signature(factory).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return None
-    return {n for n in params if n != "num_classes"}
+    return set(params) - reserved
 
 
-def _named_axis(path: Path, key: str, value: Any, registry: Registry, glob: bool) -> dict[str, dict]:
+def _named_axis(path: Path, key: str, value: Any, registry: Registry, glob: bool,
+                reserved: frozenset[str] = frozenset()) -> dict[str, dict]:
     if value is None or value == [] or value == {}:
         raise _fail(path, key, f"must name at least one of: {', '.join(registry.names())}")
     if isinstance(value, str):
@@ -127,7 +128,7 @@ def _named_axis(path: Path, key: str, value: Any, registry: Registry, glob: bool
             raise _fail(path, key, f"{pattern!r} is not a registered {registry.family}; "
                                    f"allowed: {', '.join(registry.names())}") from e
         for name in names:
-            allowed = _allowed_params(registry.get(name))
+            allowed = _allowed_params(registry.get(name), set(reserved))
             unknown = sorted(set(params) - allowed) if allowed is not None else []
             if unknown:
                 raise _fail(path, f"{key}.{name}", f"unknown parameter(s) {unknown}; allowed: {sorted(allowed)}")
@@ -165,7 +166,10 @@ def load_matrix(path: str | Path) -> Matrix:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise MatrixError(f"{path}: malformed YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise MatrixError(f"{path}: malformed YAML{where}: {problem}") from e
     if not isinstance(raw, dict):
         raise MatrixError(f"{path}: the matrix must be a mapping of keys ({', '.join(TOP_LEVEL_KEYS)}), got {raw!r}")
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
@@ -176,8 +180,8 @@ def load_matrix(path: str | Path) -> Matrix:
             raise _fail(path, required, f"missing ({TOP_LEVEL_KEYS[required]})")
 
     datasets = _named_axis(path, "datasets", raw["datasets"], DATASETS, glob=False)
-    models = _named_axis(path, "models", raw["models"], MODELS, glob=False)
-    attacks = _named_axis(path, "attacks", raw["attacks"], ATTACKS, glob=True)
+    models = _named_axis(path, "models", raw["models"], MODELS, glob=False, reserved=frozenset({"num_classes", "seed"}))
+    attacks = _named_axis(path, "attacks", raw["attacks"], ATTACKS, glob=True, reserved=frozenset({"target"}))
     defenses = _named_axis(path, "defenses", raw["defenses"], DEFENSES, glob=True)
     ratios = _ratios(path, raw["poison_ratios"])
     seeds = raw.get("seeds", [0])

@@ -131,7 +131,8 @@ class Runner:
         return dataset_from_tensors(tensors, meta)
 
     def new_model(self, case: Case, data: Dataset) -> Classifier:
-        return create_model(case.model, data.num_classes, data.mean, data.std, **case.model_params)
+        return create_model(case.model, data.num_classes, data.mean, data.std, seed=derive_seed(case.seed, "init"),
+                            **case.model_params)
 
     def train_config(self, case: Case, data: Dataset) -> TrainConfig:
         return case.training.with_(hflip=case.training.hflip and data.hflip)
@@ -307,7 +308,7 @@ class Runner:
     @cached_property
     def _static_provenance(self) -> dict:
         return {"package_version": backdoor.__version__, "git_commit": git_commit(),
-                "torch_version": torch.__version__, "python": platform.python_version()}
+                "torch_version": str(torch.__version__), "python": platform.python_version()}
 
     def provenance(self, case: Case) -> dict:
         device = str(self.device)

@@ -1,6 +1,7 @@
 """The attack x defense grid: one test per case of the matrix (``--matrix``, default matrices/smoke.yaml)."""
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 
 import pytest
@@ -13,7 +14,7 @@ def test_case(grid_case, artifacts, record_property, capsys, request):
     show = nullcontext() if progress.is_quiet() else capsys.disabled()
     with show:
         record = artifacts.run(grid_case)
-    record_property("backdoor_record", record)
+    record_property("backdoor_record", json.loads(json.dumps(record)))  # plain JSON types cross xdist
     if request.config.getoption("--no-regression"):
         return
     tolerance, expected = request.config.backdoor_expected

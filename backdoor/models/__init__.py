@@ -46,9 +46,16 @@ class Classifier(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def create_model(name: str, num_classes: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), **params) -> Classifier:
-    """Build a registered model for ``num_classes`` classes, normalising with ``mean``/``std``."""
-    net, roles = MODELS.create(name, num_classes=num_classes, **params)
+def create_model(name: str, num_classes: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed: int | None = None,
+                 **params) -> Classifier:
+    """Build a registered model for ``num_classes`` classes, normalising with ``mean``/``std``.
+
+    With ``seed`` the initial weights are drawn from that seed (without disturbing the global generator).
+    """
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        net, roles = MODELS.create(name, num_classes=num_classes, **params)
     return Classifier(net, mean, std, roles, arch=name)
 
 

@@ -1,0 +1,114 @@
+"""The grid end to end on a tiny synthetic matrix: records, leaderboard, cache reuse, xdist, -k, regression."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MATRIX = """
+name: tiny
+datasets:
+  synthetic: {num_classes: 4, train_size: 160, test_size: 80, image_size: 16}
+models: [cnn_small]
+attacks: {badnets: {}, blended: {}}
+defenses: [none, ft]
+poison_ratios: [0.1]
+seeds: [0]
+training: {epochs: 2, batch_size: 32, lr: 0.05}
+defense_training: {epochs: 1, batch_size: 32, clean_fraction: 0.1}
+"""
+
+
+def run_grid(matrix: Path, cache: Path, results: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--matrix", str(matrix),
+                           "--cache-dir", str(cache), "--results-dir", str(results), "-q", *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def records(results: Path) -> dict[str, dict]:
+    lines = (results / "tiny" / "records.jsonl").read_text().splitlines()
+    return {r["case_id"]: r for r in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grid")
+    matrix = tmp / "tiny.yaml"
+    matrix.write_text(textwrap.dedent(MATRIX))
+    done = run_grid(matrix, tmp / "cache", tmp / "results")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return tmp, matrix
+
+
+def test_records_and_leaderboard(first_run):
+    tmp, _ = first_run
+    recs = records(tmp / "results")
+    assert sorted(recs) == sorted([
+        "synthetic-cnn_small-clean-s0-none", "synthetic-cnn_small-badnets-p0.1-s0-none",
+        "synthetic-cnn_small-badnets-p0.1-s0-ft", "synthetic-cnn_small-blended-p0.1-s0-none",
+        "synthetic-cnn_small-blended-p0.1-s0-ft"])
+    r = recs["synthetic-cnn_small-badnets-p0.1-s0-ft"]
+    for metric in ("c_acc", "asr", "r_acc"):
+        assert isinstance(r[metric], float) and 0 <= r[metric] <= 1
+    assert r["attack_params"]["target"] == 0 and r["defense"] == "ft" and r["poison_ratio"] == 0.1
+    assert set(r["provenance"]) >= {"matrix_hash", "package_version", "git_commit", "torch_version", "device",
+                                    "seed", "utc_time"}
+    assert "backdoor_model" in r["stage_seconds"] and r["cache_hits"]["backdoor_model"] is True  # built by "none"
+    assert recs["synthetic-cnn_small-badnets-p0.1-s0-none"]["cache_hits"]["backdoor_model"] is False
+    board = (tmp / "results" / "tiny" / "leaderboard.md").read_text()
+    assert "| synthetic | cnn_small | 0.1 | BadNets" in board.replace("  ", " ").replace("  ", " ").replace("  ", " ")
+    assert (tmp / "results" / "tiny" / "leaderboard.csv").exists()
+
+
+def test_rerun_loads_everything_from_the_cache(first_run):
+    tmp, matrix = first_run
+    before = records(tmp / "results")
+    done = run_grid(matrix, tmp / "cache", tmp / "results")
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = records(tmp / "results")
+    assert sorted(after) == sorted(before), "re-running replaces records, loses none"
+    for case_id, r in after.items():
+        assert all(r["cache_hits"].values()), case_id
+        assert (r["c_acc"], r["asr"], r["r_acc"]) == (before[case_id]["c_acc"], before[case_id]["asr"],
+                                                     before[case_id]["r_acc"])
+
+
+def test_xdist_run_equals_serial_run(first_run):
+    tmp, matrix = first_run
+    done = run_grid(matrix, tmp / "cache-x", tmp / "results-x", "-n", "2", "--dist", "loadgroup")
+    assert done.returncode == 0, done.stdout + done.stderr
+    serial, parallel = records(tmp / "results"), records(tmp / "results-x")
+    assert sorted(serial) == sorted(parallel)
+    built = [r for r in parallel.values() if r["cache_hits"].get("backdoor_model") is False]
+    assert len(built) == 2, "each backdoored model was trained afresh, once"
+    for case_id in serial:
+        for metric in ("c_acc", "asr", "r_acc"):
+            assert parallel[case_id][metric] == serial[case_id][metric], (case_id, metric)
+
+
+def test_k_selects_pairs(first_run):
+    tmp, matrix = first_run
+    done = run_grid(matrix, tmp / "cache", tmp / "results-k", "-k", "badnets and ft")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list(records(tmp / "results-k")) == ["synthetic-cnn_small-badnets-p0.1-s0-ft"]
+
+
+def test_drift_beyond_tolerance_fails_and_keeps_the_record(first_run):
+    tmp, matrix = first_run
+    real = records(tmp / "results")["synthetic-cnn_small-badnets-p0.1-s0-none"]
+    expected = tmp / "tiny.expected.yaml"
+    expected.write_text(textwrap.dedent(f"""
+        tolerance: {{c_acc: 0.01, asr: 0.01, r_acc: 0.01}}
+        cases:
+          synthetic-cnn_small-badnets-p0.1-s0-none: {{c_acc: {real['c_acc']}, asr: {min(1.0, real['asr'] + 0.2) if real['asr'] < 0.8 else real['asr'] - 0.2}, r_acc: {real['r_acc']}}}
+          synthetic-cnn_small-blended-p0.1-s0-none: {{c_acc: {records(tmp / 'results')['synthetic-cnn_small-blended-p0.1-s0-none']['c_acc']}, asr: {records(tmp / 'results')['synthetic-cnn_small-blended-p0.1-s0-none']['asr']}, r_acc: {records(tmp / 'results')['synthetic-cnn_small-blended-p0.1-s0-none']['r_acc']}}}
+    """))
+    drifting = tmp / "tiny-expect.yaml"
+    drifting.write_text(matrix.read_text().replace("name: tiny", "name: tiny\nexpected: tiny.expected.yaml"))
+    done = run_grid(drifting, tmp / "cache", tmp / "results-e", "-k", "none")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "1 failed" in done.stdout and "badnets-p0.1-s0-none drifted from its expectation: asr" in done.stdout
+    assert "synthetic-cnn_small-badnets-p0.1-s0-none" in records(tmp / "results-e")

@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="cnn_small")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--attacks", default="*", help="attack wildcard")
+    bench.add_argument("--attack-params", default="", help='JSON: attack -> parameter overrides, e.g. {"lc": {"steps": 10}}')
     return parser
 
 

@@ -17,6 +17,9 @@ from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack
 
 
+CHUNK = 4096
+
+
 @lru_cache(maxsize=8)
 def _image_pattern(path: str) -> torch.Tensor:
     from PIL import Image
@@ -53,5 +56,9 @@ class Blended(Attack):
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         t = blend_pattern(self.pattern, self.pattern_seed, tuple(x.shape[1:])).to(x.device)
-        blended = (1 - self.alpha) * x.float() + self.alpha * 255 * t
-        return blended.round().clamp(0, 255).to(torch.uint8)
+        offset = self.alpha * 255 * t
+        out = torch.empty_like(x)
+        for start in range(0, len(x), CHUNK):  # chunks bound the float temporaries; each is one broadcast
+            chunk = x[start:start + CHUNK].float().mul_(1 - self.alpha).add_(offset)
+            out[start:start + CHUNK] = chunk.round_().clamp_(0, 255).to(torch.uint8)
+        return out

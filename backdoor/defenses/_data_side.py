@@ -110,6 +110,14 @@ def check_features(features: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError("features contain NaN or infinite values")
 
 
+def fresh_model(inputs: DefenseInputs, seed: int) -> nn.Module:
+    """``inputs.new_model()`` with its initialisation drawn from ``seed`` (the global RNG is left untouched),
+    so the defense's result does not depend on what ran before it in the process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return inputs.new_model()
+
+
 def retrain_without(inputs: DefenseInputs, data: Split, flagged: torch.Tensor, *, epochs: int | None,
                     seed_offset: int, desc: str) -> tuple[nn.Module, dict]:
     """Train a fresh model (``new_model``) from scratch on the unflagged samples with the attack's budget."""
@@ -117,7 +125,7 @@ def retrain_without(inputs: DefenseInputs, data: Split, flagged: torch.Tensor, *
     if len(keep) == 0:
         raise ValueError(f"{desc}: every training sample was flagged; nothing is left to retrain on")
     config = inputs.retraining.with_(epochs=epochs)
-    model = inputs.new_model()
+    model = fresh_model(inputs, inputs.seed + seed_offset)
     history = inputs.fit(model, data.subset(keep), config, seed=inputs.seed + seed_offset, desc=desc)
     return model, {"retrained_on": int(len(keep)), "retrain_epochs": config.epochs,
                    "retrain_final_loss": history["epochs"][-1]["loss"] if history["epochs"] else None}

@@ -111,8 +111,8 @@ def check_features(features: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def fresh_model(inputs: DefenseInputs, seed: int) -> nn.Module:
-    """``inputs.new_model()`` with its initialisation drawn from ``seed`` (the global RNG is left untouched),
-    so the defense's result does not depend on what ran before it in the process."""
+    """``inputs.new_model()`` built under ``seed`` with the global RNG left untouched, so the defense's result
+    never depends on what ran before it in the process (a ``new_model`` that seeds itself keeps its seed)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return inputs.new_model()

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from backdoor.defenses import register_defense
-from backdoor.defenses._data_side import per_sample_loss, require_poisoned_train
+from backdoor.defenses._data_side import fresh_model, per_sample_loss, require_poisoned_train
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
 
 
@@ -92,8 +92,8 @@ class AntiBackdoorLearning(Defense):
 
     def run(self, inputs: DefenseInputs) -> DefenseOutcome:
         data = require_poisoned_train(inputs, "abl")
-        budget = inputs.training.with_(lr=self.lr)
-        model = inputs.new_model()
+        budget = inputs.retraining.with_(lr=self.lr)  # ABL trains a model from scratch on the poisoned set
+        model = fresh_model(inputs, inputs.seed)
         isolation = budget.with_(epochs=self.isolation_epochs, crop_padding=0, hflip=False)
         iso_history = inputs.fit(model, data, isolation, seed=inputs.seed, loss_fn=flooding_loss(self.gamma),
                                  desc="abl isolation")

@@ -84,7 +84,7 @@ def canonical_order(features: torch.Tensor) -> torch.Tensor:
 def rank_within_groups(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Scores mapped to their rank within their group, scaled to [0, 1] (1 = highest of the group).
 
-    Ties get the same (average) rank; a group of one sample gets 1.
+    Tied scores share the highest of their ranks (so a group's top score is always 1); a group of one gets 1.
     """
     from scipy.stats import rankdata
 
@@ -96,7 +96,7 @@ def rank_within_groups(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tens
         if len(index) == 1:
             out[index] = 1.0
             continue
-        ranks = rankdata(s[index.numpy()], method="average")  # 1 .. n
+        ranks = rankdata(s[index.numpy()], method="max")  # 1 .. n
         out[index] = torch.from_numpy((ranks - 1) / (len(index) - 1)).float()
     return out
 

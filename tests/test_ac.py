@@ -1,0 +1,127 @@
+"""AC: per-label clustering flags a separate small cluster of activations (and only it), the relative-size rule
+decides, flags follow the samples when the training set is shuffled, and the whole defense flags the
+triggered samples of a model whose penultimate features see the trigger."""
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from backdoor.attacks import create_attack
+from backdoor.data import load_dataset
+from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
+from backdoor.defenses.ac import activation_clustering
+from backdoor.metrics import detection_metrics
+from backdoor.models import Classifier, LayerRoles, create_model
+from backdoor.training import TrainConfig, fit
+
+CPU = torch.device("cpu")
+
+
+def clustered_features(poison: int, clean_per_class: int = 100, classes: int = 5, dim: int = 32, seed: int = 0):
+    """Gaussian blob per class; ``poison`` extra samples labelled 0 sit in a blob of their own. Shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 4 * torch.randn(classes, dim, generator=g)
+    labels = torch.arange(classes).repeat_interleave(clean_per_class)
+    feats = centres[labels] + torch.randn(len(labels), dim, generator=g)
+    direction = torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0)
+    poisoned = centres[0] + 8 * direction + torch.randn(poison, dim, generator=g)
+    feats = torch.cat([feats, poisoned])
+    labels = torch.cat([labels, torch.zeros(poison, dtype=torch.long)])
+    mask = torch.cat([torch.zeros(len(labels) - poison, dtype=torch.bool), torch.ones(poison, dtype=torch.bool)])
+    order = torch.randperm(len(labels), generator=g)
+    return feats[order], labels[order], mask[order]
+
+
+@pytest.mark.parametrize("reduction", ["ica", "pca"])
+def test_flags_the_separate_small_cluster(reduction):
+    feats, labels, mask = clustered_features(poison=20)  # 20 of label 0's 120 samples (17%)
+    result = activation_clustering(feats, labels, reduction=reduction, seed=0)
+    d = detection_metrics(result.flagged, mask, result.scores)
+    assert d["tpr"] >= 0.9 and d["fpr"] <= 0.1, d
+    assert d["auroc"] >= 0.95
+    assert result.flagged.dtype == torch.bool and result.scores.shape == labels.shape
+    # flagged <=> score above 1 - threshold; the flagged label is 0
+    assert torch.equal(result.flagged, result.scores > 1 - 0.35)
+    assert set(labels[result.flagged].tolist()) == {0}
+    entry = next(e for e in result.per_class if e["label"] == 0)
+    assert entry["smaller_share"] == pytest.approx(20 / 120, abs=0.02)
+
+
+def test_relative_size_rule_decides():
+    feats, labels, mask = clustered_features(poison=80)  # 80 of 180 = 44%: not "small" at 0.35
+    paper = activation_clustering(feats, labels, size_threshold=0.35, seed=0)
+    assert not paper.flagged[labels == 0].any()
+    smaller = activation_clustering(feats, labels, size_threshold=0.5, seed=0)  # the original's "smaller"
+    d = detection_metrics(smaller.flagged[labels == 0], mask[labels == 0])
+    assert d["tpr"] >= 0.95 and d["fpr"] <= 0.05
+
+
+@pytest.mark.parametrize("reduction", ["ica", "pca"])
+def test_shuffling_the_samples_shuffles_the_flags(reduction):
+    feats, labels, _ = clustered_features(poison=20, seed=1)
+    base = activation_clustering(feats, labels, reduction=reduction, seed=3)
+    for s in range(3):
+        perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(s))
+        shuffled = activation_clustering(feats[perm], labels[perm], reduction=reduction, seed=3)
+        assert torch.equal(shuffled.flagged, base.flagged[perm])
+        assert torch.equal(shuffled.scores, base.scores[perm])
+
+
+def test_degenerate_and_bad_inputs():
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    same = torch.ones(5, 4)  # identical representations: nothing to split, nothing flagged
+    assert not activation_clustering(same, labels).flagged.any()
+    with pytest.raises(ValueError, match="reduction"):
+        activation_clustering(same, labels, reduction="tsne")
+    with pytest.raises(ValueError, match="size_threshold"):
+        create_defense("ac", size_threshold=0.7)
+    with pytest.raises(ValueError, match="do not match"):
+        activation_clustering(same, labels[:3])
+
+
+class CornerNet(nn.Module):
+    """Penultimate features = mean colour of the bottom-right 2x2 corner (where BadNets writes)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.pool = nn.Identity()
+        self.linear = nn.Linear(3, num_classes)
+
+    def forward(self, x):
+        return self.linear(self.pool(x[..., -2:, -2:].mean((2, 3))))
+
+
+def corner_model(num_classes: int) -> Classifier:
+    roles = LayerRoles(feature_maps=("pool", "pool", "pool"), last_conv="pool", head="linear")
+    return Classifier(CornerNet(num_classes), (0.5,) * 3, (0.5,) * 3, roles, arch="corner")
+
+
+def defense_inputs(model, poisoned, num_classes):
+    return DefenseInputs(
+        model=model, clean=poisoned.subset(torch.arange(8)), num_classes=num_classes, device=CPU, seed=5,
+        training=TrainConfig(epochs=1, batch_size=64), retraining=TrainConfig(epochs=1, batch_size=64, lr=0.05),
+        new_model=lambda: create_model("cnn_small", num_classes, seed=0),
+        fit=lambda m, split, config, **kw: fit(m, split, config, device=CPU, **kw), poisoned_train=poisoned)
+
+
+def test_defense_flags_triggered_samples_in_place_and_retrains_on_the_rest():
+    data = load_dataset("synthetic", num_classes=4, train_size=400, test_size=8, image_size=16)
+    poisoned = create_attack("badnets", target=0, size=2).poison_train(data.train, 0.05, seed=0)
+    defense = create_defense("ac")
+    outcome = defense.run(defense_inputs(corner_model(4), poisoned.split, 4))
+    d = detection_metrics(outcome.flagged, poisoned.mask, outcome.scores)
+    assert d["tpr"] >= 0.9 and d["fpr"] <= 0.1, d
+    assert outcome.info["retrained_on"] == len(poisoned.y) - int(outcome.flagged.sum())
+    assert isinstance(outcome.model, Classifier) and outcome.model.arch == "cnn_small"
+    # the same training set in another order: the same samples are flagged
+    perm = torch.randperm(len(poisoned.y), generator=torch.Generator().manual_seed(0))
+    again = defense.run(defense_inputs(corner_model(4), poisoned.split.subset(perm), 4))
+    assert torch.equal(again.flagged, outcome.flagged[perm])
+
+
+def test_clean_reference_row_is_not_applicable():
+    data = load_dataset("synthetic", num_classes=4, train_size=40, test_size=8, image_size=16)
+    inputs = dataclasses.replace(defense_inputs(corner_model(4), data.train, 4), poisoned_train=None)
+    with pytest.raises(NotApplicable):
+        create_defense("ac").run(inputs)

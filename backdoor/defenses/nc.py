@@ -65,6 +65,13 @@ def anomaly_index(l1: torch.Tensor) -> torch.Tensor:
     return deviation / (1.4826 * torch.clamp(mad, min=1e-12))
 
 
+def flag_classes(l1: torch.Tensor, reached: torch.Tensor, threshold: float = 2.0) -> torch.Tensor:
+    """Indices of classes whose L1 is below the median with an anomaly index above ``threshold`` and whose
+    reversed trigger reached the success threshold."""
+    below = l1.double() < torch.quantile(l1.double(), 0.5)
+    return (below & (anomaly_index(l1) > threshold) & reached.bool()).nonzero().flatten()
+
+
 def reverse_triggers(model: nn.Module, clean: Split, num_classes: int, *, device: torch.device, seed: int,
                      epochs: int = 80, init_cost: float = 1e-3, cost_up: float = 2.0, cost_down: float = 2 ** 1.5,
                      patience: int = 5, threshold: float = 0.98, lr: float = 0.1, batch_size: int = 32,
@@ -196,29 +203,35 @@ class NeuralCleanse(Defense):
                                init_cost=self.init_cost, cost_up=self.cost_up, cost_down=self.cost_down,
                                patience=self.patience, threshold=self.threshold, lr=self.lr,
                                batch_size=self.batch_size, max_batch=self.max_batch, early_stop=self.early_stop)
-        index = anomaly_index(rev["l1"])
-        below = rev["l1"] < torch.quantile(rev["l1"], 0.5)
-        rev["anomaly_index"] = index
-        rev["flagged"] = (below & (index > self.anomaly_threshold) & rev["reached"]).nonzero().flatten()
+        rev["anomaly_index"] = anomaly_index(rev["l1"])
+        rev["flagged"] = flag_classes(rev["l1"], rev["reached"], self.anomaly_threshold)
         return rev
 
-    def run(self, inputs: DefenseInputs) -> DefenseOutcome:
-        device, clean = inputs.device, inputs.clean
-        rev = self.detect(inputs.model, clean, inputs.num_classes, device, inputs.seed)
-        flagged = [int(k) for k in rev["flagged"]]
-        info = {"mask_l1": [float(v) for v in rev["l1"]], "anomaly_index": [float(v) for v in rev["anomaly_index"]],
-                "attack_success": [float(v) for v in rev["success"]],
-                "reached_threshold": [bool(v) for v in rev["reached"]], "flagged_classes": flagged,
-                "detected": bool(flagged), "epochs_run": rev["epochs_run"]}
-        if not flagged:
-            return DefenseOutcome(model=inputs.model, info=info)
+    def unlearn(self, inputs: DefenseInputs, detection: dict) -> int:
+        """Fine-tune ``inputs.model`` on the defender's subset with ``unlearn_ratio`` of it stamped with the
+        flagged classes' reversed triggers (true labels kept); returns the number of stamped samples."""
+        flagged, clean = detection["flagged"], inputs.clean
+        if len(flagged) == 0:
+            raise ValueError("nc: nothing flagged, nothing to unlearn")
         g = torch.Generator().manual_seed(inputs.seed + 1)
         n_unlearn = max(1, int(round(self.unlearn_ratio * len(clean))))
         chosen = torch.randperm(len(clean), generator=g)[:n_unlearn]
-        which = torch.tensor(flagged)[torch.arange(n_unlearn) % len(flagged)]
+        which = flagged.cpu()[torch.arange(n_unlearn) % len(flagged)]
         x = clean.x.clone()
-        x[chosen] = stamp_uint8(clean.x[chosen], rev["masks"][which], rev["patterns"][which])
+        x[chosen] = stamp_uint8(clean.x[chosen], detection["masks"][which], detection["patterns"][which])
         config = inputs.training.with_(epochs=self.epochs_unlearn, lr=self.lr_unlearn)
         inputs.fit(inputs.model, Split(x, clean.y.clone()), config, seed=inputs.seed + 2, desc="nc unlearn")
-        info.update(unlearn_samples=n_unlearn, epochs_unlearn=config.epochs)
+        return n_unlearn
+
+    def run(self, inputs: DefenseInputs) -> DefenseOutcome:
+        detection = self.detect(inputs.model, inputs.clean, inputs.num_classes, inputs.device, inputs.seed)
+        flagged = [int(k) for k in detection["flagged"]]
+        info = {"mask_l1": [float(v) for v in detection["l1"]],
+                "anomaly_index": [float(v) for v in detection["anomaly_index"]],
+                "attack_success": [float(v) for v in detection["success"]],
+                "reached_threshold": [bool(v) for v in detection["reached"]], "flagged_classes": flagged,
+                "detected": bool(flagged), "epochs_run": detection["epochs_run"]}
+        if flagged:
+            info["unlearn_samples"] = self.unlearn(inputs, detection)
+            info["epochs_unlearn"] = inputs.training.with_(epochs=self.epochs_unlearn).epochs
         return DefenseOutcome(model=inputs.model, info=info)

@@ -74,7 +74,8 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def simclr_view(x: torch.Tensor, g: torch.Generator, *, crop_scale: tuple[float, float] = (0.2, 1.0),
-                flip: bool = True, jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+                crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
+                jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
                 jitter_p: float = 0.8, gray_p: float = 0.2) -> torch.Tensor:
     """One random SimCLR view of every image of a float [0, 1] batch [N, C, H, W], drawn in batched ops on
     the batch's device from generator ``g``. Colour operations other than brightness and contrast need 3
@@ -83,7 +84,7 @@ def simclr_view(x: torch.Tensor, g: torch.Generator, *, crop_scale: tuple[float,
     dev = x.device
     # random resized crop (+ flip): one affine sampling grid per image
     area = _uniform(n, crop_scale[0], crop_scale[1], g, dev)
-    log_ratio = _uniform(n, math.log(3 / 4), math.log(4 / 3), g, dev)
+    log_ratio = _uniform(n, math.log(crop_ratio[0]), math.log(crop_ratio[1]), g, dev)
     width = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
     height = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
     cx = _uniform(n, -1, 1, g, dev) * (1 - width)

@@ -1,0 +1,22 @@
+"""A defense that does not apply (ANP on a model without batch norm) is recorded as n/a, not crashed."""
+import torch
+
+from backdoor.cache import ArtifactCache
+from backdoor.pipeline import Case, Runner, StageLog
+from backdoor.results import leaderboard_frame
+from backdoor.training import TrainConfig
+
+
+def test_anp_on_vgg19_is_recorded_not_applicable(tmp_path):
+    runner = Runner(ArtifactCache(tmp_path), "cpu")
+    case = Case(matrix="t", dataset="synthetic", model="vgg19", attack="badnets", defense="anp", ratio=0.1, seed=0,
+                dataset_params={"train_size": 40, "test_size": 20}, training=TrainConfig(epochs=1))
+    log = StageLog()
+    data = runner.dataset(case, log)
+    model = runner.new_model(case, data)
+    defended, result = runner.defend(case, model, data, None, {"untrained": True}, log)
+    assert defended is None and "batch" in result["not_applicable"].lower()
+    record = runner._record(case, data, None, None, result, log)
+    assert record["status"] == "not_applicable" and record["c_acc"] is None
+    board = leaderboard_frame([dict(record, poison_ratio=0.1, attack="badnets")])
+    assert board[("ANP", "ASR")].tolist() == ["n/a"]

@@ -154,9 +154,9 @@ class LowFrequency(Attack):
         if self.kernel_size // 2 >= min(height, width):
             raise ValueError(f"lf: kernel_size {self.kernel_size} is too large for {height}x{width} images "
                              f"(allowed: at most {2 * min(height, width) - 1})")
-        started = time.perf_counter()
         model = copy.deepcopy(ctx.clean_model()).to(ctx.device).eval().requires_grad_(False)
         x = ctx.dataset.train.x[self.uap_samples(ctx)].to(ctx.device).float() / 255
+        started = time.perf_counter()  # the perturbation's own cost, not the clean model's training
         g = torch.Generator().manual_seed(ctx.seed + 1)
 
         def fooled(v: torch.Tensor) -> torch.Tensor:

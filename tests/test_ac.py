@@ -10,9 +10,10 @@ from torch import nn
 from backdoor.attacks import create_attack
 from backdoor.data import load_dataset
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
+from backdoor.defenses._data_side import penultimate_features
 from backdoor.defenses.ac import activation_clustering
 from backdoor.metrics import detection_metrics
-from backdoor.models import Classifier, LayerRoles, create_model
+from backdoor.models import MODELS, Classifier, LayerRoles, create_model, roles
 from backdoor.training import TrainConfig, fit
 
 CPU = torch.device("cpu")
@@ -125,3 +126,15 @@ def test_clean_reference_row_is_not_applicable():
     inputs = dataclasses.replace(defense_inputs(corner_model(4), data.train, 4), poisoned_train=None)
     with pytest.raises(NotApplicable):
         create_defense("ac").run(inputs)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_penultimate_features_are_the_head_input_in_order_for_every_model(name):
+    model = create_model(name, 10, seed=0).eval()
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    feats = penultimate_features(model, x, device=CPU, batch_size=4)  # two batches: 4 + 2
+    assert feats.shape == (6, roles.head(model).in_features) and feats.dtype == torch.float32
+    with torch.no_grad():  # the head applied to them gives the model's logits, sample by sample
+        torch.testing.assert_close(roles.head(model)(feats), model(x.float() / 255), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(penultimate_features(model, x[[5, 0]], device=CPU), feats[[5, 0]],
+                               atol=1e-4, rtol=1e-4)

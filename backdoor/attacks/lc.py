@@ -210,6 +210,8 @@ class LabelConsistent(Attack):
         if self._index is None or self._hard is None:
             raise RuntimeError("lc: call prepare(ctx) before poisoning the training set (it builds the "
                                "PGD perturbations)")
+        if len(train_index) == 0:
+            return x.clone()
         pos = torch.searchsorted(self._index, train_index).clamp(max=max(len(self._index) - 1, 0))
         if len(self._index) == 0 or not bool((self._index[pos] == train_index).all()):
             raise ValueError(f"lc: poison indices must be target-class (class {self.target}) training samples")

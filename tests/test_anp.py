@@ -48,6 +48,9 @@ def test_masked_and_perturbed_batch_norm_on_known_values():
             handle.remove()
     # The hooks are gone and the running statistics were never touched.
     torch.testing.assert_close(model(x), copy.deepcopy(model).eval()(x))
+    # With running statistics, masks of 1 and no noise reproduce the deployed (eval-mode) model.
+    with NeuronMasks(model, CPU, batch_stats=False).applied(), torch.no_grad():
+        torch.testing.assert_close(model(x), copy.deepcopy(model).eval()(x))
 
 
 def test_pruning_zeroes_exactly_the_low_mask_weights():

@@ -170,41 +170,32 @@ class ChannelSilencer:
                                 f"({state['consumer']!r})")
         return cls(state["consumer"], kind, channels, features)
 
-    def zero_masks(self, model: nn.Module, channels: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        """(parameter, bool mask of entries to hold at zero) for silencing ``channels`` in ``model``."""
+    def zeroed_entries(self, model: nn.Module, channels: torch.Tensor) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+        """(parameter, dim, indices along dim) to hold at zero for silencing ``channels`` in ``model``."""
         consumer = model.net.get_submodule(self.consumer_name)
         if len(channels) == 0:
             return []
-        feats = torch.cat([self.features[int(c)] for c in channels])
-        out = []
+        feats = torch.cat([self.features[int(c)] for c in channels]).to(consumer.weight.device)
         if self.consumer_kind in ("linear", "conv"):
-            mask = torch.zeros_like(consumer.weight, dtype=torch.bool)
-            mask[:, feats.to(mask.device)] = True
-            out.append((consumer.weight, mask))
-        else:
-            for p in (consumer.weight, consumer.bias):
-                if p is not None:
-                    mask = torch.zeros_like(p, dtype=torch.bool)
-                    mask[feats.to(mask.device)] = True
-                    out.append((p, mask))
-        return out
+            return [(consumer.weight, 1, feats)]  # the input columns the channels feed
+        return [(p, 0, feats) for p in (consumer.weight, consumer.bias) if p is not None]
 
     @torch.no_grad()
     def silence(self, model: nn.Module, channels: torch.Tensor) -> None:
-        for p, mask in self.zero_masks(model, channels):
-            p.masked_fill_(mask, 0.0)
+        for p, dim, index in self.zeroed_entries(model, channels):
+            p.index_fill_(dim, index, 0.0)
 
 
 class _KeepSilent(TrainHooks):
     """Re-zero the silenced entries after every optimiser step of the fine-tuning."""
 
-    def __init__(self, masks: list[tuple[nn.Parameter, torch.Tensor]]):
-        self.masks = masks
+    def __init__(self, entries: list[tuple[nn.Parameter, int, torch.Tensor]]):
+        self.entries = entries
 
     @torch.no_grad()
     def after_step(self) -> None:
-        for p, mask in self.masks:
-            p.masked_fill_(mask, 0.0)
+        for p, dim, index in self.entries:
+            p.index_fill_(dim, index, 0.0)
 
 
 def accuracy(model: nn.Module, split: Split, device: torch.device) -> float:
@@ -269,7 +260,7 @@ class FinePruning(Defense):
         pruned, info = prune_search(model, silencer, order, val, device=device, step=step, max_drop=self.max_drop)
         config = inputs.training.with_(epochs=self.epochs, lr=self.lr)
         channels = order[:info["pruned_channels"]]
-        hooks = _KeepSilent(silencer.zero_masks(pruned, channels))
+        hooks = _KeepSilent(silencer.zeroed_entries(pruned, channels))
         inputs.fit(pruned, inputs.clean, config, seed=inputs.seed, hooks=hooks, desc="fp fine-tune")
         info.update(total_channels=silencer.num_channels, step=step, consumer=silencer.consumer_name,
                     pruned_channel_ids=[int(c) for c in channels], epochs=config.epochs,

@@ -9,10 +9,11 @@ import datetime as dt
 import hashlib
 import platform
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -20,10 +21,10 @@ import torch
 import backdoor
 from backdoor.attacks import Attack, AttackContext, PoisonedSet, create_attack
 from backdoor.cache import ArtifactCache, module_to_tensors, tensors_with_prefix
-from backdoor.data import Dataset, Split, dataset_from_tensors, dataset_to_tensors, load_dataset
+from backdoor.data import DATASETS, Dataset, Split, dataset_from_tensors, dataset_to_tensors, load_dataset
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
 from backdoor.metrics import backdoor_metrics, detection_metrics
-from backdoor.models import Classifier, create_model
+from backdoor.models import MODELS, Classifier, create_model
 from backdoor.progress import log
 from backdoor.training import TrainConfig, fit, predict
 
@@ -63,6 +64,19 @@ class Case:
         return self.case_id.rsplit("-", 1)[0]
 
 
+@lru_cache(maxsize=None)
+def code_version(module_name: str) -> str:
+    """Digest of the source that builds an artifact: the module of a method (or dataset/model), plus its
+    family's shared modules (``base.py``, ``_*.py``, ``__init__.py``) and the trainer. Part of every cache
+    key, so changing a method's code never serves artifacts built by the old code."""
+    path = Path(sys.modules[module_name].__file__)
+    shared = sorted(p for p in path.parent.glob("*.py") if p.name == "base.py" or p.name.startswith("_"))
+    digest = hashlib.sha256()
+    for file in [path, *shared, Path(__file__).with_name("training.py")]:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def derive_seed(seed: int, stage: str) -> int:
     return int(hashlib.sha256(f"{seed}:{stage}".encode()).hexdigest()[:8], 16)
 
@@ -100,21 +114,22 @@ class Runner:
     def dataset_spec(case: Case) -> dict:
         # Where the files live does not change the data, except for imagefolder, whose root *is* the data.
         params = {k: v for k, v in case.dataset_params.items() if k != "root" or case.dataset == "imagefolder"}
-        return {"dataset": case.dataset, "params": params}
+        return {"dataset": case.dataset, "params": params, "code": code_version(DATASETS.get(case.dataset).__module__)}
 
     def model_spec(self, case: Case) -> dict:
         return {**self.dataset_spec(case), "model": case.model, "model_params": case.model_params,
-                "training": case.training.to_dict()}
+                "training": case.training.to_dict(), "model_code": code_version(MODELS.get(case.model).__module__)}
 
     def attack_spec(self, case: Case, attack: Attack) -> dict:
         return {**self.dataset_spec(case), "attack": case.attack, "attack_params": attack.params(),
-                "ratio": case.ratio, "seed": case.seed}
+                "ratio": case.ratio, "seed": case.seed, "attack_code": code_version(type(attack).__module__)}
 
     def backdoor_spec(self, case: Case, attack: Attack) -> dict:
         return {**self.model_spec(case), **self.attack_spec(case, attack)}
 
     def defense_spec(self, case: Case, upstream: dict, defense) -> dict:
         return {"upstream": upstream, "defense": case.defense, "defense_params": defense.params(),
+                "defense_code": code_version(type(defense).__module__),
                 "defense_training": case.defense_training.to_dict(), "clean_fraction": case.clean_fraction,
                 "seed": case.seed}
 
@@ -162,7 +177,7 @@ class Runner:
             training=self.train_config(case, data), model_name=case.model,
             cached=lambda kind, spec, build: self.cache.get_or_build(kind, spec, build)[0],
             clean_model=lambda: self.clean_model(case, data, StageLog()),
-            spec=self.model_spec(case),
+            spec={**self.model_spec(case), "attack_code": code_version(type(attack).__module__)},
         )
         with log_.stage("attack_material"):
             attack.prepare(ctx)

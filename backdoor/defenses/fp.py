@@ -27,9 +27,10 @@ step, during fine-tuning, so what was validated is what is returned.
 Departures from the original BackdoorBench code: the number of pruned channels is chosen on a validation
 split of the defender's data, never on test accuracy or test ASR; the kept model is a fresh copy pruned to the
 chosen depth (the original keeps a reference to the model it went on pruning, i.e. the over-pruned one);
-pruning silences the channel of the block's *output* (the original masks only the last convolution inside
-PreAct-ResNet's last block, so the residual path still carries the "pruned" channel); activations are recorded
-on the training part of the defender's split, and fine-tuning uses the whole defender's subset.
+pruning is expressed as zeroed parameters of the unchanged architecture instead of per-architecture surgery
+that rebuilds smaller layers (the pruned model computes the same function, and the harness can reload it);
+activations are recorded on the training part of the defender's split, and fine-tuning uses the whole
+defender's subset.
 """
 from __future__ import annotations
 

@@ -12,12 +12,13 @@ Defaults: ``betas`` (500, 1000, 1000), ``power`` p = 2, ``teacher_epochs`` 10; t
 matrix's defense budget (batch 256, SGD lr 0.01, cosine; ``epochs``/``lr`` override the student's,
 ``teacher_lr`` the teacher's).
 
-Departures: the three maps are the architecture's ``roles.feature_maps``, chosen to keep spatial extent; the
-original BackdoorBench code uses the outputs of the last three stages, whose last map is 1x1 on 32x32 inputs,
-so its normalised attention is constantly 1 and that loss term is always zero. A model whose chosen map is
+Departures: the three maps are the architecture's ``roles.feature_maps``, chosen to keep spatial extent; in the
+original BackdoorBench code the third map is 1x1, so its normalised attention is constantly 1 and that loss
+term is always zero. A model whose chosen map is
 1x1 on the given data is refused (NotApplicable) rather than silently distilled on two terms. The teacher's
-fine-tuning and the student's training use the same budget and optimiser as the rest of the benchmark
-(NAD's own code uses lr 0.1 and 20 student epochs).
+fine-tuning and the student's training use the same budget and optimiser (SGD, cosine) as the rest of the
+benchmark rather than NAD's own training script. Note that betas of 500-1000 make the objective stiff: on a
+small CNN a step of lr >= 0.01 can overshoot the attention term (tests/test_nad.py uses a small student lr).
 """
 from __future__ import annotations
 

@@ -51,7 +51,8 @@ def bench_context(device: torch.device, train: Split, model_name: str) -> Attack
         return cache[key]
 
     return AttackContext(dataset=data, device=device, seed=0, training=config, model_name=model_name,
-                         cached=cached, clean_model=clean_model, spec={"bench": True})
+                         cached=cached, clean_model=clean_model, spec={"bench": True},
+                         new_model=lambda: create_model(model_name, 10, mean, std, seed=0))
 
 
 def poisoning_rows(pattern: str, images: int, device: torch.device, model_name: str, overrides: dict) -> list[dict]:

@@ -177,6 +177,7 @@ class Runner:
             training=self.train_config(case, data), model_name=case.model,
             cached=lambda kind, spec, build: self.cache.get_or_build(kind, spec, build)[0],
             clean_model=lambda: self.clean_model(case, data, StageLog()),
+            new_model=lambda: self.new_model(case, data),
             spec={**self.model_spec(case), "attack_code": code_version(type(attack).__module__)},
         )
         with log_.stage("attack_material"):

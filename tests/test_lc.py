@@ -27,7 +27,8 @@ def setup():
 def context(data, model, cache, seed=5):
     return AttackContext(dataset=data, device=torch.device("cpu"), seed=seed, training=CONFIG, model_name="cnn_small",
                          cached=lambda kind, spec, build: cache.get_or_build(kind, spec, build)[0],
-                         clean_model=lambda: model, spec={"dataset": "synthetic-test", "model": "cnn_small"})
+                         clean_model=lambda: model, spec={"dataset": "synthetic-test", "model": "cnn_small"},
+                         new_model=lambda: create_model("cnn_small", 4, data.mean, data.std, seed=seed))
 
 
 def corners_mask(size, side):

@@ -26,7 +26,8 @@ def setup():
 def context(data, model, cache, seed=3):
     return AttackContext(dataset=data, device=CPU, seed=seed, training=CONFIG, model_name="cnn_small",
                          cached=lambda kind, spec, build: cache.get_or_build(kind, spec, build)[0],
-                         clean_model=lambda: model, spec={"dataset": "synthetic-test", "model": "cnn_small"})
+                         clean_model=lambda: model, spec={"dataset": "synthetic-test", "model": "cnn_small"},
+                         new_model=lambda: create_model("cnn_small", 4, data.mean, data.std, seed=seed))
 
 
 def high_frequency_energy(delta: torch.Tensor, cutoff: float = 0.25) -> float:

@@ -43,7 +43,7 @@ class AttackContext:
 
     ``cached(kind, spec, build)`` returns ``(tensors, meta)`` from the artifact cache, building on a miss;
     ``clean_model()`` returns a clean model of the case's architecture trained the case's way (cached,
-    the same model as the clean reference row).
+    the same model as the clean reference row); ``new_model()`` a fresh, untrained one (seeded).
     """
 
     dataset: Dataset
@@ -54,6 +54,7 @@ class AttackContext:
     cached: Callable[[str, dict, Callable[[], tuple[dict, dict]]], tuple[dict, dict]]
     clean_model: Callable[[], torch.nn.Module]
     spec: dict = field(default_factory=dict)  # the dataset/model/training spec, for material cache keys
+    new_model: Callable[[], torch.nn.Module] | None = None
 
 
 def apply_to_float(x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

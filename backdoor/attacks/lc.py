@@ -51,7 +51,6 @@ from backdoor.attacks import register_attack
 from backdoor.attacks.badnets import square_side
 from backdoor.attacks.base import Attack, AttackContext
 from backdoor.cache import module_to_tensors, tensors_with_prefix
-from backdoor.models import create_model
 from backdoor.training import fit
 
 REFERENCES = ("clean", "adversarial")
@@ -146,8 +145,9 @@ class LabelConsistent(Attack):
         spec = {"model_spec": ctx.spec, "eps": self.eps, "adv_steps": self.adv_steps, "adv_epochs": epochs,
                 "seed": ctx.seed}
         data = ctx.dataset
-        new = lambda: create_model(ctx.model_name, data.num_classes, data.mean, data.std,  # noqa: E731
-                                   seed=ctx.seed, **ctx.spec.get("model_params", {}))
+        if ctx.new_model is None:
+            raise ValueError("lc: reference 'adversarial' needs AttackContext.new_model")
+        new = ctx.new_model
 
         def build():
             model = new().to(ctx.device)

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from backdoor import progress
 from backdoor.expectations import load_expected
@@ -38,6 +39,8 @@ def pytest_configure(config):
         raise pytest.UsageError(str(e)) from None
     config.backdoor_matrix = matrix
     config.backdoor_expected = (tolerance, expected)
+    if hasattr(config, "workerinput"):
+        torch.set_num_threads(1)  # N workers share the cores (unit tests too, not only grid cases)
     quiet = config.getoption("verbose") < 0 or hasattr(config, "workerinput")
     progress.set_quiet(quiet)
     if not hasattr(config, "workerinput"):  # the xdist controller, or a serial run, owns the results files

@@ -28,7 +28,12 @@ def batchnorm_layers(model: Classifier) -> list[tuple[str, nn.modules.batchnorm.
 
 @contextmanager
 def capture_outputs(model: Classifier, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the outputs of the named submodules during forward passes inside the block."""
+    """Record the outputs of the named submodules during forward passes inside the block.
+
+    The stored tensors are the modules' own outputs (not copies, so gradients flow through them): a later
+    in-place op of the network (``ReLU(inplace=True)`` after a batch norm) changes them. Capture a module whose
+    output is not modified in place, or clone in the caller.
+    """
     store: dict[str, torch.Tensor] = {}
     handles = [
         module_at(model, n).register_forward_hook(lambda _m, _i, out, n=n: store.__setitem__(n, out))

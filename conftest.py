@@ -28,6 +28,8 @@ def pytest_addoption(parser):
                     help="artifact cache shared by runs and workers (default: ./.backdoor-cache)")
     group.addoption("--device", default="auto", help="torch device, or 'auto' (one GPU per xdist worker, else CPU)")
     group.addoption("--no-regression", action="store_true", help="do not compare metrics with the matrix's expectations")
+    group.addoption("--threads", type=int, default=1,
+                    help="CPU threads per pytest process (default 1: the same numbers serial and under -n N)")
 
 
 def pytest_configure(config):
@@ -39,8 +41,9 @@ def pytest_configure(config):
         raise pytest.UsageError(str(e)) from None
     config.backdoor_matrix = matrix
     config.backdoor_expected = (tolerance, expected)
-    if hasattr(config, "workerinput"):
-        torch.set_num_threads(1)  # N workers share the cores (unit tests too, not only grid cases)
+    # CPU kernels reduce in a thread-count-dependent order, so one thread per process (serial or each xdist
+    # worker) gives bit-identical numbers across -n settings; -n N then uses N cores.
+    torch.set_num_threads(config.getoption("--threads"))
     quiet = config.getoption("verbose") < 0 or hasattr(config, "workerinput")
     progress.set_quiet(quiet)
     if not hasattr(config, "workerinput"):  # the xdist controller, or a serial run, owns the results files

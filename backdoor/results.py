@@ -113,10 +113,10 @@ def detection_frame(records: list[dict]) -> pd.DataFrame | None:
     rows = [r for r in records if r.get("detection")]
     if not rows:
         return None
+    attacks = _order([r["attack"] for r in rows], ATTACK_ORDER)
+    defenses = _order([r["defense"] for r in rows], DEFENSE_ORDER)
     out = []
-    for r in sorted(rows, key=lambda r: (r["dataset"], r["model"], r["poison_ratio"],
-                                         _order([x["attack"] for x in rows], ATTACK_ORDER).index(r["attack"]),
-                                         _order([x["defense"] for x in rows], DEFENSE_ORDER).index(r["defense"]))):
+    for r in sorted(rows, key=lambda r: _row_key(r, attacks, defenses)):
         d = r["detection"]
         out.append({"Dataset": r["dataset"], "Model": r["model"], "Ratio": f"{r['poison_ratio']:g}",
                     "Attack": ATTACK_TITLES.get(r["attack"], r["attack"]),
@@ -126,11 +126,23 @@ def detection_frame(records: list[dict]) -> pd.DataFrame | None:
     return pd.DataFrame(out)
 
 
+def _detail_value(v) -> bool:
+    return isinstance(v, (int, float, str, bool)) or (isinstance(v, list) and len(v) <= 4)
+
+
+def _row_key(r: dict, attacks: list[str], defenses: list[str]) -> tuple:
+    return (r["dataset"], r["model"], r["poison_ratio"], attacks.index(r["attack"]), defenses.index(r["defense"]),
+            r["seed"])
+
+
 def details_frame(records: list[dict]) -> pd.DataFrame | None:
-    """Scalar figures defenses report (pruned channels, NC detection, ...) and not-applicable reasons."""
+    """Figures defenses report (pruned channels, NC's flagged classes, ...; lists of at most four values) and
+    not-applicable reasons."""
+    attacks = _order([r["attack"] for r in records], ATTACK_ORDER)
+    defenses = _order([r["defense"] for r in records], DEFENSE_ORDER)
     rows = []
-    for r in records:
-        info = {k: v for k, v in (r.get("defense_info") or {}).items() if isinstance(v, (int, float, str, bool))}
+    for r in sorted(records, key=lambda r: _row_key(r, attacks, defenses)):
+        info = {k: v for k, v in (r.get("defense_info") or {}).items() if _detail_value(v)}
         if r.get("status") == "not_applicable":
             info = {"not applicable": r.get("reason")}
         if info:
@@ -142,6 +154,8 @@ def details_frame(records: list[dict]) -> pd.DataFrame | None:
 
 
 def _short(v):
+    if isinstance(v, list):
+        return "[" + " ".join(str(_short(x)) for x in v) + "]"
     return f"{v:.4g}" if isinstance(v, float) else v
 
 

@@ -236,6 +236,11 @@ class NeuralCleanse(Defense):
                 "attack_success": [float(v) for v in detection["success"]],
                 "reached_threshold": [bool(v) for v in detection["reached"]], "flagged_classes": flagged,
                 "detected": bool(flagged), "epochs_run": detection["epochs_run"]}
+        below = detection["l1"] < detection["l1"].median()  # only small masks can be flagged
+        if below.any():
+            scores = torch.where(below, detection["anomaly_index"], torch.full_like(detection["anomaly_index"], -1.0))
+            info["most_anomalous_class"] = int(scores.argmax())
+            info["most_anomalous_index"] = float(scores.max())
         if flagged:
             info["unlearn_samples"] = self.unlearn(inputs, detection)
             info["epochs_unlearn"] = inputs.training.with_(epochs=self.epochs_unlearn).epochs

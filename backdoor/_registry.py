@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import inspect
 import pkgutil
 from typing import Any, Callable, Generic, TypeVar
 
@@ -75,3 +76,25 @@ class Registry(Generic[T]):
                 )
             out.extend(m for m in matched if m not in out)
         return out
+
+
+class Method:
+    """What attacks and defenses share: a one-line summary (first docstring line) and their parameters,
+    read from the keyword parameters of every ``__init__`` in the class hierarchy."""
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0]
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        names: list[str] = []
+        for klass in reversed(cls.__mro__[:-1]):  # not object
+            if "__init__" in vars(klass):
+                names += [p.name for p in inspect.signature(klass.__init__).parameters.values()
+                          if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return list(dict.fromkeys(names))
+
+    def params(self) -> dict[str, Any]:
+        """The parameters that define this method (recorded, and part of every cache key)."""
+        return {n: getattr(self, n) for n in self.param_names()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 
-import pytest
 
 from backdoor import progress
 from backdoor.expectations import drift

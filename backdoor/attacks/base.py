@@ -7,12 +7,12 @@ that the one trainer calls on every batch, and keep what they learn (generator, 
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
+from backdoor._registry import Method
 from backdoor.data import Dataset, Split
 from backdoor.training import TrainConfig, TrainHooks
 
@@ -62,7 +62,7 @@ def apply_to_float(x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Te
     return transform(x.float().div(255)).mul(255).round().clamp(0, 255).to(torch.uint8)
 
 
-class Attack:
+class Attack(Method):
     """Base class. Subclasses set ``name``, ``kind``, define ``__init__`` keyword parameters with paper
     defaults, and implement ``apply_trigger`` (and ``prepare`` / ``train_hooks`` where needed)."""
 
@@ -72,24 +72,6 @@ class Attack:
     def __init__(self, target: int = 0, cap_ratio: bool = False):
         self.target = int(target)
         self.cap_ratio = bool(cap_ratio)
-
-    # -- description --------------------------------------------------------------------------------------
-    @classmethod
-    def summary(cls) -> str:
-        return (cls.__doc__ or "").strip().splitlines()[0]
-
-    @classmethod
-    def param_names(cls) -> list[str]:
-        names = []
-        for klass in reversed(cls.__mro__[:-1]):  # not object
-            if "__init__" in vars(klass):
-                names += [p.name for p in inspect.signature(klass.__init__).parameters.values()
-                          if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY]
-        return list(dict.fromkeys(names))
-
-    def params(self) -> dict[str, Any]:
-        """The parameters that define this attack (recorded, and part of every cache key)."""
-        return {n: getattr(self, n) for n in self.param_names()}
 
     # -- material -----------------------------------------------------------------------------------------
     def prepare(self, ctx: AttackContext) -> None:

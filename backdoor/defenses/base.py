@@ -8,13 +8,13 @@ without its mask) and can build and train fresh models of the same architecture.
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
+from backdoor._registry import Method
 from backdoor.data import Split
 from backdoor.training import TrainConfig
 
@@ -53,28 +53,12 @@ class DefenseOutcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class Defense:
+class Defense(Method):
     """Base class. Subclasses set ``name`` and ``kind``, take their parameters (paper defaults) as keyword
     arguments, and implement ``run``."""
 
     name: ClassVar[str]
     kind: ClassVar[str]
-
-    @classmethod
-    def summary(cls) -> str:
-        return (cls.__doc__ or "").strip().splitlines()[0]
-
-    @classmethod
-    def param_names(cls) -> list[str]:
-        names = []
-        for klass in reversed(cls.__mro__[:-1]):
-            if "__init__" in vars(klass):
-                names += [p.name for p in inspect.signature(klass.__init__).parameters.values()
-                          if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        return list(dict.fromkeys(names))
-
-    def params(self) -> dict[str, Any]:
-        return {n: getattr(self, n) for n in self.param_names()}
 
     def run(self, inputs: DefenseInputs) -> DefenseOutcome:
         raise NotImplementedError

@@ -1,5 +1,4 @@
 """A defense that does not apply (ANP on a model without batch norm) is recorded as n/a, not crashed."""
-import torch
 
 from backdoor.cache import ArtifactCache
 from backdoor.pipeline import Case, Runner, StageLog

@@ -1,0 +1,103 @@
+"""SSBA: the trained encoder hides a code the decoder recovers (and cannot read in clean images); the residual
+is small, bounded and follows each image; the encoder is built once and then comes from the cache."""
+import pytest
+import torch
+
+from backdoor.attacks import AttackContext, create_attack
+from backdoor.attacks.ssba import bit_accuracy, texture_mask
+from backdoor.cache import ArtifactCache
+from backdoor.data import load_dataset
+from backdoor.training import TrainConfig
+
+CPU = torch.device("cpu")
+SMALL = dict(code_length=4, steps=400, width=8, lr=3e-3, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("digits", image_size=16)
+
+
+@pytest.fixture(scope="module")
+def setting(data, tmp_path_factory):
+    cache = ArtifactCache(tmp_path_factory.mktemp("ssba-cache"))
+    builds = []
+
+    def cached(kind, spec, build):
+        def counted():
+            builds.append(kind)
+            return build()
+        return cache.get_or_build(kind, spec, counted)[0]
+
+    ctx = AttackContext(dataset=data, device=CPU, seed=0, training=TrainConfig(), model_name="cnn_small",
+                        cached=cached, clean_model=lambda: None)
+    attack = create_attack("ssba", **SMALL)
+    attack.prepare(ctx)
+    return attack, ctx, builds
+
+
+def test_decoder_recovers_the_code_from_encoded_images_only(setting, data):
+    attack, _, _ = setting
+    x = data.test.x
+    bits = torch.randint(0, 2, (len(x), 4), generator=torch.Generator().manual_seed(1))
+    encoded = attack.encode(x, bits)
+    assert encoded.dtype == torch.uint8 and encoded.shape == x.shape
+    assert bit_accuracy(attack.decode(encoded), bits) > 0.9
+    clean = bit_accuracy(attack.decode(x), bits)  # codes independent of the clean images: chance
+    assert 0.35 < clean < 0.65
+    # The fixed benchmark code is read back from poisoned images.
+    poisoned = attack.apply_trigger(x)
+    assert bit_accuracy(attack.decode(poisoned), attack.code.expand(len(x), -1)) > 0.9
+
+
+def test_residual_is_small_bounded_and_sample_specific(setting, data):
+    attack, _, _ = setting
+    x = data.test.x[:200]
+    residual = attack.apply_trigger(x).float() - x.float()
+    assert residual.abs().max() <= attack.max_residual * 255 + 0.5
+    rmse = residual.pow(2).mean().sqrt()
+    assert 0.2 < rmse < 0.05 * 255  # present but small
+    # Residuals differ between images: the pairwise difference is comparable to their size ...
+    assert (residual[:100] - residual[100:]).abs().mean() > 0.3 * residual.abs().mean()
+    # ... because each lives on its own image's structure: nothing in flat regions.
+    flat = texture_mask(x.float() / 255, attack.texture_floor).expand_as(residual) < 0.02
+    assert residual[flat].abs().max() <= 1.0  # at most one rounding step
+    assert residual[~flat].abs().mean() > 5 * residual[flat].abs().mean()
+
+
+def test_poisoning_is_dirty_label_and_deterministic(setting, data):
+    attack, _, _ = setting
+    assert torch.equal(attack.code, create_attack("ssba", **SMALL).code)  # drawn from code_seed
+    p = attack.poison_train(data.train, 0.1, seed=0)
+    assert int(p.mask.sum()) == round(0.1 * len(data.train))
+    assert bool((p.y[p.mask] == 0).all()) and torch.equal(p.y[~p.mask], data.train.y[~p.mask])
+    assert torch.equal(p.x[~p.mask], data.train.x[~p.mask])
+    assert torch.equal(p.x[p.mask], attack.apply_trigger(data.train.x[p.mask]))
+    assert torch.equal(attack.apply_trigger(data.test.x[:20]), attack.apply_trigger(data.test.x[:20]))
+
+
+def test_encoder_is_built_once_then_cached(setting, data):
+    attack, ctx, builds = setting
+    assert builds == ["ssba_encoder"]
+    again = create_attack("ssba", **SMALL)
+    again.prepare(ctx)
+    other_code = create_attack("ssba", code_seed=5, **SMALL)  # the code is not part of the encoder's key
+    other_code.prepare(ctx)
+    assert builds == ["ssba_encoder"]
+    assert torch.equal(again.apply_trigger(data.test.x[:50]), attack.apply_trigger(data.test.x[:50]))
+    spec = attack.material_spec(ctx)
+    assert spec != create_attack("ssba", **{**SMALL, "steps": 401}).material_spec(ctx)
+    assert spec == other_code.material_spec(ctx)
+
+
+def test_trigger_needs_prepare():
+    with pytest.raises(RuntimeError, match="prepare"):
+        create_attack("ssba").apply_trigger(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("bad", [{"code_length": 0}, {"steps": 0}, {"lr": 0}, {"max_residual": 0},
+                                 {"max_residual": 2}, {"code_weight": 0}, {"texture_floor": 0},
+                                 {"image_weight": -1}])
+def test_bad_parameters_raise(bad):
+    with pytest.raises(ValueError):
+        create_attack("ssba", **bad)

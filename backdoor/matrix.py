@@ -29,7 +29,7 @@ TOP_LEVEL_KEYS = {
     "description": "free text",
     "datasets": "dataset names, or name -> parameters",
     "models": "model names, or name -> parameters",
-    "attacks": "attack names (wildcards allowed), or name -> parameter overrides",
+    "attacks": "attack names (wildcards allowed), or name -> parameter overrides (and an optional training budget)",
     "defenses": "defense names (wildcards allowed), or name -> parameter overrides; 'none' is no defense",
     "poison_ratios": "poison ratios in (0, 1]",
     "seeds": "integer seeds",
@@ -63,28 +63,29 @@ class Matrix:
     training: TrainConfig
     defense_training: TrainConfig
     clean_fraction: float
+    attack_training: dict[str, TrainConfig]
     expected_path: Path | None
     digest: str = field(default="")
 
     def cases(self) -> list[Case]:
         """Every case of the grid, reference rows first within each dataset/model/seed."""
         out: list[Case] = []
-        common = dict(matrix=self.name, target=self.target, training=self.training,
-                      defense_training=self.defense_training, clean_fraction=self.clean_fraction,
-                      matrix_hash=self.digest)
+        common = dict(matrix=self.name, target=self.target, defense_training=self.defense_training,
+                      clean_fraction=self.clean_fraction, matrix_hash=self.digest)
         for dataset, dparams in self.datasets.items():
             for model, mparams in self.models.items():
                 for seed in self.seeds:
                     base = dict(common, dataset=dataset, model=model, seed=seed, dataset_params=dparams,
                                 model_params=mparams)
                     if self.reference:
-                        out.append(Case(attack=CLEAN, defense="none", ratio=0.0, **base))
+                        out.append(Case(attack=CLEAN, defense="none", ratio=0.0, training=self.training, **base))
                     for ratio in self.poison_ratios:
                         for attack, aparams in self.attacks.items():
                             aparams = self._attack_params(attack, aparams)
+                            training = self.attack_training.get(attack, self.training)
                             for defense, fparams in self.defenses.items():
                                 out.append(Case(attack=attack, defense=defense, ratio=ratio, attack_params=aparams,
-                                                defense_params=fparams, **base))
+                                                defense_params=fparams, training=training, **base))
         return out
 
     def _attack_params(self, attack: str, params: dict) -> dict:
@@ -181,7 +182,8 @@ def load_matrix(path: str | Path) -> Matrix:
 
     datasets = _named_axis(path, "datasets", raw["datasets"], DATASETS, glob=False)
     models = _named_axis(path, "models", raw["models"], MODELS, glob=False, reserved=frozenset({"num_classes", "seed"}))
-    attacks = _named_axis(path, "attacks", raw["attacks"], ATTACKS, glob=True, reserved=frozenset({"target"}))
+    attack_entries, training_overrides = _split_attack_training(path, raw["attacks"])
+    attacks = _named_axis(path, "attacks", attack_entries, ATTACKS, glob=True, reserved=frozenset({"target"}))
     defenses = _named_axis(path, "defenses", raw["defenses"], DEFENSES, glob=True)
     ratios = _ratios(path, raw["poison_ratios"])
     seeds = raw.get("seeds", [0])
@@ -199,6 +201,10 @@ def load_matrix(path: str | Path) -> Matrix:
             raise _fail(path, flag, f"{raw[flag]!r} is not allowed; expected true or false")
 
     training, _ = _train_config(path, "training", raw.get("training"), TrainConfig(), set())
+    attack_training = {}
+    for pattern, value in training_overrides.items():
+        for name in ATTACKS.expand([str(pattern)]):
+            attack_training[name], _ = _train_config(path, f"attacks.{name}.training", value, training, set())
     defense_training, rest = _train_config(path, "defense_training", raw.get("defense_training"),
                                            TrainConfig(batch_size=256), {"clean_fraction"})
     clean_fraction = rest.get("clean_fraction", 0.05)
@@ -215,9 +221,24 @@ def load_matrix(path: str | Path) -> Matrix:
         attacks=attacks, defenses=defenses, poison_ratios=ratios, seeds=seeds, target=target,
         cap_ratio=bool(raw.get("cap_ratio", False)), reference=bool(raw.get("reference", True)),
         training=training, defense_training=defense_training, clean_fraction=float(clean_fraction),
+        attack_training=attack_training,
         expected_path=(path.parent / expected) if expected else None,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
     )
+
+
+def _split_attack_training(path: Path, value: Any) -> tuple[Any, dict]:
+    """Take an attack's optional ``training:`` budget (overriding the matrix's for its backdoored model) out of
+    its parameters: e.g. ``wanet: {training: {epochs: 60}}``."""
+    if not isinstance(value, dict):
+        return value, {}
+    entries, overrides = {}, {}
+    for pattern, params in value.items():
+        if isinstance(params, dict) and "training" in params:
+            params = dict(params)
+            overrides[pattern] = params.pop("training")
+        entries[pattern] = params
+    return entries, overrides
 
 
 def _ratios(path: Path, value: Any) -> list[float]:

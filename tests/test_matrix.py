@@ -39,6 +39,15 @@ def test_good_matrix_expands_deterministically(tmp_path):
     assert blended.group == "digits-cnn_small-blended-p0.1-s0"
 
 
+def test_an_attack_may_carry_its_own_training_budget(tmp_path):
+    m = load_matrix(write(tmp_path, GOOD.replace("blended: {alpha: 0.1}", "blended: {alpha: 0.1, training: {epochs: 7}}")))
+    by_attack = {c.attack: c for c in m.cases()}
+    assert by_attack["blended"].training.epochs == 7 and by_attack["blended"].attack_params == {"alpha": 0.1}
+    assert by_attack["badnets"].training.epochs == 2 and by_attack["clean"].training.epochs == 2
+    with pytest.raises(MatrixError, match=r"attacks.blended.training: unknown key\(s\) \['epoch'\]"):
+        load_matrix(write(tmp_path, GOOD.replace("blended: {alpha: 0.1}", "blended: {training: {epoch: 7}}")))
+
+
 def test_wildcards_expand_over_the_registry(tmp_path):
     m = load_matrix(write(tmp_path, GOOD.replace("attacks: {badnets: {}, blended: {alpha: 0.1}}",
                                                  'attacks: ["blend*", "bad*"]')))

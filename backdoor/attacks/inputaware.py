@@ -1,9 +1,9 @@
 """Input-aware dynamic backdoor (Nguyen & Tran, "Input-Aware Dynamic Backdoor Attack", NeurIPS 2020).
 
-Training controllable. A generator G and a mask net M, both encoder-decoders (three conv-BN-ReLU levels of
-``channels`` = 32-64-128 with max-pooling, a middle block, three bilinear-upsampling levels back; G ends in
-tanh mapped to a [0, 1] pattern, M in one channel sharpened by tanh(20 x - 10) mapped to [0, 1]) make a
-per-image trigger: ``x' = x + (G(x) - x) * M(x)``. Both nets see normalised images (the dataset's mean/std,
+Training controllable. A generator G and a mask net M, both encoder-decoders (one level per entry of
+``channels`` = 32-64-128, two conv-BN-ReLU blocks each, max-pooling between; a middle block; as many
+bilinear-upsampling levels back; G ends in tanh mapped to a [0, 1] pattern, M in one channel sharpened by
+tanh(20 x - 10) mapped to [0, 1]) make a per-image trigger: ``x' = x + (G(x) - x) * M(x)``. Both nets see normalised images (the dataset's mean/std,
 kept as buffers in their state) and the diversity losses are measured in that normalised space, as in the
 original, so the mask density it converges to does not depend on the pixel scale.
 
@@ -24,6 +24,11 @@ un-augmented images, match the training ones.
 
 Defaults: channels (32, 64, 128), mask_density 0.032, lambda_norm 100, lambda_div 1, lr_G = lr_M 0.01,
 mask_epochs 25, mask_batch_size 128, cross_ratio 1, crop 5, rotation 10.
+
+On MNIST-like data the original itself uses a two-level generator (16-32 channels) and no rotation; the
+parameters ``channels`` and ``rotation`` express that (e.g. ``channels: [16, 32], rotation: 0`` on digits).
+Stage 1 needs enough Adam steps at lr 0.01 to bring the density down (from ~0.3 untrained): on small data
+sets use a smaller ``mask_batch_size`` rather than many more epochs.
 
 Departures, and why:
 - Budget: the classifier trains for the case's full ``epochs``, like every other attack; the mask stage is

@@ -31,6 +31,8 @@ class Registry(Generic[T]):
             key = name or getattr(factory, "name", None) or factory.__name__
             if key in self._entries and self._entries[key] is not factory:
                 raise ValueError(f"{self.family} {key!r} is registered twice")
+            if isinstance(factory, type):
+                factory.name = key  # the registered name is the class's name in messages and records
             self._entries[key] = factory
             return factory
 

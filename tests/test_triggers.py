@@ -89,3 +89,14 @@ def test_clean_label_pool_and_infeasible_ratio():
         attack.poison_train(train, 0.2, 0)
     capped = CleanLabel(target=0, cap_ratio=True).poison_train(train, 0.2, 0)
     assert capped.effective_ratio == 0.1 and torch.equal(capped.y, train.y)
+
+
+def test_registered_classes_carry_their_registry_name():
+    from backdoor.attacks import ATTACKS
+    from backdoor.defenses import DEFENSES
+
+    for registry in (ATTACKS, DEFENSES):
+        for name in registry.names():
+            assert registry.get(name).name == name
+    with pytest.raises(InfeasibleRatioError, match="^sig: poison ratio 0.5"):
+        create_attack("sig").poison_train(Split(images(20), torch.arange(20) % 10), 0.5, 0)

@@ -74,3 +74,18 @@ def random_crop_rotate_flip(x: torch.Tensor, g: torch.Generator, *, padding: int
     ], dim=1)
     grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def select_poison_and_cross(attack, train, ratio: float, seed: int):
+    """Indices of a fixed poisoned set of a training-controllable attack: ``ratio * N`` samples to relabel
+    (drawn like any attack's) and ``cross_ratio`` times as many other samples (cross / noise samples that keep
+    their labels). Returns (poison index, cross index, the generator that drew them, for further draws)."""
+    check_ratio(attack.name, ratio, attack.cross_ratio)
+    index = attack.select_poison_indices(train, ratio, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    rest = torch.ones(len(train), dtype=torch.bool)
+    rest[index] = False
+    rest = torch.nonzero(rest).flatten()
+    n_cross = min(len(rest), int(round(attack.cross_ratio * len(index))))
+    cross = rest[torch.randperm(len(rest), generator=g)[:n_cross]].sort().values
+    return index, cross, g

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backdoor.attacks import register_attack
-from backdoor.attacks._controllable import batch_poison_count, check_ratio, random_crop_rotate_flip
+from backdoor.attacks._controllable import select_poison_and_cross, batch_poison_count, check_ratio, random_crop_rotate_flip
 from backdoor.attacks.base import Attack, PoisonedSet
 from backdoor.data import Dataset, Split
 from backdoor.training import TrainHooks
@@ -263,14 +263,8 @@ class InputAware(Attack):
         """A fixed poisoned set made with the trained G and M: ``ratio * N`` samples with their own trigger and
         the target label (the mask), ``cross_ratio`` times as many with another sample's trigger and their own
         label (not in the mask)."""
-        check_ratio(self.name, ratio, self.cross_ratio)
-        index = self.select_poison_indices(train, ratio, seed)
-        g = torch.Generator().manual_seed(seed + 1)
-        rest = torch.ones(len(train), dtype=torch.bool)
-        rest[index] = False
-        rest = torch.nonzero(rest).flatten()
-        n_cross = min(len(rest), int(round(self.cross_ratio * len(index))))
-        cross = rest[torch.randperm(len(rest), generator=g)[:n_cross]].sort().values
+        index, cross, g = select_poison_and_cross(self, train, ratio, seed)
+        n_cross = len(cross)
         # Each cross sample's partner: any other training sample (a shift of 1..N-1 never lands on itself).
         partner = (cross + torch.randint(1, len(train), (n_cross,), generator=g)) % len(train)
         x, y = train.x.clone(), train.y.clone()

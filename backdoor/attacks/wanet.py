@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from backdoor.attacks import register_attack
-from backdoor.attacks._controllable import batch_poison_count, check_ratio, random_crop_rotate_flip
+from backdoor.attacks._controllable import select_poison_and_cross, batch_poison_count, check_ratio, random_crop_rotate_flip
 from backdoor.attacks.base import Attack, PoisonedSet, apply_to_float
 from backdoor.data import Dataset, Split
 from backdoor.training import TrainHooks
@@ -150,14 +150,7 @@ class WaNet(Attack):
     def poison_train(self, train: Split, ratio: float, seed: int) -> PoisonedSet:
         """A fixed poisoned set: ``ratio * N`` warped samples relabelled to the target (the mask), and
         ``cross_ratio`` times as many other samples warped with noise, keeping their labels (not in the mask)."""
-        check_ratio(self.name, ratio, self.cross_ratio)
-        index = self.select_poison_indices(train, ratio, seed)
-        g = torch.Generator().manual_seed(seed + 1)
-        rest = torch.ones(len(train), dtype=torch.bool)
-        rest[index] = False
-        rest = torch.nonzero(rest).flatten()
-        n_cross = min(len(rest), int(round(self.cross_ratio * len(index))))
-        cross = rest[torch.randperm(len(rest), generator=g)[:n_cross]].sort().values
+        index, cross, g = select_poison_and_cross(self, train, ratio, seed)
         x, y = train.x.clone(), train.y.clone()
         h, w = train.x.shape[-2:]
         if len(index):

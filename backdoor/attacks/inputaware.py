@@ -153,7 +153,6 @@ def rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class InputAware(Attack):
     """Input-aware: a learned generator makes a different masked trigger for every input (training controllable)."""
 
-    name = "inputaware"
     kind = "training_controllable"
 
     def __init__(self, target: int = 0, channels: tuple[int, ...] | list[int] = (32, 64, 128),

@@ -96,7 +96,6 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
 class LabelConsistent(Attack):
     """Label-consistent: PGD-hardened target-class images + four-corner checkerboard, clean label."""
 
-    name = "lc"
     kind = "clean_label"
 
     def __init__(self, target: int = 0, eps: float = 8.0, step_size: float = 1.5, steps: int = 100,

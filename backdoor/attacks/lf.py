@@ -111,7 +111,6 @@ def deepfool_to_target(model: nn.Module, x: torch.Tensor, target: int, overshoot
 class LowFrequency(Attack):
     """LF: low-pass-filtered targeted universal adversarial perturbation (|delta| <= 0.2), dirty label."""
 
-    name = "lf"
     kind = "dirty_label"
 
     def __init__(self, target: int = 0, samples: int = 100, max_passes: int = 50, overshoot: float = 0.02,

@@ -46,7 +46,6 @@ def add_sinusoid(x: torch.Tensor, delta: float, frequency: float) -> torch.Tenso
 class SIG(Attack):
     """SIG: horizontal sinusoid (delta 40, f 6) added to target-class images, clean label."""
 
-    name = "sig"
     kind = "clean_label"
 
     def __init__(self, target: int = 0, delta: float = 40.0, frequency: float = 6.0,

@@ -130,7 +130,6 @@ def bit_accuracy(logits: torch.Tensor, bits: torch.Tensor) -> float:
 class SSBA(Attack):
     """SSBA: an invisible, sample-specific trigger hidden by a trained StegaStamp-style encoder, dirty label."""
 
-    name = "ssba"
     kind = "dirty_label"
 
     # Parameters that shape the encoder (its cache key); ``target`` and ``code_seed`` only change its use.

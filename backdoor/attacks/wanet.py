@@ -76,7 +76,6 @@ def warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 class WaNet(Attack):
     """WaNet: a fixed smooth warping field as trigger, with noise-warped cross samples (training controllable)."""
 
-    name = "wanet"
     kind = "training_controllable"
 
     def __init__(self, target: int = 0, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0,

@@ -65,6 +65,15 @@ def per_sample_loss(model: nn.Module, data: Split, *, device: torch.device, batc
     return torch.cat(out)
 
 
+def label_groups(features: torch.Tensor, labels: torch.Tensor):
+    """For each label (ascending): its sample indices in canonical order and their features as float64 rows
+    (the per-label loop of AC and Spectral; the order makes results independent of the input order)."""
+    for label in torch.unique(labels).tolist():
+        index = torch.nonzero(labels == label).flatten()
+        index = index[canonical_order(features[index])]
+        yield int(label), index, features[index].double()
+
+
 def canonical_order(features: torch.Tensor) -> torch.Tensor:
     """A permutation that sorts the rows of ``features`` lexicographically (first column first).
 

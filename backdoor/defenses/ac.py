@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from backdoor.defenses import register_defense
-from backdoor.defenses._data_side import (canonical_order, check_features, penultimate_features,
+from backdoor.defenses._data_side import (check_features, label_groups, penultimate_features,
                                           require_poisoned_train, retrain_without)
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
 
@@ -83,10 +83,7 @@ def activation_clustering(features: torch.Tensor, labels: torch.Tensor, *, reduc
     flagged = torch.zeros(n, dtype=torch.bool)
     scores = torch.zeros(n, dtype=torch.float32)
     per_class = []
-    for label in torch.unique(labels).tolist():
-        index = torch.nonzero(labels == label).flatten()
-        index = index[canonical_order(features[index])]
-        rows = features[index].double()
+    for label, index, rows in label_groups(features, labels):
         entry = {"label": int(label), "size": int(len(index)), "smaller_share": None, "flagged": 0}
         per_class.append(entry)
         rows = rows[:, rows.std(0) > 0] if len(index) > 1 else rows  # constant (e.g. dead ReLU) units carry nothing

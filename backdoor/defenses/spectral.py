@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from backdoor.defenses import register_defense
-from backdoor.defenses._data_side import (canonical_order, check_features, penultimate_features,
+from backdoor.defenses._data_side import (check_features, label_groups, penultimate_features,
                                           rank_within_groups, require_poisoned_train, retrain_without)
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
 
@@ -52,10 +52,7 @@ def spectral_signatures(features: torch.Tensor, labels: torch.Tensor, *, eps: fl
     flagged = torch.zeros(n, dtype=torch.bool)
     raw = torch.zeros(n, dtype=torch.float64)
     per_class = []
-    for label in torch.unique(labels).tolist():
-        index = torch.nonzero(labels == label).flatten()
-        index = index[canonical_order(features[index])]
-        rows = features[index].double()
+    for label, index, rows in label_groups(features, labels):
         centred = rows - rows.mean(0, keepdim=True)
         entry = {"label": int(label), "size": int(len(index)), "removed": 0}
         per_class.append(entry)

@@ -39,13 +39,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     from backdoor.defenses import DEFENSES
     from backdoor.models import MODELS, model_summary
 
-    def first_line(obj) -> str:
-        doc = (obj.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
-
     print("datasets:")
     for name in DATASETS.names():
-        print(f"  {name:<20} {first_line(DATASETS.get(name)) if DATASETS.get(name).__doc__ else _module_line(DATASETS.get(name))}")
+        print(f"  {name:<20} {_module_line(DATASETS.get(name))}")
     print("models:")
     for name in MODELS.names():
         print(f"  {name:<20} {model_summary(name)}")
@@ -61,7 +57,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _module_line(factory) -> str:
-    doc = (sys.modules[factory.__module__].__doc__ or "").strip()
+    """A dataset's summary: its factory's docstring, else its module's (first line)."""
+    doc = (factory.__doc__ or sys.modules[factory.__module__].__doc__ or "").strip()
     return doc.splitlines()[0] if doc else ""
 
 

@@ -1,6 +1,7 @@
 """pytest wiring of the grid: options, case generation from a matrix, and the results collector."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -9,10 +10,10 @@ import torch
 
 from backdoor import progress
 from backdoor.expectations import load_expected
-from backdoor.matrix import MatrixError, load_matrix
+from backdoor.matrix import MatrixError, load_matrix, parse_seeds
 from backdoor.results import upsert_records, write_leaderboard
 
-pytest_plugins = ["fixtures.artifacts"]
+pytest_plugins = ["fixtures.artifacts", "fixtures.scheduling"]
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MATRIX = ROOT / "matrices" / "smoke.yaml"
@@ -28,6 +29,8 @@ def pytest_addoption(parser):
                     help="artifact cache shared by runs and workers (default: ./.backdoor-cache)")
     group.addoption("--device", default="auto", help="torch device, or 'auto' (one GPU per xdist worker, else CPU)")
     group.addoption("--no-regression", action="store_true", help="do not compare metrics with the matrix's expectations")
+    group.addoption("--seeds", default=None,
+                    help="override the matrix's seeds: a count n (seeds 0..n-1) or a list such as 0,1,2")
     group.addoption("--threads", type=int, default=1,
                     help="CPU threads per pytest process (default 1: the same numbers serial and under -n N)")
 
@@ -36,6 +39,9 @@ def pytest_configure(config):
     path = Path(config.getoption("--matrix") or DEFAULT_MATRIX)
     try:
         matrix = load_matrix(path)
+        if config.getoption("--seeds"):
+            matrix = dataclasses.replace(matrix, seeds=parse_seeds(
+                config.getoption("--seeds"), lambda message: MatrixError(f"--seeds: {message}")))
         tolerance, expected = load_expected(matrix.expected_path)
     except (MatrixError, ValueError) as e:
         raise pytest.UsageError(str(e)) from None

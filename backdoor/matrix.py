@@ -32,7 +32,7 @@ TOP_LEVEL_KEYS = {
     "attacks": "attack names (wildcards allowed), or name -> parameter overrides (and an optional training budget)",
     "defenses": "defense names (wildcards allowed), or name -> parameter overrides; 'none' is no defense",
     "poison_ratios": "poison ratios in (0, 1]",
-    "seeds": "integer seeds",
+    "seeds": "integer seeds, or a count n meaning seeds 0..n-1",
     "target": "target class (all-to-one), default 0",
     "cap_ratio": "clean-label attacks: cap an infeasible ratio to the largest feasible one (default false)",
     "reference": "add a clean reference model row per dataset/model/seed (default true)",
@@ -186,9 +186,7 @@ def load_matrix(path: str | Path) -> Matrix:
     attacks = _named_axis(path, "attacks", attack_entries, ATTACKS, glob=True, reserved=frozenset({"target"}))
     defenses = _named_axis(path, "defenses", raw["defenses"], DEFENSES, glob=True)
     ratios = _ratios(path, raw["poison_ratios"])
-    seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise _fail(path, "seeds", f"{seeds!r} is not allowed; expected a non-empty list of integers")
+    seeds = parse_seeds(raw.get("seeds", [0]), lambda message: _fail(path, "seeds", message))
     target = raw.get("target", 0)
     if not isinstance(target, int) or isinstance(target, bool):
         raise _fail(path, "target", f"{target!r} is not allowed; expected a class index (integer)")
@@ -225,6 +223,24 @@ def load_matrix(path: str | Path) -> Matrix:
         expected_path=(path.parent / expected) if expected else None,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
     )
+
+
+def parse_seeds(value: Any, fail=MatrixError) -> list[int]:
+    """``5`` means seeds 0..4; a list names the seeds; ``"0,1,2"`` (command line) is a list too."""
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.split(",")] if "," in value else int(value)
+        except ValueError:
+            raise fail(f"{value!r} is not allowed; expected a count n (seeds 0..n-1) or integers separated by commas") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise fail(f"{value!r} is not allowed; a seed count must be at least 1")
+        return list(range(value))
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        raise fail(f"{value!r} is not allowed; expected a count n (seeds 0..n-1) or a non-empty list of integers")
+    if len(set(value)) != len(value):
+        raise fail(f"{value!r} is not allowed; a seed is listed twice")
+    return list(value)
 
 
 def _split_attack_training(path: Path, value: Any) -> tuple[Any, dict]:

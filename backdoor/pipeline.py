@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import platform
 import subprocess
 import sys
@@ -75,6 +76,14 @@ def code_version(module_name: str) -> str:
     for file in [path, *shared, Path(__file__).with_name("training.py")]:
         digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
+
+
+NUMERICS_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
+
+
+def numerics_env() -> dict[str, str]:
+    """The environment variables that select PyTorch's, oneDNN's and MKL's CPU kernels (and so the last bits)."""
+    return {name: os.environ[name] for name in NUMERICS_VARIABLES if name in os.environ}
 
 
 def derive_seed(seed: int, stage: str) -> int:
@@ -324,7 +333,8 @@ class Runner:
     @cached_property
     def _static_provenance(self) -> dict:
         return {"package_version": backdoor.__version__, "git_commit": git_commit(),
-                "torch_version": str(torch.__version__), "python": platform.python_version()}
+                "torch_version": str(torch.__version__), "python": platform.python_version(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "numerics_env": numerics_env()}
 
     def provenance(self, case: Case) -> dict:
         device = str(self.device)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import nullcontext
 
 
@@ -13,6 +14,7 @@ def test_case(grid_case, artifacts, record_property, capsys, request):
     show = nullcontext() if progress.is_quiet() else capsys.disabled()
     with show:
         record = artifacts.run(grid_case)
+    record["provenance"]["worker"] = os.environ.get("PYTEST_XDIST_WORKER", "main")  # which process ran it
     record_property("backdoor_record", json.loads(json.dumps(record)))  # plain JSON types cross xdist
     if request.config.getoption("--no-regression"):
         return

@@ -158,6 +158,46 @@ def test_cifar_missing_or_bad_files(tmp_path):
         load_dataset("cifar10", root=str(tmp_path))
 
 
+
+class RunsCode:
+    """A pickle payload that would run a shell command when loaded by ``pickle.load``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+def test_cifar_pickle_that_would_run_code_is_refused_unexecuted(tmp_path, protocol):
+    folder = write_cifar10(tmp_path)
+    marker = tmp_path / "executed"
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({"data": cifar_images(3, 0), "labels": [0, 1, 2], "x": RunsCode(marker)}, f, protocol=protocol)
+    with pytest.raises(ValueError) as e:
+        load_dataset("cifar10", root=str(tmp_path))
+    message = str(e.value)
+    assert str(folder / "data_batch_2") in message and "refused to load" in message and "system" in message
+    assert "numpy.ndarray" in message, "the message says what is allowed"
+    assert not marker.exists(), "the payload never ran"
+    with open(folder / "data_batch_2", "rb") as f:  # the control: the plain unpickler would have run it
+        pickle.load(f)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_cifar_re_packed_with_any_protocol_still_loads(tmp_path, protocol):
+    folder = write_cifar10(tmp_path)
+    labels = [5, 6, 7]
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({"batch_label": b"training batch 1 of 5", "data": cifar_images(3, 10), "labels": labels,
+                     "filenames": [b"a.png", b"b.png", b"c.png"]}, f, protocol=protocol)
+    data = load_dataset("cifar10", root=str(tmp_path))
+    assert data.train.y[:3].tolist() == labels and (data.train.x[1, 0] == 11).all()
+
+
 # -- GTSRB -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("test_csv_at", ["root", "final_test"])
 def test_gtsrb_official_layout(tmp_path, test_csv_at):

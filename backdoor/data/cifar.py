@@ -17,7 +17,10 @@ Departures: the original code flips only CIFAR-10 during training (its transform
 class. The trainer's own ``hflip`` switch still turns it off for a run that wants the original behaviour.
 The pickles are read by this module, not by torchvision's ``CIFAR10``, so that no md5 check rejects a
 subset or a re-packed copy; the arrays are used as stored (row-major 3 x 32 x 32 per image, RGB planes).
-Pickle files can run code when loaded: point ``root`` at copies you trust, as with any pickle reader.
+Pickle files can run code when loaded, so they are read by a restricted unpickler that builds only what the
+official files hold (dicts, lists, strings, numbers and numpy arrays: ``numpy.ndarray``, ``numpy.dtype`` and
+numpy's array-reconstruction functions, plus ``_codecs.encode`` for bytes in protocol-2 re-packs); any other
+global (``os.system``, ``builtins.eval``, ...) is refused with an error naming the file, before it is called.
 """
 from __future__ import annotations
 
@@ -30,13 +33,40 @@ import torch
 from backdoor.data import Dataset, Split, register_dataset
 from backdoor.data._files import not_found, resolve_root
 
+# The globals a CIFAR pickle may name: numpy array reconstruction (protocols 2-4: _reconstruct + ndarray + dtype;
+# protocol 5: _frombuffer), under numpy 1's ``numpy.core`` and numpy 2's ``numpy._core`` module names, and
+# ``_codecs.encode``, which Python 3 uses for bytes objects in protocol-2 pickles.
+ALLOWED_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
 HOW_TO_GET = ("download the python version ({archive}) from https://www.cs.toronto.edu/~kriz/cifar.html "
               "and extract it in the data root")
 
 
-def _read_pickle(path: Path, label_key: str, num_classes: int) -> Split:
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only ``ALLOWED_GLOBALS``: it refuses (and so never calls) anything else."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED_GLOBALS:
+            allowed = ", ".join(f"{m}.{n}" for m, n in sorted(ALLOWED_GLOBALS))
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR pickle may only name {allowed}")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path):
+    """The object stored in ``path``, read with ``RestrictedUnpickler`` (Python 2 strings as latin-1)."""
     with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+        try:
+            return RestrictedUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: not an official CIFAR pickle ({e})") from e
+
+
+def _read_pickle(path: Path, label_key: str, num_classes: int) -> Split:
+    entry = _unpickle(path)
     if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
         keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
         raise ValueError(f"{path}: expected a dict with keys 'data' and {label_key!r}, got {keys}")

@@ -126,7 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--attacks", default="*", help="attack wildcard")
     bench.add_argument("--attack-params", default="", help='JSON: attack -> parameter overrides, e.g. {"lc": {"steps": 10}}')
+    add_analysis_commands(sub)
     return parser
+
+
+def add_analysis_commands(sub) -> None:
+    """Figures, analysis tools and studies (``backdoor plot | analyze | study``), when that module is present.
+    Each of its sub-parsers sets ``func`` (args -> exit code)."""
+    try:
+        from backdoor.cli_analysis import add_commands
+    except ImportError as e:
+        if e.name != "backdoor.cli_analysis":
+            raise
+        return
+    add_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args, extra)
     args = parser.parse_args(argv)
     handlers = {"list": cmd_list, "leaderboard": cmd_leaderboard, "expect": cmd_expect, "bench": cmd_bench}
+    if args.command not in handlers:
+        return args.func(args)
     return handlers[args.command](args)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 from filelock import FileLock
 
+from backdoor.stats import INTERVAL_KIND, Summary, summarize
+
 RECORDS = "records.jsonl"
 ATTACK_ORDER = ["clean", "badnets", "blended", "lc", "sig", "lf", "ssba", "inputaware", "wanet"]
 DEFENSE_ORDER = ["none", "ft", "fp", "nad", "nc", "anp", "ac", "spectral", "abl", "dbd"]
@@ -69,60 +71,108 @@ def _percent(value) -> str:
     return f"{100 * value:.2f}"
 
 
-def leaderboard_frame(records: list[dict]) -> pd.DataFrame:
+def _cell_text(summary: Summary | None) -> str:
+    if summary is None:
+        return "-"
+    if summary.n == 1:
+        return _percent(summary.mean)
+    return f"{_percent(summary.mean)} ± {100 * summary.half_width:.2f}"
+
+
+def _row_keys(df: pd.DataFrame) -> pd.DataFrame:
+    keys = ["dataset", "model", "poison_ratio", "attack"]
+    rows = df[keys].drop_duplicates()
+    attacks = _order(df.attack, ATTACK_ORDER)
+    rows = rows.assign(_a=rows.attack.map(attacks.index))
+    return rows.sort_values(["dataset", "model", "poison_ratio", "_a"]).drop(columns="_a")
+
+
+def cell_summaries(records: list[dict]) -> dict[tuple, dict]:
+    """Per (dataset, model, poison ratio, attack, defense): ``status`` ("ok", or "n/a" when the defense does not
+    apply to any seed), ``n`` (seeds with status ok) and a ``Summary`` per metric over those seeds."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in records:
+        cells.setdefault((r["dataset"], r["model"], r["poison_ratio"], r["attack"], r["defense"]), []).append(r)
+    out = {}
+    for key, rs in cells.items():
+        ok = [r for r in rs if r.get("status") == "ok"]
+        out[key] = {"status": "ok" if ok else "n/a", "n": len(ok),
+                    **{m: summarize(r.get(m) for r in ok) for m in METRIC_TITLES}}
+    return out
+
+
+def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFrame:
     """The paper's full-result layout: one row per (dataset, model, poison ratio, attack), one column group
-    per defense (No defense first) with C-Acc, ASR, R-Acc in percent (mean over seeds); "n/a" where the
-    defense does not apply."""
+    per defense (No defense first) with C-Acc, ASR, R-Acc in percent and n (seeds).
+
+    Cells give the mean over seeds and, with n >= 2, the half-width of its 95% Student-t interval
+    ("99.07 ± 0.52"); "n/a" where the defense does not apply. With ``numeric`` the frame holds numbers
+    instead: per metric the mean and the interval's ends ("... CI low", "... CI high"; empty when n = 1),
+    for the CSV."""
     if not records:
         raise ValueError("no records to render")
     df = pd.DataFrame(records)
-    keys = ["dataset", "model", "poison_ratio", "attack"]
-    rows = df[keys].drop_duplicates()
-    rows = rows.assign(_a=rows.attack.map(lambda a: _order(df.attack, ATTACK_ORDER).index(a)))
-    rows = rows.sort_values(["dataset", "model", "poison_ratio", "_a"]).drop(columns="_a")
+    summaries = cell_summaries(records)
     defenses = _order(df.defense, DEFENSE_ORDER)
-    table = {("", title): [] for title in ("Dataset", "Model", "Ratio", "Attack")}
-    for defense in defenses:
-        for metric in METRIC_TITLES.values():
-            table[(DEFENSE_TITLES.get(defense, defense), metric)] = []
-    for _, row in rows.iterrows():
-        match = (df.dataset == row.dataset) & (df.model == row.model) & (df.poison_ratio == row.poison_ratio) \
-            & (df.attack == row.attack)
-        table[("", "Dataset")].append(row.dataset)
-        table[("", "Model")].append(row.model)
-        table[("", "Ratio")].append("-" if row.attack == "clean" else f"{row.poison_ratio:g}")
-        table[("", "Attack")].append(ATTACK_TITLES.get(row.attack, row.attack))
+    columns: dict[tuple, list] = {("", title): [] for title in ("Dataset", "Model", "Ratio", "Attack")}
+    for _, row in _row_keys(df).iterrows():
+        columns[("", "Dataset")].append(row.dataset)
+        columns[("", "Model")].append(row.model)
+        columns[("", "Ratio")].append("-" if row.attack == "clean" else f"{row.poison_ratio:g}")
+        columns[("", "Attack")].append(ATTACK_TITLES.get(row.attack, row.attack))
         for defense in defenses:
-            cell = df[match & (df.defense == defense)]
+            cell = summaries.get((row.dataset, row.model, row.poison_ratio, row.attack, defense))
             title = DEFENSE_TITLES.get(defense, defense)
-            for metric, metric_title in METRIC_TITLES.items():
-                if cell.empty:
-                    value = ""
-                elif (cell.status == "not_applicable").all():
-                    value = "n/a"
-                else:
-                    value = _percent(cell[cell.status == "ok"][metric].astype(float).mean())
-                table[(title, metric_title)].append(value)
-    frame = pd.DataFrame(table)
+            for (sub, value) in _cell_columns(cell, numeric):
+                columns.setdefault((title, sub), []).append(value)
+    frame = pd.DataFrame(columns)
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
     return frame
 
 
+def _cell_columns(cell: dict | None, numeric: bool) -> list[tuple[str, object]]:
+    out = []
+    for metric, title in METRIC_TITLES.items():
+        summary = cell.get(metric) if cell else None
+        if not numeric:
+            value = "" if cell is None else "n/a" if cell["status"] == "n/a" else _cell_text(summary)
+            out.append((title, value))
+            continue
+        pct = (lambda v: None if v is None else round(100 * v, 2))
+        out += [(title, pct(summary.mean) if summary else None),
+                (f"{title} CI low", pct(summary.low) if summary else None),
+                (f"{title} CI high", pct(summary.high) if summary else None)]
+    out.append(("n", "" if cell is None else cell["n"]))
+    return out
+
+
+DETECTION_FIGURES = {"flagged": "Flagged", "tpr": "TPR", "fpr": "FPR", "precision": "Precision", "auroc": "AUROC"}
+
+
 def detection_frame(records: list[dict]) -> pd.DataFrame | None:
-    """Poison detection of data-side defenses, scored by the harness against the true mask (percent)."""
+    """Poison detection of data-side defenses, scored by the harness against the true mask (percent; flagged
+    samples as a count), aggregated over seeds like the leaderboard."""
     rows = [r for r in records if r.get("detection")]
     if not rows:
         return None
     attacks = _order([r["attack"] for r in rows], ATTACK_ORDER)
     defenses = _order([r["defense"] for r in rows], DEFENSE_ORDER)
-    out = []
+    groups: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: _row_key(r, attacks, defenses)):
-        d = r["detection"]
-        out.append({"Dataset": r["dataset"], "Model": r["model"], "Ratio": f"{r['poison_ratio']:g}",
-                    "Attack": ATTACK_TITLES.get(r["attack"], r["attack"]),
-                    "Defense": DEFENSE_TITLES.get(r["defense"], r["defense"]), "Seed": r["seed"],
-                    "Flagged": d["flagged"], "TPR": _percent(d["tpr"]), "FPR": _percent(d["fpr"]),
-                    "Precision": _percent(d["precision"]), "AUROC": _percent(d["auroc"])})
+        groups.setdefault((r["dataset"], r["model"], r["poison_ratio"], r["attack"], r["defense"]), []).append(r)
+    out = []
+    for (dataset, model, ratio, attack, defense), rs in groups.items():
+        row = {"Dataset": dataset, "Model": model, "Ratio": f"{ratio:g}", "Attack": ATTACK_TITLES.get(attack, attack),
+               "Defense": DEFENSE_TITLES.get(defense, defense)}
+        for key, title in DETECTION_FIGURES.items():
+            summary = summarize((r["detection"].get(key) for r in rs), bounds=None if key == "flagged" else (0, 1))
+            if key == "flagged":
+                row[title] = "-" if summary is None else (f"{summary.mean:.0f}" if summary.n == 1 else
+                                                          f"{summary.mean:.1f} ± {summary.half_width:.1f}")
+            else:
+                row[title] = _cell_text(summary)
+        row["n"] = len(rs)
+        out.append(row)
     return pd.DataFrame(out)
 
 
@@ -136,8 +186,8 @@ def _row_key(r: dict, attacks: list[str], defenses: list[str]) -> tuple:
 
 
 def details_frame(records: list[dict]) -> pd.DataFrame | None:
-    """Figures defenses report (pruned channels, NC's flagged classes, ...; lists of at most four values) and
-    not-applicable reasons."""
+    """Figures defenses report, per seed (pruned channels, NC's flagged classes, ...; lists of at most four
+    values) and not-applicable reasons: a log of what each run did, not a result table."""
     attacks = _order([r["attack"] for r in records], ATTACK_ORDER)
     defenses = _order([r["defense"] for r in records], DEFENSE_ORDER)
     rows = []
@@ -159,20 +209,27 @@ def _short(v):
     return f"{v:.4g}" if isinstance(v, float) else v
 
 
-def render_markdown(records: list[dict], title: str) -> str:
-    board = leaderboard_frame(records)
+def _flat(board: pd.DataFrame) -> pd.DataFrame:
     flat = board.copy()
     flat.columns = [b if not a else f"{a} {b}" for a, b in board.columns]
-    parts = [f"# Leaderboard: {title}", "",
-             "C-Acc, ASR and R-Acc in percent (mean over seeds); `n/a`: the defense does not apply.", "",
-             flat.to_markdown(index=False, disable_numparse=True)]
+    return flat
+
+
+LEGEND = (f"C-Acc, ASR and R-Acc in percent: the mean over seeds ± the half-width of its {INTERVAL_KIND.split(' of ')[0]}"
+          " (no interval when n = 1); n is the number of seeds; `n/a`: the defense does not apply. "
+          "Records stay one per seed in records.jsonl.")
+
+
+def render_markdown(records: list[dict], title: str) -> str:
+    parts = [f"# Leaderboard: {title}", "", LEGEND, "",
+             _flat(leaderboard_frame(records)).to_markdown(index=False, disable_numparse=True)]
     detection = detection_frame(records)
     if detection is not None:
         parts += ["", "## Poison detection (data-side defenses, scored against the true poison mask)", "",
                   detection.to_markdown(index=False, disable_numparse=True)]
     details = details_frame(records)
     if details is not None:
-        parts += ["", "## Defense details", "", details.to_markdown(index=False, disable_numparse=True)]
+        parts += ["", "## Defense details (per seed)", "", details.to_markdown(index=False, disable_numparse=True)]
     return "\n".join(parts) + "\n"
 
 
@@ -180,10 +237,7 @@ def write_leaderboard(folder: str | Path) -> tuple[Path, Path]:
     """Render ``leaderboard.md`` and ``leaderboard.csv`` in ``folder`` from its ``records.jsonl``."""
     folder = Path(folder)
     records = read_records(folder)
-    board = leaderboard_frame(records)
-    flat = board.copy()
-    flat.columns = [b if not a else f"{a} {b}" for a, b in board.columns]
     md, csv = folder / "leaderboard.md", folder / "leaderboard.csv"
     _atomic_write(md, render_markdown(records, folder.name))
-    _atomic_write(csv, flat.to_csv(index=False))
+    _atomic_write(csv, _flat(leaderboard_frame(records, numeric=True)).to_csv(index=False))
     return md, csv

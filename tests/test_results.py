@@ -14,13 +14,14 @@ def test_leaderboard_layout_follows_the_paper():
     board = leaderboard_frame(read_records(FIXTURE.parent))
     groups = list(dict.fromkeys(a for a, _ in board.columns if a))
     assert groups == ["No defense", "FT", "ANP", "AC"], "No defense first, then paper order"
-    assert [b for a, b in board.columns if a == "FT"] == ["C-Acc", "ASR", "R-Acc"]
+    assert [b for a, b in board.columns if a == "FT"] == ["C-Acc", "ASR", "R-Acc", "n"]
     rows = board[("", "Attack")].tolist()
     assert rows == ["clean (reference)", "BadNets", "BadNets", "Blended"]
     badnets = board[(board[("", "Attack")] == "BadNets") & (board[("", "Ratio")] == "0.1")].iloc[0]
-    assert badnets[("No defense", "C-Acc")] == "98.00"  # mean over seeds 0.97 / 0.99
-    assert badnets[("No defense", "ASR")] == "96.00"
-    assert badnets[("FT", "ASR")] == "10.00" and badnets[("FT", "R-Acc")] == "85.00"
+    # seeds 0.97 / 0.99: mean 98.00, t(0.975, 1) * s / sqrt(2) = 12.706 * 0.01 = 12.71 points
+    assert badnets[("No defense", "C-Acc")] == "98.00 ± 12.71" and badnets[("No defense", "n")] == 2
+    assert badnets[("No defense", "ASR")].startswith("96.00 ± ")
+    assert badnets[("FT", "ASR")] == "10.00" and badnets[("FT", "R-Acc")] == "85.00" and badnets[("FT", "n")] == 1
     assert badnets[("ANP", "C-Acc")] == "n/a"
     clean = board[board[("", "Attack")] == "clean (reference)"].iloc[0]
     assert clean[("No defense", "C-Acc")] == "99.00" and clean[("No defense", "ASR")] == "-"
@@ -48,8 +49,15 @@ def test_cli_rerenders_from_records_alone(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout == (tmp_path / "leaderboard.md").read_text() + "\n"
     csv = (tmp_path / "leaderboard.csv").read_text().splitlines()
-    assert csv[0].startswith("Dataset,Model,Ratio,Attack,No defense C-Acc,No defense ASR,No defense R-Acc,FT C-Acc")
+    assert csv[0].startswith("Dataset,Model,Ratio,Attack,No defense C-Acc,No defense C-Acc CI low,"
+                             "No defense C-Acc CI high,No defense ASR,")
     assert len(csv) == 5
+    header = csv[0].split(",")
+    badnets = next(line.split(",") for line in csv if ",0.1,BadNets," in line)
+    cell = dict(zip(header, badnets))
+    assert cell["No defense C-Acc"] == "98.0" and cell["No defense n"] == "2"
+    assert float(cell["No defense C-Acc CI low"]) == 85.29 and float(cell["No defense C-Acc CI high"]) == 100.0
+    assert cell["FT C-Acc CI low"] == "" and cell["FT n"] == "1"  # one seed: no interval
 
 
 def test_upsert_replaces_a_case_and_keeps_the_others(tmp_path):

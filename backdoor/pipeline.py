@@ -103,6 +103,7 @@ class StageLog:
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.hits: dict[str, bool] = {}
+        self.builds: dict[str, dict] = {}  # per cached stage: how its artifact was built (cache's build_info)
 
     @contextmanager
     def stage(self, name: str):
@@ -117,6 +118,7 @@ class Runner:
     def __init__(self, cache: ArtifactCache, device: torch.device | str = "cpu"):
         self.cache = cache
         self.device = torch.device(device)
+        self.cache.provenance = {**self._static_provenance, "device": self._device_label}  # kept with each build
 
     # -- specs: everything that determines an artifact ---------------------------------------------------
     @staticmethod
@@ -147,6 +149,8 @@ class Runner:
         with log_.stage(stage):
             artifact, hit = self.cache.get_or_build(kind, spec, build)
         log_.hits[stage] = hit
+        if self.cache.build_info(kind, spec):
+            log_.builds[stage] = self.cache.build_info(kind, spec)
         return artifact
 
     def dataset(self, case: Case, log_: StageLog) -> Dataset:
@@ -327,6 +331,9 @@ class Runner:
             "detection": result.get("detection"),
             "defense_info": result.get("info", {}),
             "cache_hits": log_.hits,
+            "build_seconds": {stage: build["seconds"] for stage, build in log_.builds.items()},
+            "build_provenance": {stage: {**build["provenance"], "utc_time": build["utc_time"], "host": build["host"]}
+                                 for stage, build in log_.builds.items()},
             "provenance": self.provenance(case),
         }
 
@@ -336,9 +343,13 @@ class Runner:
                 "torch_version": str(torch.__version__), "python": platform.python_version(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "numerics_env": numerics_env()}
 
-    def provenance(self, case: Case) -> dict:
+    @cached_property
+    def _device_label(self) -> str:
         device = str(self.device)
         if self.device.type == "cuda":
             device += f" ({torch.cuda.get_device_name(self.device)})"
-        return {**self._static_provenance, "matrix_hash": case.matrix_hash, "device": device,
+        return device
+
+    def provenance(self, case: Case) -> dict:
+        return {**self._static_provenance, "matrix_hash": case.matrix_hash, "device": self._device_label,
                 "seed": case.seed, "utc_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 import inspect
 import pkgutil
 from typing import Any, Callable, Generic, TypeVar
+
+from backdoor._checks import check_annotated
 
 T = TypeVar("T")
 
@@ -61,7 +64,13 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def create(self, name: str, **kwargs: Any) -> T:
-        return self.get(name)(**{k: v for k, v in kwargs.items() if v is not None})
+        """Call the factory; a function factory's simply-annotated arguments are type-checked first
+        (``ParameterError``); classes check their own (``Method``)."""
+        factory = self.get(name)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if not isinstance(factory, type):
+            check_annotated(name, factory, kwargs=kwargs)
+        return factory(**kwargs)
 
     def __contains__(self, name: str) -> bool:
         self._load()
@@ -82,7 +91,17 @@ class Registry(Generic[T]):
 
 class Method:
     """What attacks and defenses share: a one-line summary (first docstring line) and their parameters,
-    read from the keyword parameters of every ``__init__`` in the class hierarchy."""
+    read from the keyword parameters of every ``__init__`` in the class hierarchy.
+
+    Every ``__init__`` a subclass defines is wrapped to check its arguments against their simple annotations
+    first (``int``, ``float``, ``str``, ``bool``, None; bools are not numbers), raising ``ParameterError``;
+    range checks are each method's own.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in vars(cls):
+            cls.__init__ = _type_checked(cls.__init__)
 
     @classmethod
     def summary(cls) -> str:
@@ -100,3 +119,12 @@ class Method:
     def params(self) -> dict[str, Any]:
         """The parameters that define this method (recorded, and part of every cache key)."""
         return {n: getattr(self, n) for n in self.param_names()}
+
+
+def _type_checked(init: Callable) -> Callable:
+    @functools.wraps(init)
+    def checked(self, *args, **kwargs):
+        check_annotated(getattr(type(self), "name", type(self).__name__), init, (self, *args), kwargs)
+        init(self, *args, **kwargs)
+
+    return checked

@@ -43,8 +43,8 @@ def test_blended_accepts_a_user_image(tmp_path):
     Image.new("RGB", (50, 40), (255, 0, 0)).save(path)
     out = create_attack("blended", alpha=0.5, pattern=str(path)).apply_trigger(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     assert (out[:, 0] == 128).all() and (out[:, 1:] == 0).all()
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        create_attack("blended", pattern=str(tmp_path / "missing.png")).apply_trigger(images())
+    with pytest.raises(ValueError, match="missing.png' is not allowed; expected 'noise' or the path of an existing"):
+        create_attack("blended", pattern=str(tmp_path / "missing.png"))  # at construction, before any use
 
 
 @pytest.mark.parametrize("name", ["badnets", "blended"])

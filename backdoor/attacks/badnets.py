@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from backdoor._checks import ParameterError, check_int
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack
 
@@ -24,13 +25,20 @@ class BadNets(Attack):
 
     def __init__(self, target: int = 0, size: int | None = None, value: int = 255, **kwargs):
         super().__init__(target=target, **kwargs)
-        if size is not None and size < 1:
-            raise ValueError(f"badnets: size must be >= 1, got {size}")
+        check_int("badnets", "size", size, minimum=1, optional=True)
         if not 0 <= value <= 255:
-            raise ValueError(f"badnets: value must be in [0, 255], got {value}")
+            raise ParameterError("badnets", "value", value, "an integer in [0, 255]")
         self.size, self.value = size, value
 
+    def check_image_shape(self, shape: tuple[int, int, int]) -> None:
+        """The square must be smaller than the image (a square as large as the image paints it all)."""
+        height, width = shape[-2:]
+        if square_side(height, self.size) >= min(height, width):
+            raise ParameterError("badnets", "size", self.size,
+                                 f"an integer in [1, {min(height, width) - 1}] for {height}x{width} images")
+
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_image_shape(tuple(x.shape[1:]))
         side = square_side(x.shape[-2], self.size)
         out = x.clone()
         out[..., -side:, -side:] = self.value

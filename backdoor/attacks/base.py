@@ -73,6 +73,10 @@ class Attack(Method):
         self.target = int(target)
         self.cap_ratio = bool(cap_ratio)
 
+    def check_image_shape(self, shape: tuple[int, int, int]) -> None:
+        """Raise ``ParameterError`` when a parameter does not fit images of ``shape`` (C, H, W); called by the
+        matrix loader once the dataset is known. Default: every parameter fits."""
+
     # -- material -----------------------------------------------------------------------------------------
     def prepare(self, ctx: AttackContext) -> None:
         """Build or load expensive material (reference models, perturbations, encoders). Default: none."""

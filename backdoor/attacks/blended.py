@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from backdoor._checks import ParameterError
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack
 
@@ -51,7 +52,9 @@ class Blended(Attack):
                  **kwargs):
         super().__init__(target=target, **kwargs)
         if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"blended: alpha must be in (0, 1], got {alpha}")
+            raise ParameterError("blended", "alpha", alpha, "a number in (0, 1]")
+        if pattern != "noise" and not Path(pattern).expanduser().is_file():
+            raise ParameterError("blended", "pattern", pattern, "'noise' or the path of an existing image file")
         self.alpha, self.pattern, self.pattern_seed = alpha, pattern, pattern_seed
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:

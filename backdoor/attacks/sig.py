@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from backdoor._checks import ParameterError
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack
 
@@ -53,9 +54,9 @@ class SIG(Attack):
         super().__init__(target=target, **kwargs)
         for name, value in (("delta", delta), ("test_delta", delta if test_delta is None else test_delta)):
             if not 0 < value <= 255:
-                raise ValueError(f"sig: {name} must be in (0, 255] grey levels, got {value}")
+                raise ParameterError("sig", name, value, "a number in (0, 255] (grey levels)")
         if not frequency > 0:
-            raise ValueError(f"sig: frequency must be > 0 (periods across the image width), got {frequency}")
+            raise ParameterError("sig", "frequency", frequency, "a number > 0 (periods across the image width)")
         self.delta, self.frequency = float(delta), float(frequency)
         self.test_delta = None if test_delta is None else float(test_delta)
 

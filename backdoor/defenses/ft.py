@@ -6,6 +6,7 @@ wd 5e-4), batch 256, cosine schedule, 100 epochs, with the usual crop/flip augme
 """
 from __future__ import annotations
 
+from backdoor._checks import check_int, check_number
 from backdoor.defenses import register_defense
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
 
@@ -17,6 +18,8 @@ class FineTuning(Defense):
     kind = "model_repair"
 
     def __init__(self, epochs: int | None = None, lr: float | None = None):
+        check_int("ft", "epochs", epochs, minimum=1, optional=True)
+        check_number("ft", "lr", lr, low=0, low_open=True, optional=True)
         self.epochs, self.lr = epochs, lr
 
     def run(self, inputs: DefenseInputs) -> DefenseOutcome:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from backdoor._checks import check_int
 from backdoor.models import LayerRoles, register_model
 
 
@@ -54,5 +55,6 @@ class PreActResNet(nn.Module):
 @register_model("preact_resnet18")
 def preact_resnet18(num_classes: int, width: int = 64):
     """PreAct-ResNet18 (He et al. 2016), the paper's main model; 11.2M parameters at width 64."""
+    check_int("preact_resnet18", "width", width, minimum=1)
     roles = LayerRoles(feature_maps=("layer2", "layer3", "layer4"), last_conv="layer4", head="linear")
     return PreActResNet((2, 2, 2, 2), num_classes, width), roles

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from backdoor._checks import check_int
 from backdoor.models import LayerRoles, register_model
 
 
@@ -27,5 +28,7 @@ class SmallCNN(nn.Module):
 @register_model("cnn_small")
 def cnn_small(num_classes: int, width: int = 16, hidden: int = 128):
     """Three conv-BN-ReLU blocks (16-32-64 channels), 128-unit hidden layer: ~0.2M parameters, CPU-fast."""
+    check_int("cnn_small", "width", width, minimum=1)
+    check_int("cnn_small", "hidden", hidden, minimum=1)
     roles = LayerRoles(feature_maps=("block1", "block2", "block3"), last_conv="block3", head="linear")
     return SmallCNN(num_classes, width, hidden), roles

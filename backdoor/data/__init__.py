@@ -82,6 +82,18 @@ def num_classes_of(name: str, params: dict) -> int | None:
     return declared(params) if callable(declared) else declared
 
 
+def check_dataset(name: str, params: dict) -> int | None:
+    """Check a dataset's parameters (and that its files are there) without loading it; returns the image
+    side in pixels where known. Factories may declare a ``check`` attribute taking their parameters (it
+    raises ValueError, ``ParameterError`` for one bad value, or ``DatasetNotFoundError``)."""
+    from backdoor._checks import check_annotated
+
+    factory = DATASETS.get(name)
+    check_annotated(name, factory, kwargs=params)
+    check = getattr(factory, "check", None)
+    return check(**params) if check is not None else None
+
+
 def load_dataset(name: str, **params) -> Dataset:
     return DATASETS.create(name, **params)
 

@@ -58,6 +58,27 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: (natural_key(p.parent), natural_key(p)))
 
 
+def _image_error(path: Path, error: OSError) -> Exception:
+    if isinstance(error, FileNotFoundError):
+        return DatasetNotFoundError(f"image file {path} is listed but missing")
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return ValueError(f"cannot decode image file {path}: {reason}")  # PIL's UnidentifiedImageError, truncation
+
+
+def check_image_files(paths: Sequence[Path], decode: bool) -> None:
+    """Open every image file with PIL (reads its header) and, with ``decode``, decode its pixels; the first
+    unreadable file raises one ValueError naming it."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                if decode:
+                    im.load()
+        except OSError as e:
+            raise _image_error(path, e) from None
+
+
 def read_images(paths: Sequence[Path], image_size: int, boxes: Sequence[tuple[int, int, int, int]] | None = None,
                 desc: str = "reading images") -> torch.Tensor:
     """Decode image files into one uint8 tensor [N, 3, S, S].
@@ -83,10 +104,8 @@ def read_images(paths: Sequence[Path], image_size: int, boxes: Sequence[tuple[in
                 if im.size != (image_size, image_size):
                     im = im.resize((image_size, image_size), Image.BILINEAR)
                 slots[i] = np.asarray(im).transpose(2, 0, 1)
-        except FileNotFoundError as e:
-            raise DatasetNotFoundError(f"image file {path} is listed but missing") from e
-        except OSError as e:  # PIL's UnidentifiedImageError and truncated files
-            raise ValueError(f"cannot decode image file {path}: {e}") from e
+        except OSError as e:  # missing, PIL's UnidentifiedImageError, truncated files: one line naming the file
+            raise _image_error(path, e) from None
 
     workers = max(1, min(torch.get_num_threads(), 16, len(paths)))
     with ThreadPoolExecutor(workers) as pool:

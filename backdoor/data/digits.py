@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from backdoor._checks import check_int, check_number
 from backdoor.data import Dataset, Split, channel_stats, register_dataset
 
 
@@ -26,8 +27,17 @@ def _stratified_split(y: torch.Tensor, test_fraction: float, seed: int) -> tuple
     return order[~is_test].sort().values, order[is_test].sort().values
 
 
+def _check(image_size: int = 32, test_fraction: float = 0.2, split_seed: int = 0) -> int:
+    """Every parameter's range (nothing is loaded); returns the image side."""
+    check_int("digits", "image_size", image_size, minimum=1)
+    check_number("digits", "test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True)
+    check_int("digits", "split_seed", split_seed)
+    return image_size
+
+
 @register_dataset("digits")
 def digits(image_size: int = 32, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+    _check(image_size, test_fraction, split_seed)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -51,3 +61,4 @@ def digits(image_size: int = 32, test_fraction: float = 0.2, split_seed: int = 0
 
 
 digits.num_classes = 10
+digits.check = _check

@@ -108,9 +108,9 @@ def _read_training(folder: Path, crop_roi: bool):
     return paths, labels, (boxes if crop_roi else None)
 
 
-@register_dataset("gtsrb")
-def gtsrb(root: str | None = None, image_size: int = 32, crop_roi: bool = False) -> Dataset:
-    """GTSRB: German traffic signs, 43 classes, resized to 32x32, no normalisation (official format)."""
+def _locate(root: str | None = None, image_size: int = 32, crop_roi: bool = False) -> tuple[Path, Path, Path, Path]:
+    """Check the parameters and find the files (nothing is read): data root, training folder, test image
+    folder, test annotation file."""
     check_image_size("gtsrb", image_size)
     if not isinstance(crop_roi, bool):
         raise ValueError(f"gtsrb: crop_roi must be true or false, got {crop_roi!r}")
@@ -123,7 +123,19 @@ def gtsrb(root: str | None = None, image_size: int = 32, crop_roi: bool = False)
         looked_for += [train_dir, test_dir, *csv_candidates]
     else:
         raise not_found("gtsrb", base, looked_for, HOW_TO_GET)
+    return base, train_dir, test_dir, test_csv
 
+
+def _check(root: str | None = None, image_size: int = 32, crop_roi: bool = False) -> int:
+    """What the matrix loader checks: the parameters and that the files are there. Returns the image side."""
+    _locate(root, image_size, crop_roi)
+    return image_size
+
+
+@register_dataset("gtsrb")
+def gtsrb(root: str | None = None, image_size: int = 32, crop_roi: bool = False) -> Dataset:
+    """GTSRB: German traffic signs, 43 classes, resized to 32x32, no normalisation (official format)."""
+    base, train_dir, test_dir, test_csv = _locate(root, image_size, crop_roi)
     train_paths, train_labels, train_boxes = _read_training(train_dir, crop_roi)
     test_paths, test_labels, test_boxes = _read_annotations(test_csv, test_dir, crop_roi)
     if not train_paths or not test_paths:
@@ -138,3 +150,4 @@ def gtsrb(root: str | None = None, image_size: int = 32, crop_roi: bool = False)
 
 
 gtsrb.num_classes = NUM_CLASSES
+gtsrb.check = _check

@@ -10,7 +10,12 @@ is converted to RGB and resized to ``image_size`` x ``image_size`` (default 32) 
 (antialiased when shrinking; the aspect ratio is not kept, as the original code's ``Resize((h, w))``).
 Normalisation: per-channel mean and std of the training images (computed in chunks, no float copy of the
 whole set). ``hflip`` (default True) declares whether a horizontal flip keeps the label; set it to false for
-text, digits, signs and the like. Every training class must hold at least one image.
+text, digits, signs and the like. Every class folder of both splits must hold at least one image.
+
+``imagefolder.check`` (run by the matrix loader) checks all this without loading: the parameters, the tree, and
+every image file, opened by PIL (header) and, for trees of at most ``DECODE_AT_CHECK`` files, fully decoded,
+so a corrupt file stops a matrix at load with one line naming it. In larger trees a file whose header is fine
+but whose pixel data is damaged is found when the data is first read (the same one-line ValueError).
 """
 from __future__ import annotations
 
@@ -19,7 +24,10 @@ from pathlib import Path
 import torch
 
 from backdoor.data import Dataset, DatasetNotFoundError, Split, register_dataset
-from backdoor.data._files import ROOT_HELP, check_image_size, chunked_channel_stats, image_files, read_images
+from backdoor.data._files import (ROOT_HELP, check_image_files, check_image_size, chunked_channel_stats, image_files,
+                                  read_images)
+
+DECODE_AT_CHECK = 5000  # trees up to this many files are fully decoded by the matrix loader's check
 
 
 def _class_folders(split_dir: Path) -> dict[str, Path]:
@@ -32,9 +40,10 @@ def _count_classes(params: dict) -> int | None:
     return len(_class_folders(train)) if train is not None and train.is_dir() else None
 
 
-@register_dataset("imagefolder")
-def imagefolder(root: str | None = None, image_size: int = 32, hflip: bool = True) -> Dataset:
-    """Your own images as root/train/<class>/* and root/test/<class>/*, resized to image_size (default 32)."""
+def _scan(root: str | None = None, image_size: int = 32,
+          hflip: bool = True) -> tuple[dict[str, tuple[list[Path], list[int]]], int]:
+    """Check the parameters and the folder tree (without decoding images): the image files and labels of
+    each split, and the class count. Every class folder of both splits must hold at least one image file."""
     if root is None:
         raise ValueError("imagefolder: the parameter `root` is required (a folder holding train/<class>/ and "
                          "test/<class>/); in a matrix: `datasets: {imagefolder: {root: /path}}`")
@@ -62,24 +71,39 @@ def imagefolder(root: str | None = None, image_size: int = 32, hflip: bool = Tru
     if len(train_classes) < 2:
         raise ValueError(f"imagefolder: {split_dirs['train']} has {len(train_classes)} class folder(s); "
                          "a classifier needs at least 2")
-
     splits = {}
     for split, classes in (("train", train_classes), ("test", test_classes)):
         paths: list[Path] = []
         labels: list[int] = []
         for label, folder in enumerate(classes.values()):
             files = image_files(folder)
-            if split == "train" and not files:
-                raise ValueError(f"imagefolder: training class folder {folder} holds no image files")
+            if not files:
+                raise ValueError(f"imagefolder: {split} class folder {folder} holds no image files "
+                                 f"(every class needs images in train/ and test/)")
             paths += files
             labels += [label] * len(files)
-        if not paths:
-            raise ValueError(f"imagefolder: {split_dirs[split]} holds no image files")
-        splits[split] = Split(read_images(paths, image_size, desc=f"imagefolder {split}"),
-                              torch.tensor(labels, dtype=torch.int64))
+        splits[split] = (paths, labels)
+    return splits, len(train_classes)
+
+
+def _check(root: str | None = None, image_size: int = 32, hflip: bool = True) -> int:
+    """What the matrix loader checks: parameters, the folder tree, and every image file's header (the whole
+    image is decoded too when the tree holds at most ``DECODE_AT_CHECK`` files). Returns the image side."""
+    files = [p for paths, _ in _scan(root, image_size, hflip)[0].values() for p in paths]
+    check_image_files(files, decode=len(files) <= DECODE_AT_CHECK)
+    return image_size
+
+
+@register_dataset("imagefolder")
+def imagefolder(root: str | None = None, image_size: int = 32, hflip: bool = True) -> Dataset:
+    """Your own images as root/train/<class>/* and root/test/<class>/*, resized to image_size (default 32)."""
+    files, num_classes = _scan(root, image_size, hflip)
+    splits = {split: Split(read_images(paths, image_size, desc=f"imagefolder {split}"),
+                           torch.tensor(labels, dtype=torch.int64)) for split, (paths, labels) in files.items()}
     mean, std = chunked_channel_stats(splits["train"].x)
-    return Dataset(name="imagefolder", train=splits["train"], test=splits["test"], num_classes=len(train_classes),
+    return Dataset(name="imagefolder", train=splits["train"], test=splits["test"], num_classes=num_classes,
                    mean=mean, std=std, hflip=hflip, params={"image_size": image_size, "hflip": hflip})
 
 
 imagefolder.num_classes = _count_classes
+imagefolder.check = _check

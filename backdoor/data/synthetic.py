@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from backdoor._checks import check_int, check_number
 from backdoor.data import Dataset, Split, channel_stats, register_dataset
 
 
@@ -31,11 +32,22 @@ def _samples(protos: torch.Tensor, n: int, noise: float, max_shift: int, g: torc
     return Split((images.clamp(0, 1) * 255).round().to(torch.uint8), y)
 
 
+def _check(num_classes: int = 10, train_size: int = 1000, test_size: int = 200, image_size: int = 32,
+           noise: float = 0.1, max_shift: int = 2, seed: int = 0) -> int:
+    """Every parameter's range (no data is generated); returns the image side."""
+    check_int("synthetic", "num_classes", num_classes, minimum=2)
+    for name, value in (("train_size", train_size), ("test_size", test_size), ("image_size", image_size)):
+        check_int("synthetic", name, value, minimum=1)
+    check_number("synthetic", "noise", noise, low=0)
+    check_int("synthetic", "max_shift", max_shift, minimum=0)
+    check_int("synthetic", "seed", seed)
+    return image_size
+
+
 @register_dataset("synthetic")
 def synthetic(num_classes: int = 10, train_size: int = 1000, test_size: int = 200, image_size: int = 32,
               noise: float = 0.1, max_shift: int = 2, seed: int = 0) -> Dataset:
-    if num_classes < 2:
-        raise ValueError(f"synthetic: num_classes must be >= 2, got {num_classes}")
+    _check(num_classes, train_size, test_size, image_size, noise, max_shift, seed)
     g = torch.Generator().manual_seed(seed)
     protos = _prototypes(num_classes, image_size, g)
     train = _samples(protos, train_size, noise, max_shift, g)
@@ -49,3 +61,4 @@ def synthetic(num_classes: int = 10, train_size: int = 1000, test_size: int = 20
 
 
 synthetic.num_classes = lambda params: params.get("num_classes", 10)
+synthetic.check = _check

@@ -39,9 +39,8 @@ def _parts(directory: Path) -> list[Path]:
             directory / "val" / "val_annotations.txt"]
 
 
-@register_dataset("tiny_imagenet")
-def tiny_imagenet(root: str | None = None, image_size: int = 64) -> Dataset:
-    """Tiny ImageNet: 200 classes, 64x64, 100,000 train / 10,000 val images (val is the test set)."""
+def _locate(root: str | None = None, image_size: int = 64) -> tuple[Path, Path]:
+    """Check the parameters and find the dataset folder (nothing is read): data root, dataset folder."""
     check_image_size("tiny_imagenet", image_size)
     base = resolve_root(root)
     candidates = [base / FOLDER, base]
@@ -50,7 +49,19 @@ def tiny_imagenet(root: str | None = None, image_size: int = 64) -> Dataset:
             break
     else:
         raise not_found("tiny_imagenet", base, [p for d in candidates for p in _parts(d)], HOW_TO_GET)
+    return base, directory
 
+
+def _check(root: str | None = None, image_size: int = 64) -> int:
+    """What the matrix loader checks: the parameters and that the files are there. Returns the image side."""
+    _locate(root, image_size)
+    return image_size
+
+
+@register_dataset("tiny_imagenet")
+def tiny_imagenet(root: str | None = None, image_size: int = 64) -> Dataset:
+    """Tiny ImageNet: 200 classes, 64x64, 100,000 train / 10,000 val images (val is the test set)."""
+    base, directory = _locate(root, image_size)
     wnids = [line.split()[0] for line in (directory / "wnids.txt").read_text().splitlines() if line.strip()]
     index = {wnid: i for i, wnid in enumerate(wnids)}
     if len(index) != len(wnids):
@@ -94,3 +105,4 @@ def tiny_imagenet(root: str | None = None, image_size: int = 64) -> Dataset:
 
 
 tiny_imagenet.num_classes = NUM_CLASSES
+tiny_imagenet.check = _check

@@ -131,6 +131,7 @@ class ArtifactCache:
         """Build and write the entry (the caller holds its lock); temp directories of this key are stale."""
         for tmp in final.parent.glob(f".tmp-{final.name}-*"):
             shutil.rmtree(tmp, ignore_errors=True)
+            say(f"removed {tmp}, left by a build of this artifact that was killed mid-write")
         start = time.perf_counter()
         artifact = build()
         info = {"seconds": round(time.perf_counter() - start, 3), "host": HOST, "pid": os.getpid(),
@@ -154,17 +155,17 @@ class ArtifactCache:
             except OSError:  # gone meanwhile
                 continue
             if _builder_gone(match["host"], match["pid"]) or age > STALE_SECONDS:
-                self._remove_stale(tmp, tmp.parent / match["key"], match["pid"])
+                self._remove_stale(tmp, tmp.parent / match["key"], match["host"], match["pid"])
 
     @staticmethod
-    def _remove_stale(tmp: Path, final: Path, pid: str | None) -> None:
+    def _remove_stale(tmp: Path, final: Path, host: str | None, pid: str | None) -> None:
         """Remove ``tmp`` if ``final``'s lock is free now (a writer holds it while its temp directory exists)."""
         try:
             with FileLock(str(final) + ".lock", timeout=0):
                 if tmp.is_dir():
                     shutil.rmtree(tmp, ignore_errors=True)
                     say(f"removed {tmp}, left by a build that was killed mid-write"
-                        + (f" (pid {pid} on {HOST})" if pid else ""))
+                        + (f" (pid {pid} on {host})" if pid else ""))
         except (Timeout, OSError):  # being written now, or not ours to remove
             return
 

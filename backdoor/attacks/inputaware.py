@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backdoor._checks import ParameterError, is_int
 from backdoor.attacks import register_attack
 from backdoor.attacks._controllable import select_poison_and_cross, batch_poison_count, check_ratio, random_crop_rotate_flip
 from backdoor.attacks.base import Attack, PoisonedSet
@@ -160,7 +161,10 @@ class InputAware(Attack):
                  lr_G: float = 0.01, lr_M: float = 0.01, mask_epochs: int = 25, mask_batch_size: int = 128,
                  cross_ratio: float = 1.0, crop_padding: int = 5, rotation: float = 10.0, **kwargs):
         super().__init__(target=target, **kwargs)
-        channels = tuple(int(c) for c in (channels if isinstance(channels, (list, tuple)) else [channels]))
+        widths = channels if isinstance(channels, (list, tuple)) else [channels]
+        if not all(is_int(c) for c in widths):
+            raise ParameterError("inputaware", "channels", channels, "a non-empty list of positive integer widths")
+        channels = tuple(int(c) for c in widths)
         if not channels or any(c < 1 for c in channels):
             raise ValueError(f"inputaware: channels must be a non-empty list of positive widths, got {channels}")
         if not 0.0 < mask_density < 1.0:

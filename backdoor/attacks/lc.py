@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backdoor._checks import ParameterError
 from backdoor.attacks import register_attack
 from backdoor.attacks.badnets import square_side
 from backdoor.attacks.base import Attack, AttackContext
@@ -125,6 +126,13 @@ class LabelConsistent(Attack):
         self._hard: torch.Tensor | None = None  # their PGD-perturbed images, uint8
 
     # -- material -----------------------------------------------------------------------------------------
+    def check_image_shape(self, shape: tuple[int, int, int]) -> None:
+        """The four corner boards must not overlap: side <= half the image's smaller dimension."""
+        height, width = shape[-2:]
+        if 2 * square_side(height, self.size) > min(height, width):
+            raise ParameterError("lc", "size", self.size,
+                                 f"an integer in [1, {min(height, width) // 2}] for {height}x{width} images")
+
     def _material_params(self) -> dict:
         params = {"target": self.target, "eps": self.eps, "step_size": self.step_size, "steps": self.steps,
                   "reference": self.reference}

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backdoor._checks import ParameterError, is_number
 from backdoor.defenses import NotApplicable, register_defense
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
 from backdoor.models import roles
@@ -61,6 +62,8 @@ class NeuralAttentionDistillation(Defense):
     def __init__(self, betas: tuple[float, float, float] | list[float] = (500.0, 1000.0, 1000.0), power: float = 2.0,
                  teacher_epochs: int = 10, teacher_lr: float | None = None, epochs: int | None = None,
                  lr: float | None = None):
+        if not isinstance(betas, (list, tuple)) or not all(is_number(b) for b in betas):
+            raise ParameterError("nad", "betas", betas, "three non-negative numbers")
         betas = tuple(float(b) for b in betas)
         if len(betas) != 3 or any(b < 0 for b in betas):
             raise ValueError(f"nad: betas must be three non-negative numbers, got {betas}")

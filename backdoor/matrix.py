@@ -2,8 +2,10 @@
 
 A matrix names its axes (datasets, models, attacks, defenses, poison ratios, seeds), the training budgets
 and, optionally, regression expectations. Everything is validated on load, before any training: an unknown
-name, key or parameter, a ratio outside (0, 1], a target outside the dataset, or malformed YAML raises
-``MatrixError`` naming the file, the key, the bad value and what is allowed. Expansion is deterministic
+name, key or parameter, a ratio outside (0, 1], a target outside the dataset, malformed YAML or a key given twice
+raises ``MatrixError`` naming the file, the key, the bad value and what is allowed. Every dataset, model, attack
+and defense is also built at load, cheaply (``backdoor._matrix_checks``), so a bad parameter value stops the
+matrix there too. Expansion is deterministic
 (axis order as written; no sets), so every pytest-xdist worker collects the same cases in the same order.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from backdoor._matrix_checks import UniqueKeyLoader, build_all, check_folder_name, check_train_types
 from backdoor._registry import Registry, UnknownNameError
 from backdoor.attacks import ATTACKS
 from backdoor.data import DATASETS, num_classes_of
@@ -145,6 +148,7 @@ def _train_config(path: Path, key: str, value: Any, base: TrainConfig, extra: se
     unknown = sorted(set(value) - allowed)
     if unknown:
         raise _fail(path, key, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    check_train_types(key, value, lambda k, message: _fail(path, k, message))
     for name in ("epochs", "batch_size", "crop_padding"):
         if name in value and (not isinstance(value[name], int) or isinstance(value[name], bool) or value[name] < 0
                               or (name != "crop_padding" and value[name] == 0)):
@@ -158,14 +162,15 @@ def _train_config(path: Path, key: str, value: Any, base: TrainConfig, extra: se
     return base.with_(**{k: v for k, v in value.items() if k not in extra}), rest
 
 
-def load_matrix(path: str | Path) -> Matrix:
+def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
+    """Load and validate a matrix; ``check_data=False`` skips only the check that datasets' files exist."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
         raise MatrixError(f"{path}: cannot read the matrix file ({e.strerror})") from e
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -211,18 +216,24 @@ def load_matrix(path: str | Path) -> Matrix:
     expected = raw.get("expected")
     if expected is not None and not isinstance(expected, str):
         raise _fail(path, "expected", f"{expected!r} is not allowed; expected a file name")
-    name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not name or "/" in name:
-        raise _fail(path, "name", f"{name!r} is not allowed; expected a folder name without '/'")
+    name = check_folder_name(raw.get("name", path.stem), lambda k, message: _fail(path, k, message))
+    cap_ratio = bool(raw.get("cap_ratio", False))
+    build_all(datasets, models, {a: _capped(p, cap_ratio) for a, p in attacks.items()}, defenses, target,
+              lambda k, message: _fail(path, k, message), check_data=check_data)
     return Matrix(
         path=path, name=name, description=str(raw.get("description", "")), datasets=datasets, models=models,
         attacks=attacks, defenses=defenses, poison_ratios=ratios, seeds=seeds, target=target,
-        cap_ratio=bool(raw.get("cap_ratio", False)), reference=bool(raw.get("reference", True)),
+        cap_ratio=cap_ratio, reference=bool(raw.get("reference", True)),
         training=training, defense_training=defense_training, clean_fraction=float(clean_fraction),
         attack_training=attack_training,
         expected_path=(path.parent / expected) if expected else None,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
     )
+
+
+def _capped(params: dict, cap_ratio: bool) -> dict:
+    """An attack's parameters as its cases carry them (``Matrix._attack_params``)."""
+    return {**params, "cap_ratio": True} if cap_ratio and "cap_ratio" not in params else params
 
 
 def parse_seeds(value: Any, fail=MatrixError) -> list[int]:

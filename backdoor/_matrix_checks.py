@@ -1,0 +1,104 @@
+"""What ``backdoor.matrix`` checks beyond names and keys: duplicate YAML keys, the results folder name, the
+types of training budgets, and every value of every dataset, model, attack and defense.
+
+The values are checked by building each object at load, cheaply: datasets run their ``check`` (parameters
+and files, nothing decoded but small image trees), models are constructed (no training), attacks and
+defenses are constructed (their constructors check their own parameters) and attacks see the image shape.
+Every error becomes one message ``<file>: <key>: <bad value> ... <what is allowed>`` through ``fail``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import yaml
+
+from backdoor._checks import ParameterError, is_int, is_number
+from backdoor.attacks import ATTACKS
+from backdoor.data import DatasetNotFoundError, check_dataset, num_classes_of
+from backdoor.defenses import DEFENSES
+from backdoor.models import create_model
+
+Fail = Callable[[str, str], Exception]  # (key, message) -> the error to raise
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a mapping naming one key twice is an error (not last-one-wins)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def check_folder_name(name: Any, fail: Fail) -> str:
+    """A results folder name: one plain path component, so records stay inside the results root."""
+    plain = (isinstance(name, str) and name.strip() == name and name not in ("", ".", "..")
+             and not name.startswith(".") and not any(c in name for c in "/\\\0"))
+    if not plain:
+        raise fail("name", f"{name!r} is not allowed; expected a plain folder name (no '/', '\\', leading '.', "
+                           "'.' or '..')")
+    return name
+
+
+_KINDS = {"int": (is_int, "an integer"), "number": (is_number, "a number"),
+          "str": (lambda v: isinstance(v, str), "a string"), "bool": (lambda v: isinstance(v, bool), "true or false")}
+TRAIN_TYPES = {"epochs": "int", "batch_size": "int", "crop_padding": "int", "lr": "number", "momentum": "number",
+               "weight_decay": "number", "schedule": "str", "hflip": "bool", "amp": "bool",
+               "clean_fraction": "number"}
+
+
+def check_train_types(key: str, value: dict, fail: Fail) -> None:
+    """Types of a training budget's values (bools are not numbers); the matrix checks the ranges."""
+    for name, v in value.items():
+        if name in TRAIN_TYPES:
+            ok, allowed = _KINDS[TRAIN_TYPES[name]]
+            if not ok(v):
+                raise fail(f"{key}.{name}", f"{v!r} is not allowed; expected {allowed}")
+
+
+def _convert(fail: Fail, key: str, owner: str, build: Callable[[], Any]) -> Any:
+    """Run ``build``; its ParameterError, ValueError, TypeError or OSError becomes one ``fail`` message."""
+    try:
+        return build()
+    except ParameterError as e:
+        raise fail(f"{key}.{e.param}", e.detail) from None
+    except (ValueError, TypeError, OSError) as e:
+        message = str(e).removeprefix(f"{owner}: ")
+        raise fail(key, message) from None
+
+
+def build_all(datasets: dict[str, dict], models: dict[str, dict], attacks: dict[str, dict],
+              defenses: dict[str, dict], target: int, fail: Fail, check_data: bool = True) -> None:
+    """Check every dataset (its files too with ``check_data``), then build every model, attack (with the
+    matrix's ``target``; ``attacks`` as the cases carry them) and defense."""
+    shapes = {}
+    for name, params in datasets.items():
+        shapes[name] = _convert(fail, f"datasets.{name}", name, lambda: _dataset_side(name, params, check_data))
+    classes = [num_classes_of(name, params) or 10 for name, params in datasets.items()]
+    for name, params in models.items():
+        _convert(fail, f"models.{name}", name, lambda: create_model(name, num_classes=max(classes), **params))
+    for name, params in attacks.items():
+        attack = _convert(fail, f"attacks.{name}", name, lambda: ATTACKS.create(name, target=target, **params))
+        for dataset, side in shapes.items():
+            if side is not None:
+                _convert(fail, f"attacks.{name}", name, lambda: attack.check_image_shape((3, side, side)))
+    for name, params in defenses.items():
+        _convert(fail, f"defenses.{name}", name, lambda: DEFENSES.create(name, **params))
+
+
+def _dataset_side(name: str, params: dict, check_data: bool) -> int | None:
+    try:
+        return check_dataset(name, params)
+    except DatasetNotFoundError:
+        if check_data:
+            raise
+        return None

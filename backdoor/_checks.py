@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
+import os
 import typing
 from typing import Any, Callable
 
@@ -45,6 +46,8 @@ def _matches(value: Any, kind: type) -> bool:
         return is_number(value)
     if kind is bool:
         return isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, (str, os.PathLike))  # a path is fine where a file name is meant
     return isinstance(value, kind)
 
 

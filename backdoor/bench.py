@@ -7,6 +7,7 @@ minimal hand-written loop on the same data, and prints images/s for each.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 
 import torch
@@ -55,28 +56,43 @@ def bench_context(device: torch.device, train: Split, model_name: str) -> Attack
                          new_model=lambda: create_model(model_name, 10, mean, std, seed=0))
 
 
-def poisoning_rows(pattern: str, images: int, device: torch.device, model_name: str, overrides: dict) -> list[dict]:
+def _median_spread(values: list[float]) -> tuple[float, float, float]:
+    xs = sorted(values)
+    return statistics.median(xs), xs[0], xs[-1]
+
+
+def poisoning_rows(pattern: str, images: int, device: torch.device, model_name: str, overrides: dict,
+                   repeats: int = 5) -> list[dict]:
+    """Per attack: material time (once), then ``repeats`` rounds of the trigger on all images, interleaved over
+    the attacks (round 1 of every attack, then round 2, ...) so a load spike on a shared machine hits all of them
+    alike; the median throughput and its range are reported."""
     train = cifar_shaped(images)
     train = Split(train.x, torch.arange(images) % 10)  # balanced, so clean-label ratio 0.1 is feasible
     ctx = bench_context(device, train, model_name)
-    rows = []
+    attacks, rows = [], {}
     for name in ATTACKS.names(pattern):
         attack = create_attack(name, cap_ratio=True, **overrides.get(name, {}))
         if attack.kind == "training_controllable":
             continue  # they poison each batch inside the trainer (their cost is in the training time)
         start = time.perf_counter()
         attack.prepare(ctx)
-        prepared = time.perf_counter() - start
-        start = time.perf_counter()
-        attack.apply_trigger(train.x)
-        trigger = time.perf_counter() - start
-        start = time.perf_counter()
-        poisoned = attack.poison_train(train, 0.1, seed=0)
-        poison = time.perf_counter() - start
-        rows.append({"attack": name, "kind": attack.kind, "material_s": prepared,
-                     "trigger_all_img_s": images / trigger, "poison_train_s": poison,
-                     "poisoned": int(poisoned.mask.sum())})
-    return rows
+        rows[name] = {"attack": name, "kind": attack.kind, "material_s": time.perf_counter() - start, "rates": [],
+                      "poison_s": []}
+        attacks.append((name, attack))
+    for _ in range(repeats):
+        for name, attack in attacks:
+            start = time.perf_counter()
+            attack.apply_trigger(train.x)
+            _sync(device)
+            rows[name]["rates"].append(images / (time.perf_counter() - start))
+            start = time.perf_counter()
+            poisoned = attack.poison_train(train, 0.1, seed=0)
+            rows[name]["poison_s"].append(time.perf_counter() - start)
+            rows[name]["poisoned"] = int(poisoned.mask.sum())
+    for row in rows.values():
+        row["trigger_img_s"], row["trigger_min"], row["trigger_max"] = _median_spread(row.pop("rates"))
+        row["poison_train_s"] = statistics.median(row.pop("poison_s"))
+    return list(rows.values())
 
 
 def bare_loop(model, data: Split, config: TrainConfig, device: torch.device, seed: int) -> None:
@@ -97,30 +113,34 @@ def bare_loop(model, data: Split, config: TrainConfig, device: torch.device, see
             opt.step()
 
 
-def training_rows(model_name: str, images: int, epochs: int, device: torch.device) -> list[dict]:
+def _timed_fit(runner: str, model_name: str, data: Split, config: TrainConfig, device: torch.device) -> float:
+    model = create_model(model_name, 10, seed=0)
+    warm = Split(data.x[:256], data.y[:256])  # warm-up: allocator, kernels, lazy init
+    fit(model, warm, config.with_(epochs=1), device=device, seed=0, desc="warm-up")
+    _sync(device)
+    start = time.perf_counter()
+    if runner == "bare loop":
+        bare_loop(model, data, config, device, seed=0)
+    else:
+        fit(model, data, config, device=device, seed=0, desc=runner)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def training_rows(model_name: str, images: int, epochs: int, device: torch.device, repeats: int = 5) -> dict:
+    """``repeats`` interleaved rounds of (bare loop, trainer, trainer with crop + flip) on the same data; returns
+    the median images/s of each with its range, and the median and range of the per-round trainer/bare ratio
+    (a round's two runs are adjacent in time, so the ratio cancels most of a shared machine's load)."""
     data = cifar_shaped(images)
-    rows = []
-    for label, config in (("no augmentation", TrainConfig(epochs=epochs, crop_padding=0, hflip=False)),
-                          ("crop + flip", TrainConfig(epochs=epochs))):
-        times = {}
-        for runner in ("bare loop", "trainer"):
-            model = create_model(model_name, 10, seed=0)
-            warm = Split(data.x[:256], data.y[:256])  # warm-up: allocator, kernels, lazy init
-            fit(model, warm, config.with_(epochs=1), device=device, seed=0, desc="warm-up")
-            _sync(device)
-            start = time.perf_counter()
-            if runner == "trainer":
-                fit(model, data, config, device=device, seed=0, desc="trainer")
-            else:
-                bare_loop(model, data, config, device, seed=0)
-            _sync(device)
-            times[runner] = time.perf_counter() - start
-        if label == "crop + flip":
-            times.pop("bare loop")  # the bare loop does no augmentation; only the trainer's figure is new
-        for runner, seconds in times.items():
-            rows.append({"model": model_name, "setting": label, "runner": runner,
-                         "img_s": images * epochs / seconds})
-    return rows
+    plain, augmented = TrainConfig(epochs=epochs, crop_padding=0, hflip=False), TrainConfig(epochs=epochs)
+    runs = {"bare loop": [], "trainer": [], "trainer, crop + flip": []}
+    for _ in range(repeats):
+        runs["bare loop"].append(_timed_fit("bare loop", model_name, data, plain, device))
+        runs["trainer"].append(_timed_fit("trainer", model_name, data, plain, device))
+        runs["trainer, crop + flip"].append(_timed_fit("trainer", model_name, data, augmented, device))
+    ratios = [bare / trainer for bare, trainer in zip(runs["bare loop"], runs["trainer"])]
+    return {"rates": {name: _median_spread([images * epochs / t for t in times]) for name, times in runs.items()},
+            "ratio": _median_spread(ratios), "ratios": ratios}
 
 
 def main(args) -> int:
@@ -131,17 +151,19 @@ def main(args) -> int:
     overrides = json.loads(args.attack_params) if args.attack_params else {}
     print(f"device: {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"\npoisoning {args.images:,} CIFAR-shaped uint8 images (ratio 0.1 for poison_train); training-controllable "
-          f"attacks poison inside the trainer and are not listed")
-    print(f"{'attack':<12} {'kind':<22} {'trigger on all (img/s)':>24} {'poison_train (s)':>17} {'material (s)':>13}")
-    for r in poisoning_rows(args.attacks, args.images, device, args.model, overrides):
-        print(f"{r['attack']:<12} {r['kind']:<22} {r['trigger_all_img_s']:>24,.0f} {r['poison_train_s']:>17.3f} "
-              f"{r['material_s']:>13.2f}")
-    print(f"\ntraining {args.model} on {args.train_images:,} CIFAR-shaped images, {args.epochs} epoch(s), batch 128")
-    rows = training_rows(args.model, args.train_images, args.epochs, device)
-    for r in rows:
-        print(f"{r['setting']:<16} {r['runner']:<10} {r['img_s']:>10,.0f} img/s")
-    bare = next(r["img_s"] for r in rows if r["runner"] == "bare loop")
-    same = next(r["img_s"] for r in rows if r["runner"] == "trainer" and r["setting"] == "no augmentation")
-    print(f"trainer / bare loop (same work, no augmentation): {same / bare:.3f}")
+    print(f"\npoisoning {args.images:,} CIFAR-shaped uint8 images (ratio 0.1 for poison_train), {args.repeats} interleaved "
+          f"rounds; median (min-max). Training-controllable attacks poison inside the trainer and are not listed")
+    print(f"{'attack':<12} {'kind':<22} {'trigger on all, img/s: median (min-max)':>42} {'poison_train (s)':>17} "
+          f"{'material (s)':>13}")
+    for r in poisoning_rows(args.attacks, args.images, device, args.model, overrides, args.repeats):
+        spread = f"{r['trigger_img_s']:,.0f} ({r['trigger_min']:,.0f}-{r['trigger_max']:,.0f})"
+        print(f"{r['attack']:<12} {r['kind']:<22} {spread:>42} {r['poison_train_s']:>17.3f} {r['material_s']:>13.2f}")
+    print(f"\ntraining {args.model} on {args.train_images:,} CIFAR-shaped images, {args.epochs} epoch(s), batch 128, "
+          f"{args.repeats} interleaved rounds (bare, trainer, trainer + crop/flip, bare, ...)")
+    result = training_rows(args.model, args.train_images, args.epochs, device, args.repeats)
+    for name, (median, low, high) in result["rates"].items():
+        print(f"{name:<22} {median:>10,.0f} img/s (min {low:,.0f}, max {high:,.0f})")
+    median, low, high = result["ratio"]
+    print(f"trainer / bare loop throughput, same work, per round: median {median:.3f} (min {low:.3f}, max {high:.3f}; "
+          f"rounds: {', '.join(f'{r:.3f}' for r in result['ratios'])})")
     return 0

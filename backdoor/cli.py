@@ -8,16 +8,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+from backdoor.launch import grid_command
+
 
 def project_root() -> Path:
-    """The checkout holding ``benchmarks/`` and ``conftest.py``: the current directory or one above it,
-    else the source tree this package was installed from (editable install)."""
-    candidates = [Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parent.parent]
-    for folder in candidates:
-        if (folder / "benchmarks" / "test_grid.py").is_file() and (folder / "conftest.py").is_file():
+    """The checkout this package was installed from (editable install) or the current one, for commands that
+    need the repository (calibration writes the matrix's expectations file)."""
+    for folder in [Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parent.parent]:
+        if (folder / "benchmarks" / "test_grid.py").is_file() and (folder / "pyproject.toml").is_file():
             return folder
-    raise SystemExit("backdoor run: cannot find the benchmark grid (benchmarks/test_grid.py); "
-                     "run it from a backdoor-bench checkout")
+    return Path.cwd()
+
+
+RUN_OPTIONS = {  # backdoor run option -> (pytest option, default, help)
+    "--results-dir": (os.environ.get("BACKDOOR_RESULTS", "results"),
+                      "results root; records go to <root>/<matrix name>/ (env BACKDOOR_RESULTS)"),
+    "--cache-dir": (os.environ.get("BACKDOOR_CACHE", ".backdoor-cache"), "artifact cache (env BACKDOOR_CACHE)"),
+    "--device": ("auto", "torch device, or auto (one GPU per xdist worker, else the CPU)"),
+    "--threads": ("1", "CPU threads per process (1: the same numbers serial and under -n N)"),
+    "--seeds": (None, "override the matrix's seeds: a count n (0..n-1) or a list such as 0,1,2"),
+}
 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -25,12 +35,19 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     if not matrix.is_file():
         print(f"backdoor run: matrix file {args.matrix} does not exist", file=sys.stderr)
         return 4
-    root = project_root()
-    command = [sys.executable, "-m", "pytest", str(root / "benchmarks"), "--matrix", str(matrix), *extra]
-    if any(a == "-n" or a.startswith("-n") or a.startswith("--numprocesses") for a in extra) \
-            and not any(a.startswith("--dist") for a in extra):
-        command += ["--dist", "loadgroup"]  # all defenses of one backdoored model on one worker
-    return subprocess.call(command, cwd=root)
+    if args.plan:
+        from backdoor.plan import print_plan
+        return print_plan(matrix, args, extra)
+    forwarded = []
+    for option in RUN_OPTIONS:
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value is not None:
+            forwarded += [option, str(Path(value).resolve()) if option.endswith("-dir") else str(value)]
+    regression = "off" if args.no_regression else "strict" if args.strict else "report"
+    command = grid_command(matrix, [*forwarded, "--regression", regression, *extra])
+    print(f"backdoor run: results in {Path(args.results_dir).resolve()}, cache in {Path(args.cache_dir).resolve()}",
+          file=sys.stderr, flush=True)
+    return subprocess.call(command)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -76,9 +93,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_expect(args: argparse.Namespace) -> int:
-    from backdoor.expectations import refresh
+    from backdoor.calibration import calibrate
     from backdoor.matrix import MatrixError, load_matrix
-    from backdoor.results import read_records
 
     try:
         matrix = load_matrix(args.matrix)
@@ -88,16 +104,27 @@ def cmd_expect(args: argparse.Namespace) -> int:
     if matrix.expected_path is None:
         print(f"backdoor expect: {args.matrix} has no 'expected:' file to write", file=sys.stderr)
         return 4
-    folder = Path(args.results_dir) / matrix.name
-    wanted = {c.case_id for c in matrix.cases()}
-    records = [r for r in read_records(folder) if r["case_id"] in wanted]
-    missing = sorted(wanted - {r["case_id"] for r in records})
-    if missing:
-        print(f"backdoor expect: no record yet for {len(missing)} case(s), e.g. {missing[0]}; "
-              f"run `backdoor run {args.matrix}` first", file=sys.stderr)
+    if not args.calibrate:
+        print("backdoor expect: expectations are calibrated bands, never one run's numbers: use "
+              f"`backdoor expect {args.matrix} --calibrate` (runs the plan in the matrix's regression.calibrate: "
+              f"{matrix.regression.calibrate})", file=sys.stderr)
+        return 4
+    command = f"backdoor expect {args.matrix} --calibrate"
+    try:
+        summary = calibrate(matrix, Path(args.results_dir).resolve(), Path(args.cache_dir).resolve(), args.workers,
+                            run=not args.no_run, command=command)
+    except RuntimeError as e:
+        print(f"backdoor expect: {e}", file=sys.stderr)
         return 1
-    count = refresh(matrix.expected_path, records)
-    print(f"wrote {count} expectations to {matrix.expected_path}")
+    print(f"wrote calibrated bands for {len(summary['runs'])} runs ({', '.join(summary['runs'])}) to "
+          f"{matrix.expected_path}")
+    print("leave-one-out coverage (share of a held-out run's values inside the bands of the others): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in summary["leave_one_out_coverage"].items()))
+    checked = {(p, m) for p, metrics in matrix.regression.checks for m in metrics}
+    for line in summary["chaotic"]:
+        print(f"chaotic: {line}")
+    if summary["chaotic"] and not checked:
+        print("chaotic bands above: give them a claim or 'off' in the matrix's regression.checks", file=sys.stderr)
     return 0
 
 
@@ -110,14 +137,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backdoor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a matrix as a pytest grid; extra arguments go to pytest (-k, -n 2, -q)")
-    run.add_argument("matrix")
+    run = sub.add_parser("run", help="run a matrix as a pytest grid; extra arguments go to pytest (-k, -n 2, -q)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         epilog="Any other argument goes to pytest: -k EXPR selects cases, -n N spreads them over N "
+                                "workers (with --dist loadgroup added: one backdoored model's cases on one worker), "
+                                "-q silences progress, -x stops at the first failure.")
+    run.add_argument("matrix", help="the matrix YAML file")
+    for option, (default, text) in RUN_OPTIONS.items():
+        run.add_argument(option, default=default, help=text)
+    run.add_argument("--strict", action="store_true",
+                     help="fail cases that drift outside their calibrated bands or claims (else: print a drift "
+                          "summary and exit 0; the test suite and CI are strict)")
+    run.add_argument("--no-regression", action="store_true", help="skip the regression comparison")
+    run.add_argument("--plan", action="store_true",
+                     help="list the cases, what is cached and what will be built, and a time estimate; run nothing")
     sub.add_parser("list", help="list registered datasets, models, attacks and defenses")
     board = sub.add_parser("leaderboard", help="re-render leaderboard.md/.csv from a results folder's records")
     board.add_argument("folder")
-    expect = sub.add_parser("expect", help="rewrite a matrix's regression expectations from its latest records")
+    expect = sub.add_parser("expect", help="calibrate a matrix's regression bands over seeds and numerics variants")
     expect.add_argument("matrix")
-    expect.add_argument("--results-dir", default=os.environ.get("BACKDOOR_RESULTS", "results"))
+    expect.add_argument("--calibrate", action="store_true",
+                        help="run the matrix's regression.calibrate plan (variant -> seeds) and write its bands")
+    expect.add_argument("--no-run", action="store_true", help="only aggregate the calibration runs already recorded")
+    expect.add_argument("-n", "--workers", type=int, default=2, help="pytest-xdist workers per run (default 2)")
+    expect.add_argument("--results-dir", default=os.environ.get("BACKDOOR_RESULTS", "results"),
+                        help="results root; calibration runs go to <root>/_calibration/<variant>/ (default: results)")
+    expect.add_argument("--cache-dir", default=os.environ.get("BACKDOOR_CACHE", ".backdoor-cache"),
+                        help="artifact cache; non-native variants use <cache>/numerics-<variant>/ (default: .backdoor-cache)")
     bench = sub.add_parser("bench", help="print poisoning and training throughput (images/s)")
     bench.add_argument("--images", type=int, default=50_000, help="CIFAR-shaped images to poison")
     bench.add_argument("--train-images", type=int, default=4096, help="images per training epoch")
@@ -125,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="cnn_small")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--attacks", default="*", help="attack wildcard")
+    bench.add_argument("--repeats", type=int, default=5, help="interleaved rounds per measurement (default 5)")
     bench.add_argument("--attack-params", default="", help='JSON: attack -> parameter overrides, e.g. {"lc": {"steps": 10}}')
     add_analysis_commands(sub)
     return parser

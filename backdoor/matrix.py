@@ -22,6 +22,7 @@ from backdoor._matrix_checks import UniqueKeyLoader, build_all, check_folder_nam
 from backdoor._registry import Registry, UnknownNameError
 from backdoor.attacks import ATTACKS
 from backdoor.data import DATASETS, num_classes_of
+from backdoor.expectations import Regression, RegressionError, parse_regression
 from backdoor.defenses import DEFENSES
 from backdoor.models import MODELS
 from backdoor.pipeline import CLEAN, Case
@@ -41,7 +42,9 @@ TOP_LEVEL_KEYS = {
     "reference": "add a clean reference model row per dataset/model/seed (default true)",
     "training": "attack training budget: " + ", ".join(f.name for f in fields(TrainConfig)),
     "defense_training": "defense budget: the training keys plus clean_fraction",
-    "expected": "file (relative to the matrix) of expected metrics for regression checks",
+    "expected": "file (relative to the matrix) of calibrated regression bands (backdoor expect --calibrate)",
+    "regression": "regression policy: calibrate (numerics variant -> seeds) and checks (attack/defense -> metric -> "
+                  "band, off or a claim such as '<= 0.3')",
 }
 
 
@@ -69,6 +72,7 @@ class Matrix:
     attack_training: dict[str, TrainConfig]
     expected_path: Path | None
     digest: str = field(default="")
+    regression: Regression = field(default_factory=Regression)
 
     def cases(self) -> list[Case]:
         """Every case of the grid, reference rows first within each dataset/model/seed."""
@@ -228,12 +232,20 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         attack_training=attack_training,
         expected_path=(path.parent / expected) if expected else None,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
+        regression=_regression(path, raw.get("regression")),
     )
 
 
 def _capped(params: dict, cap_ratio: bool) -> dict:
     """An attack's parameters as its cases carry them (``Matrix._attack_params``)."""
     return {**params, "cap_ratio": True} if cap_ratio and "cap_ratio" not in params else params
+
+
+def _regression(path: Path, value: Any) -> Regression:
+    try:
+        return parse_regression(path, value)
+    except RegressionError as e:
+        raise MatrixError(str(e)) from None
 
 
 def parse_seeds(value: Any, fail=MatrixError) -> list[int]:

@@ -30,6 +30,21 @@ ATTACK_TITLES = {"clean": "clean (reference)", "badnets": "BadNets", "blended": 
 METRIC_TITLES = {"c_acc": "C-Acc", "asr": "ASR", "r_acc": "R-Acc"}
 
 
+DAMAGED = "records.damaged.jsonl"
+# What every stored record must hold for the tables: field -> (accepted JSON types, their name in messages).
+REQUIRED_FIELDS = {"case_id": (str, "a string"), "dataset": (str, "a string"), "model": (str, "a string"),
+                   "attack": (str, "a string"), "defense": (str, "a string"),
+                   "poison_ratio": ((int, float), "a number"), "seed": (int, "an integer"), "status": (str, "a string")}
+STATUSES = ("ok", "not_applicable")
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+_warned: set[str] = set()  # records files already warned about in this process
+
+
+class RecordShapeError(ValueError):
+    """A line of ``records.jsonl`` is valid JSON but not a record (``{}``, ``[1, 2]``, no ``case_id``, ...)."""
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as f:

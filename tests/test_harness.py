@@ -84,6 +84,11 @@ def test_xdist_run_equals_serial_run(first_run):
     assert sorted(serial) == sorted(parallel)
     built = [r for r in parallel.values() if r["cache_hits"].get("backdoor_model") is False]
     assert len(built) == 2, "each backdoored model was trained afresh, once"
+    workers = {}
+    for case_id, r in parallel.items():
+        workers.setdefault(case_id.rsplit("-", 1)[0], set()).add(r["provenance"]["worker"])
+    assert all(len(w) == 1 for w in workers.values()), f"a backdoored model's cases ran on several workers: {workers}"
+    assert set().union(*workers.values()) == {"gw0", "gw1"}, "both workers got work"
     for case_id in serial:
         for metric in ("c_acc", "asr", "r_acc"):
             assert parallel[case_id][metric] == serial[case_id][metric], (case_id, metric)

@@ -1,0 +1,104 @@
+"""Calibrate a matrix's regression bands: run it over several seeds and numerics variants, then store the
+measured variation (``backdoor expect MATRIX --calibrate``).
+
+Each variant runs as its own pytest process with that variant's environment variables (they are read when
+PyTorch loads, so a process cannot switch), its own results folder ``<results>/_calibration/<variant>/`` and,
+since cache keys do not encode the numerics, its own cache (``<cache>/numerics-<variant>/``; the native
+variant uses the cache itself). Reruns reuse both, so an interrupted calibration resumes where it stopped.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from backdoor.expectations import (FLOOR, METRICS, VARIANTS, calibrate_bands, case_key, chaotic,
+                                   leave_one_out_coverage, write_expected)
+from backdoor.launch import grid_command
+from backdoor.matrix import Matrix
+from backdoor.results import RECORDS, read_records
+
+
+def variant_results(results_root: Path, variant: str) -> Path:
+    return Path(results_root) / "_calibration" / variant
+
+
+def variant_cache(cache_root: Path, variant: str) -> Path:
+    return Path(cache_root) if variant == "native" else Path(cache_root) / f"numerics-{variant}"
+
+
+def run_variant(matrix: Matrix, variant: str, seeds: list[int], results_root: Path,
+                cache_root: Path, workers: int, extra: list[str] = ()) -> int:
+    """One pytest run of the whole matrix at ``seeds`` under ``variant``'s numerics; returns pytest's exit code."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
+    env.update(VARIANTS[variant])
+    command = grid_command(matrix.path.resolve(), [
+        "--seeds", ",".join(map(str, seeds)), "--results-dir", str(variant_results(results_root, variant)),
+        "--cache-dir", str(variant_cache(cache_root, variant)), "--regression", "off", "-q", *extra,
+        *(["-n", str(workers)] if workers > 1 else [])])
+    print(f"calibration: {variant} ({' '.join(f'{k}={v}' for k, v in VARIANTS[variant].items()) or 'no variables'}), "
+          f"seeds {seeds}", file=sys.stderr, flush=True)
+    return subprocess.call(command, env=env)
+
+
+def collect_runs(matrix: Matrix, plan: dict[str, list[int]], results_root: Path) -> dict[str, list[dict]]:
+    """Records of every (variant, seed) run of the plan, keyed ``"variant/s<seed>"``; missing ones are absent."""
+    wanted = {case_key(c.case_id) for c in matrix.cases()}
+    runs: dict[str, list[dict]] = {}
+    for variant, seeds in plan.items():
+        folder = variant_results(results_root, variant) / matrix.name
+        if not (folder / RECORDS).exists():
+            continue
+        for record in read_records(folder):
+            if record["seed"] in seeds and case_key(record["case_id"]) in wanted:
+                runs.setdefault(f"{variant}/s{record['seed']}", []).append(record)
+    return runs
+
+
+def calibrate(matrix: Matrix, results_root: Path, cache_root: Path, workers: int,
+              run: bool = True, command: str = "") -> dict:
+    """Run (unless ``run`` is false) and aggregate the calibration plan of ``matrix``; write its expectations
+    file. Returns a summary: runs, case count, chaotic bands and leave-one-out coverage."""
+    plan = matrix.regression.calibrate
+    if run:
+        for variant, seeds in plan.items():
+            code = run_variant(matrix, variant, seeds, results_root, cache_root, workers)
+            if code not in (0, 1):  # 1: some case failed; its siblings still count, and it is reported below
+                raise RuntimeError(f"calibration run {variant} stopped with pytest exit code {code}")
+    runs = collect_runs(matrix, plan, results_root)
+    expected_runs = [f"{v}/s{s}" for v, seeds in plan.items() for s in seeds]
+    missing = [name for name in expected_runs if name not in runs]
+    if missing:
+        raise RuntimeError(f"no records for calibration run(s) {', '.join(missing)}: run without --no-run first")
+    keys = {case_key(c.case_id) for c in matrix.cases()}
+    incomplete = sorted(name for name, rs in runs.items() if {case_key(r["case_id"]) for r in rs} != keys)
+    if incomplete:
+        raise RuntimeError(f"calibration run(s) {', '.join(incomplete)} lack some cases of {matrix.path}; rerun them")
+    bands = calibrate_bands(runs)
+    summary = {
+        "command": command, "date": dt.date.today().isoformat(), "runs": expected_runs,
+        "variants": {v: VARIANTS[v] for v in plan}, "torch": str(torch.__version__),
+        "native_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "band_rule": f"[min - m, max + m] clipped to [0, 1], m = max((max - min) / 2, {FLOOR})",
+        "leave_one_out_coverage": leave_one_out_coverage(runs),
+        "chaotic": [f"{key} {metric} width {width}" for key, metric, width in chaotic(bands)],
+    }
+    write_expected(matrix.expected_path, bands, summary)
+    return summary
+
+
+def spread_table(matrix: Matrix, results_root: Path) -> list[dict]:
+    """Per case key and metric: min, max and values over the calibration runs (for reports)."""
+    runs = collect_runs(matrix, matrix.regression.calibrate, results_root)
+    rows: dict[str, dict] = {}
+    for name, records in runs.items():
+        for r in records:
+            row = rows.setdefault(case_key(r["case_id"]), {"case": case_key(r["case_id"])})
+            for m in METRICS:
+                if r.get(m) is not None:
+                    row.setdefault(m, {})[name] = r[m]
+    return [rows[k] for k in sorted(rows)]

@@ -1,0 +1,129 @@
+"""``backdoor run MATRIX --plan``: what a run would do, before it does it.
+
+Lists the selected cases (pytest's own collection, so ``-k`` and ``--seeds`` select as in a run), which of each
+case's artifacts (dataset, clean reference, poisoned set, backdoored model, defended model) the cache already
+holds and which will be built, and an estimate of the time from stage timings recorded in the matrix's results
+(the same case first, else the median of the same attack or defense; build figures are preferred over a
+rerun's cache-hit timings). Attack material built inside an attack's preparation (LC's, LF's, SSBA's) is
+counted with the backdoored model's stage. Nothing is trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from backdoor.attacks import create_attack
+from backdoor.cache import ArtifactCache
+from backdoor.defenses import create_defense
+from backdoor.launch import grid_command, workers_of
+from backdoor.matrix import MatrixError, load_matrix, parse_seeds
+from backdoor.pipeline import CLEAN, Case, Runner
+from backdoor.results import RECORDS, read_records
+
+STAGES = ("dataset", "clean_model", "poison", "backdoor_model", "defense")
+STAGE_ARTIFACTS = {"dataset": "dataset", "clean_model": "clean_model", "poison": "poisoned",
+                   "backdoor_model": "backdoor_model", "defense": "defended_model"}
+
+
+def case_artifacts(runner: Runner, case: Case) -> dict[str, tuple[str, dict]]:
+    """Stage -> (cache kind, spec) of every artifact the case needs; computed without building anything."""
+    out = {"dataset": ("dataset", runner.dataset_spec(case))}
+    if case.attack == CLEAN:
+        upstream = {**runner.model_spec(case), "seed": case.seed}
+        out["clean_model"] = ("clean_model", upstream)
+        out_upstream = {"clean_model": upstream}
+    else:
+        attack = create_attack(case.attack, target=case.target, **case.attack_params)
+        backdoor = runner.backdoor_spec(case, attack)
+        poison = {"backdoor_model": backdoor} if attack.kind == "training_controllable" else runner.attack_spec(case, attack)
+        out["poison"] = ("poisoned", poison)
+        out["backdoor_model"] = ("backdoor_model", backdoor)
+        out_upstream = backdoor
+    defense = create_defense(case.defense, **case.defense_params)
+    if defense.kind != "none":
+        out["defense"] = ("defended_model", runner.defense_spec(case, out_upstream, defense))
+    return out
+
+
+def cached(cache: ArtifactCache, kind: str, spec: dict) -> bool:
+    return (cache.path(kind, spec) / "manifest.json").is_file()
+
+
+def stage_estimates(records: list[dict]) -> tuple[dict, dict]:
+    """Seconds per (case id, stage) from records, and medians per (attack or defense, stage)."""
+    by_case, by_method = {}, {}
+    for r in records:
+        built = {**(r.get("stage_seconds") or {}), **(r.get("build_seconds") or {})}
+        for stage, seconds in built.items():
+            if not isinstance(seconds, (int, float)):
+                continue
+            if (r.get("build_seconds") or {}).get(stage) is None and (r.get("cache_hits") or {}).get(stage):
+                continue  # a cache hit's time is not a build's
+            by_case[(r["case_id"], stage)] = seconds
+            method = r["defense"] if stage == "defense" else r["attack"]
+            by_method.setdefault((method, stage), []).append(seconds)
+    return by_case, {k: statistics.median(v) for k, v in by_method.items()}
+
+
+def selected_case_ids(matrix_path: Path, extra: list[str], forwarded: list[str]) -> list[str]:
+    """Case ids pytest would run (its own collection, with -k / --seeds / -m applied)."""
+    keep, skip = [], False
+    for a in extra:  # drop xdist's options: collection needs no workers
+        if skip:
+            skip = False
+        elif a in ("-n", "--numprocesses", "--dist"):
+            skip = True
+        elif not (a.startswith("-n") or a.startswith("--numprocesses=") or a.startswith("--dist=")):
+            keep.append(a)
+    command = grid_command(matrix_path, [*forwarded, *keep, "--collect-only", "-q", "--regression", "off"])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode not in (0, 5):
+        raise SystemExit(done.stdout + done.stderr)
+    return [line.split("test_case[", 1)[1].rstrip("]") for line in done.stdout.splitlines() if "::test_case[" in line]
+
+
+def print_plan(matrix_path: Path, args, extra: list[str]) -> int:
+    try:
+        matrix = load_matrix(matrix_path)
+        if args.seeds:
+            matrix = dataclasses.replace(matrix, seeds=parse_seeds(args.seeds, lambda m: MatrixError(f"--seeds: {m}")))
+    except MatrixError as e:
+        print(f"backdoor run: {e}", file=sys.stderr)
+        return 4
+    forwarded = ["--seeds", str(args.seeds)] if args.seeds else []
+    ids = set(selected_case_ids(matrix_path, extra, forwarded))
+    cases = [c for c in matrix.cases() if c.case_id in ids]
+    cache = ArtifactCache(Path(args.cache_dir).resolve())
+    runner = Runner(cache)
+    folder = Path(args.results_dir).resolve() / matrix.name
+    records = read_records(folder) if (folder / RECORDS).exists() else []
+    by_case, by_method = stage_estimates(records)
+    seen: set[tuple[str, str]] = set()
+    total, unknown = 0.0, 0
+    print(f"plan for {matrix_path} ({len(cases)} case(s); cache {cache.root}; timings from {len(records)} record(s) "
+          f"in {folder})")
+    for case in cases:
+        parts = []
+        for stage, (kind, spec) in case_artifacts(runner, case).items():
+            key = (kind, str(cache.path(kind, spec)))
+            if key in seen or cached(cache, kind, spec):
+                parts.append(f"{stage}: cached" if key not in seen else f"{stage}: shared")
+                seen.add(key)
+                continue
+            seen.add(key)
+            method = case.defense if stage == "defense" else case.attack
+            seconds = by_case.get((case.case_id, stage), by_method.get((method, stage)))
+            if seconds is None:
+                unknown += 1
+                parts.append(f"{stage}: build (time unknown)")
+            else:
+                total += seconds
+                parts.append(f"{stage}: build ~{seconds:.0f} s")
+        print(f"  {case.case_id}: " + ", ".join(parts))
+    workers = max(1, workers_of(extra))
+    print(f"estimate: ~{total / 60:.1f} min of builds on one worker, ~{total / 60 / workers:.1f} min with {workers} "
+          f"worker(s)" + (f"; {unknown} build(s) have no recorded timing yet" if unknown else ""))
+    return 0

@@ -1,0 +1,100 @@
+"""The regression checks catch broken code: four faults injected into the library, each run through the smoke
+matrix's own cases, must drift outside the calibrated bands (and the same cases without a fault must not).
+
+Each fault is a monkeypatch on the code path of one method; the cases are run with ``Runner`` on a private
+cache (a fault's artifacts are cached under the healthy code's key, so a faulty run gets a copy of the cache).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from backdoor.attacks.badnets import BadNets
+from backdoor.attacks.base import Attack
+from backdoor.cache import ArtifactCache
+from backdoor.data import Split
+from backdoor.defenses import nc as nc_module
+from backdoor.defenses.base import DefenseOutcome
+from backdoor.defenses.ft import FineTuning
+from backdoor.expectations import case_key, drift, load_expected
+from backdoor.matrix import load_matrix
+from backdoor.pipeline import Runner
+
+SMOKE = Path(__file__).resolve().parent.parent / "matrices" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    matrix = load_matrix(SMOKE)
+    cases = {c.case_id: c for c in matrix.cases() if c.seed == 0}
+    return matrix, cases, load_expected(matrix.expected_path)
+
+
+@pytest.fixture(scope="module")
+def healthy_cache(tmp_path_factory):
+    """A cache that only healthy code writes to."""
+    return tmp_path_factory.mktemp("healthy-cache")
+
+
+def run(smoke, cache: Path, attack: str, defense: str) -> list[str]:
+    matrix, cases, expected = smoke
+    case = cases[f"digits-cnn_small-{attack}-p0.1-s0-{defense}"]
+    record = Runner(ArtifactCache(cache)).run(case)
+    return drift(record, expected[case_key(case.case_id)], matrix.regression)
+
+
+def faulty_cache(healthy: Path, tmp_path: Path, keep: tuple[str, ...]) -> Path:
+    """A copy of the healthy cache holding only the artifact kinds in ``keep`` (what the fault does not touch)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for kind in keep:
+        if (healthy / kind).exists():
+            shutil.copytree(healthy / kind, cache / kind)
+    return cache
+
+
+def paints_nothing(self, x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+def zero_step_fine_tuning(self, inputs):
+    return DefenseOutcome(model=inputs.model, info={"epochs": 0})
+
+
+def never_flags(l1, reached, threshold=2.0):
+    return torch.zeros(0, dtype=torch.long)
+
+
+def poison_test_without_trigger(self, test: Split) -> Split:
+    keep = test.y != self.target
+    return Split(test.x[keep], test.y[keep])
+
+
+UPSTREAM = ("dataset", "poisoned", "backdoor_model")  # a faulty defense or metric reuses the healthy model
+FAULTS = {  # fault -> (attack, defense, artifacts kept from the healthy cache, injection)
+    "badnets trigger paints nothing": ("badnets", "none", ("dataset",),
+                                       lambda mp: mp.setattr(BadNets, "apply_trigger", paints_nothing)),
+    "ft takes zero steps": ("badnets", "ft", UPSTREAM, lambda mp: mp.setattr(FineTuning, "run", zero_step_fine_tuning)),
+    "nc never flags": ("badnets", "nc", UPSTREAM, lambda mp: mp.setattr(nc_module, "flag_classes", never_flags)),
+    "asr on clean images": ("badnets", "none", UPSTREAM,
+                            lambda mp: mp.setattr(Attack, "poison_test", poison_test_without_trigger)),
+}
+CASES = sorted({(attack, defense) for attack, defense, _, _ in FAULTS.values()})
+
+
+@pytest.mark.parametrize("attack, defense", CASES, ids=[f"{a}/{d}" for a, d in CASES])
+def test_healthy_cases_hold(smoke, healthy_cache, attack, defense):
+    assert run(smoke, healthy_cache, attack, defense) == []
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_checks_catch_the_fault(smoke, healthy_cache, fault, monkeypatch, tmp_path):
+    attack, defense, keep, inject = FAULTS[fault]
+    run(smoke, healthy_cache, attack, "none")  # the healthy upstream artifacts, so the fault is the only change
+    cache = faulty_cache(healthy_cache, tmp_path, keep)
+    inject(monkeypatch)
+    problems = run(smoke, cache, attack, defense)
+    assert problems, f"{fault}: the {attack}/{defense} case still holds its bands"

@@ -12,6 +12,7 @@ import functools
 import inspect
 import numbers
 import os
+import types
 import typing
 from typing import Any, Callable
 
@@ -53,14 +54,9 @@ def _matches(value: Any, kind: type) -> bool:
 
 def _simple_kinds(annotation: Any) -> tuple[type, ...] | None:
     """The simple types an annotation allows, or None when it is not made only of simple types."""
-    kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, _union_type()) \
-        else (annotation,)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = typing.get_args(annotation) if union else (annotation,)
     return tuple(kinds) if kinds and all(k in _SIMPLE for k in kinds) else None
-
-
-def _union_type():
-    import types
-    return types.UnionType
 
 
 @functools.lru_cache(maxsize=None)

@@ -88,7 +88,7 @@ def build_all(datasets: dict[str, dict], models: dict[str, dict], attacks: dict[
         _convert(fail, f"models.{name}", name, lambda: create_model(name, num_classes=max(classes), **params))
     for name, params in attacks.items():
         attack = _convert(fail, f"attacks.{name}", name, lambda: ATTACKS.create(name, target=target, **params))
-        for dataset, side in shapes.items():
+        for side in shapes.values():
             if side is not None:
                 _convert(fail, f"attacks.{name}", name, lambda: attack.check_image_shape((3, side, side)))
     for name, params in defenses.items():

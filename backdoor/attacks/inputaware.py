@@ -166,9 +166,9 @@ class InputAware(Attack):
             raise ParameterError("inputaware", "channels", channels, "a non-empty list of positive integer widths")
         channels = tuple(int(c) for c in widths)
         if not channels or any(c < 1 for c in channels):
-            raise ValueError(f"inputaware: channels must be a non-empty list of positive widths, got {channels}")
+            raise ParameterError("inputaware", "channels", channels, "a non-empty list of positive widths")
         if not 0.0 < mask_density < 1.0:
-            raise ValueError(f"inputaware: mask_density must be in (0, 1), got {mask_density}")
+            raise ParameterError("inputaware", "mask_density", mask_density, "a value in (0, 1)")
         for pname, v in (("lambda_norm", lambda_norm), ("lambda_div", lambda_div), ("cross_ratio", cross_ratio)):
             if not v >= 0:
                 raise ValueError(f"inputaware: {pname} must be >= 0, got {v}")
@@ -176,13 +176,13 @@ class InputAware(Attack):
             if not v > 0:
                 raise ValueError(f"inputaware: {pname} must be > 0, got {v}")
         if int(mask_epochs) < 0:
-            raise ValueError(f"inputaware: mask_epochs must be >= 0, got {mask_epochs}")
+            raise ParameterError("inputaware", "mask_epochs", mask_epochs, "a value >= 0")
         if int(mask_batch_size) < 2:
-            raise ValueError(f"inputaware: mask_batch_size must be >= 2, got {mask_batch_size}")
+            raise ParameterError("inputaware", "mask_batch_size", mask_batch_size, "a value >= 2")
         if int(crop_padding) < 0:
-            raise ValueError(f"inputaware: crop_padding must be >= 0, got {crop_padding}")
+            raise ParameterError("inputaware", "crop_padding", crop_padding, "a value >= 0")
         if not 0 <= rotation <= 180:
-            raise ValueError(f"inputaware: rotation must be in [0, 180] degrees, got {rotation}")
+            raise ParameterError("inputaware", "rotation", rotation, "a value in [0, 180] degrees")
         self.channels = channels
         self.mask_density, self.lambda_norm, self.lambda_div = float(mask_density), float(lambda_norm), float(lambda_div)
         self.lr_G, self.lr_M = float(lr_G), float(lr_M)

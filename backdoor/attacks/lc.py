@@ -104,21 +104,21 @@ class LabelConsistent(Attack):
                  size: int | None = None, amplitude: float = 255.0, **kwargs):
         super().__init__(target=target, **kwargs)
         if not 0 <= eps <= 255:
-            raise ValueError(f"lc: eps must be in [0, 255] grey levels (8 = 8/255, the default), got {eps}")
+            raise ParameterError("lc", "eps", eps, "a value in [0, 255] grey levels (8 = 8/255, the default)")
         if not step_size > 0:
-            raise ValueError(f"lc: step_size must be > 0 grey levels, got {step_size}")
+            raise ParameterError("lc", "step_size", step_size, "a value > 0 grey levels")
         if steps < 0:
-            raise ValueError(f"lc: steps must be >= 0, got {steps}")
+            raise ParameterError("lc", "steps", steps, "a value >= 0")
         if reference not in REFERENCES:
             raise ValueError(f"lc: reference must be one of {REFERENCES}, got {reference!r}")
         if adv_epochs is not None and adv_epochs < 1:
-            raise ValueError(f"lc: adv_epochs must be >= 1 or None (the case's epochs), got {adv_epochs}")
+            raise ParameterError("lc", "adv_epochs", adv_epochs, "a value >= 1 or None (the case's epochs)")
         if adv_steps < 1:
-            raise ValueError(f"lc: adv_steps must be >= 1, got {adv_steps}")
+            raise ParameterError("lc", "adv_steps", adv_steps, "a value >= 1")
         if size is not None and size < 1:
-            raise ValueError(f"lc: size must be >= 1 or None (scaled with the image), got {size}")
+            raise ParameterError("lc", "size", size, "a value >= 1 or None (scaled with the image)")
         if not 0 < amplitude <= 255:
-            raise ValueError(f"lc: amplitude must be in (0, 255] grey levels (255: full contrast), got {amplitude}")
+            raise ParameterError("lc", "amplitude", amplitude, "a value in (0, 255] grey levels (255: full contrast)")
         self.eps, self.step_size, self.steps = float(eps), float(step_size), int(steps)
         self.reference, self.adv_epochs, self.adv_steps, self.size = reference, adv_epochs, int(adv_steps), size
         self.amplitude = float(amplitude)

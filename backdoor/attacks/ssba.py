@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backdoor._checks import ParameterError
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack, AttackContext
 
@@ -146,17 +147,17 @@ class SSBA(Attack):
             if int(v) != v or int(v) < low:
                 raise ValueError(f"ssba: {pname} must be an integer >= {low}, got {v}")
         if not lr > 0:
-            raise ValueError(f"ssba: lr must be > 0, got {lr}")
+            raise ParameterError("ssba", "lr", lr, "a value > 0")
         if not 0.0 < max_residual <= 1.0:
-            raise ValueError(f"ssba: max_residual must be in (0, 1] (pixel range [0, 1]), got {max_residual}")
+            raise ParameterError("ssba", "max_residual", max_residual, "a value in (0, 1] (pixel range [0, 1])")
         for pname, v in (("image_weight", image_weight), ("code_weight", code_weight),
                          ("clean_weight", clean_weight)):
             if not v >= 0:
                 raise ValueError(f"ssba: {pname} must be >= 0, got {v}")
         if not texture_floor > 0:
-            raise ValueError(f"ssba: texture_floor must be > 0, got {texture_floor}")
+            raise ParameterError("ssba", "texture_floor", texture_floor, "a value > 0")
         if not code_weight > 0:
-            raise ValueError(f"ssba: code_weight must be > 0 (the code must be learned), got {code_weight}")
+            raise ParameterError("ssba", "code_weight", code_weight, "a value > 0 (the code must be learned)")
         self.code_length, self.code_seed = int(code_length), int(code_seed)
         self.steps, self.batch_size, self.lr, self.width = int(steps), int(batch_size), float(lr), int(width)
         self.max_residual = float(max_residual)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from backdoor._checks import ParameterError
 from backdoor.attacks import register_attack
 from backdoor.attacks._controllable import select_poison_and_cross, batch_poison_count, check_ratio, random_crop_rotate_flip
 from backdoor.attacks.base import Attack, PoisonedSet, apply_to_float
@@ -87,13 +88,13 @@ class WaNet(Attack):
         if not s > 0:
             raise ValueError(f"wanet: s (warp strength) must be > 0, got {s}")
         if not grid_rescale > 0:
-            raise ValueError(f"wanet: grid_rescale must be > 0, got {grid_rescale}")
+            raise ParameterError("wanet", "grid_rescale", grid_rescale, "a value > 0")
         if not cross_ratio >= 0:
-            raise ValueError(f"wanet: cross_ratio must be >= 0, got {cross_ratio}")
+            raise ParameterError("wanet", "cross_ratio", cross_ratio, "a value >= 0")
         if int(crop_padding) < 0:
-            raise ValueError(f"wanet: crop_padding must be >= 0, got {crop_padding}")
+            raise ParameterError("wanet", "crop_padding", crop_padding, "a value >= 0")
         if not 0 <= rotation <= 180:
-            raise ValueError(f"wanet: rotation must be in [0, 180] degrees, got {rotation}")
+            raise ParameterError("wanet", "rotation", rotation, "a value in [0, 180] degrees")
         for pname, p in (("p_crop", p_crop), ("p_rotation", p_rotation)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"wanet: {pname} must be in [0, 1], got {p}")

@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from backdoor._checks import ParameterError
 from backdoor.defenses import register_defense
 from backdoor.defenses._data_side import fresh_model, per_sample_loss, require_poisoned_train
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
@@ -82,18 +83,18 @@ class AntiBackdoorLearning(Defense):
                  finetune_epochs: int = 60, unlearn_epochs: int = 20, unlearn_lr: float = 5e-4,
                  lr: float | None = None):
         if not isinstance(isolation_epochs, int) or isolation_epochs < 1:
-            raise ValueError(f"abl: isolation_epochs must be an integer >= 1, got {isolation_epochs!r}")
+            raise ParameterError("abl", "isolation_epochs", isolation_epochs, "an integer >= 1")
         for name, value in (("finetune_epochs", finetune_epochs), ("unlearn_epochs", unlearn_epochs)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"abl: {name} must be an integer >= 0, got {value!r}")
         if not 0.0 < isolation_ratio < 1.0:
-            raise ValueError(f"abl: isolation_ratio must be in (0, 1), got {isolation_ratio}")
+            raise ParameterError("abl", "isolation_ratio", isolation_ratio, "a value in (0, 1)")
         if gamma < 0:
             raise ValueError(f"abl: gamma (flooding level) must be >= 0, got {gamma}")
         if unlearn_lr <= 0:
-            raise ValueError(f"abl: unlearn_lr must be > 0, got {unlearn_lr}")
+            raise ParameterError("abl", "unlearn_lr", unlearn_lr, "a value > 0")
         if lr is not None and lr <= 0:
-            raise ValueError(f"abl: lr must be > 0 (or None for the defense budget's), got {lr}")
+            raise ParameterError("abl", "lr", lr, "a value > 0 (or None for the defense budget's)")
         self.isolation_epochs, self.isolation_ratio, self.gamma = isolation_epochs, isolation_ratio, gamma
         self.finetune_epochs, self.unlearn_epochs, self.unlearn_lr, self.lr = (
             finetune_epochs, unlearn_epochs, unlearn_lr, lr)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from backdoor._checks import ParameterError
 from backdoor.defenses import register_defense
 from backdoor.defenses._data_side import (check_features, label_groups, penultimate_features,
                                           require_poisoned_train, retrain_without)
@@ -111,9 +112,9 @@ def _check_params(reduction: str, n_components: int, size_threshold: float) -> N
     if reduction not in REDUCTIONS:
         raise ValueError(f"ac: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(n_components, int) or n_components < 1:
-        raise ValueError(f"ac: n_components must be an integer >= 1, got {n_components!r}")
+        raise ParameterError("ac", "n_components", n_components, "an integer >= 1")
     if not 0.0 < size_threshold <= 0.5:
-        raise ValueError(f"ac: size_threshold must be in (0, 0.5], got {size_threshold}")
+        raise ParameterError("ac", "size_threshold", size_threshold, "a value in (0, 0.5]")
 
 
 @register_defense("ac")
@@ -126,7 +127,7 @@ class ActivationClustering(Defense):
                  epochs: int | None = None):
         _check_params(reduction, n_components, size_threshold)
         if epochs is not None and epochs < 1:
-            raise ValueError(f"ac: epochs must be >= 1 (or None for the attack's budget), got {epochs}")
+            raise ParameterError("ac", "epochs", epochs, "a value >= 1 (or None for the attack's budget)")
         self.reduction, self.n_components, self.size_threshold, self.epochs = (
             reduction, n_components, size_threshold, epochs)
 

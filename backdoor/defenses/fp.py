@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from backdoor._checks import ParameterError
 from backdoor.data import Split
 from backdoor.defenses import NotApplicable, register_defense
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome, split_validation
@@ -238,15 +239,15 @@ class FinePruning(Defense):
     def __init__(self, step_fraction: float = 0.01, max_drop: float = 0.1, val_fraction: float = 0.2,
                  epochs: int | None = None, lr: float | None = None):
         if not 0 < step_fraction <= 1:
-            raise ValueError(f"fp: step_fraction must be in (0, 1], got {step_fraction}")
+            raise ParameterError("fp", "step_fraction", step_fraction, "a value in (0, 1]")
         if not 0 <= max_drop < 1:
-            raise ValueError(f"fp: max_drop must be in [0, 1), got {max_drop}")
+            raise ParameterError("fp", "max_drop", max_drop, "a value in [0, 1)")
         if not 0 < val_fraction < 1:
-            raise ValueError(f"fp: val_fraction must be in (0, 1), got {val_fraction}")
+            raise ParameterError("fp", "val_fraction", val_fraction, "a value in (0, 1)")
         if epochs is not None and epochs < 0:
-            raise ValueError(f"fp: epochs must be >= 0, got {epochs}")
+            raise ParameterError("fp", "epochs", epochs, "a value >= 0")
         if lr is not None and lr <= 0:
-            raise ValueError(f"fp: lr must be > 0, got {lr}")
+            raise ParameterError("fp", "lr", lr, "a value > 0")
         self.step_fraction, self.max_drop, self.val_fraction = step_fraction, max_drop, val_fraction
         self.epochs, self.lr = epochs, lr
 

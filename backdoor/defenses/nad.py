@@ -66,16 +66,16 @@ class NeuralAttentionDistillation(Defense):
             raise ParameterError("nad", "betas", betas, "three non-negative numbers")
         betas = tuple(float(b) for b in betas)
         if len(betas) != 3 or any(b < 0 for b in betas):
-            raise ValueError(f"nad: betas must be three non-negative numbers, got {betas}")
+            raise ParameterError("nad", "betas", betas, "three non-negative numbers")
         if power <= 0:
-            raise ValueError(f"nad: power must be > 0, got {power}")
+            raise ParameterError("nad", "power", power, "a value > 0")
         if teacher_epochs < 1:
-            raise ValueError(f"nad: teacher_epochs must be >= 1, got {teacher_epochs}")
+            raise ParameterError("nad", "teacher_epochs", teacher_epochs, "a value >= 1")
         for name, value in (("teacher_lr", teacher_lr), ("lr", lr)):
             if value is not None and value <= 0:
                 raise ValueError(f"nad: {name} must be > 0, got {value}")
         if epochs is not None and epochs < 0:
-            raise ValueError(f"nad: epochs must be >= 0, got {epochs}")
+            raise ParameterError("nad", "epochs", epochs, "a value >= 0")
         self.betas, self.power, self.teacher_epochs = list(betas), float(power), teacher_epochs
         self.teacher_lr, self.epochs, self.lr = teacher_lr, epochs, lr
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from backdoor._checks import ParameterError
 from backdoor.defenses import register_defense
 from backdoor.defenses._data_side import (check_features, label_groups, penultimate_features,
                                           rank_within_groups, require_poisoned_train, retrain_without)
@@ -86,7 +87,7 @@ class SpectralSignatures(Defense):
     def __init__(self, eps: float = 0.1, epochs: int | None = None):
         _check_eps(eps)
         if epochs is not None and epochs < 1:
-            raise ValueError(f"spectral: epochs must be >= 1 (or None for the attack's budget), got {epochs}")
+            raise ParameterError("spectral", "epochs", epochs, "a value >= 1 (or None for the attack's budget)")
         self.eps, self.epochs = eps, epochs
 
     def run(self, inputs: DefenseInputs) -> DefenseOutcome:

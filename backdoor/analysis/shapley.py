@@ -4,7 +4,8 @@ Paper section 3.2 and supplementary B.11.1: the Shapley value (Lundberg & Lee, N
 feature its average marginal contribution to a prediction over all coalitions. Computed with captum's
 ``ShapleyValueSampling`` (Castro et al. 2009's permutation sampling): features are ``superpixel`` x ``superpixel``
 squares (all channels together), an absent feature takes the baseline value 0 (black), ``n_samples``
-permutations are averaged. Attributions are of the predicted class's logit and summed over channels.
+permutations are averaged. Attributions are of the predicted class's logit; a superpixel's value is spread
+evenly over its pixels.
 """
 from __future__ import annotations
 
@@ -32,12 +33,14 @@ def superpixel_mask(height: int, width: int, size: int) -> torch.Tensor:
 
 def shapley_maps(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, *, superpixel: int = 4,
                  n_samples: int = 16, seed: int = 0) -> np.ndarray:
-    """Per-pixel Shapley value estimates [N, H, W] of ``classes``' logits (summed over channels)."""
+    """Per-pixel Shapley value estimates [N, H, W] of ``classes``' logits: each superpixel's value spread evenly
+    over its pixels, so a map adds up to f(x) - f(baseline) (the Shapley values' efficiency)."""
     from captum.attr import ShapleyValueSampling
 
     model.eval()
     mask = superpixel_mask(x.shape[-2], x.shape[-1], superpixel)  # broadcast over channels: squares span them
     features = int(mask.max()) + 1
+    area = torch.bincount(mask.flatten(), minlength=features)[mask[0, 0]].double()
     explainer = ShapleyValueSampling(model)
     out = []
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -45,7 +48,7 @@ def shapley_maps(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, *, su
         for image, cls in zip(x, classes):
             attribution = explainer.attribute(image[None], baselines=0.0, target=int(cls), feature_mask=mask,
                                               n_samples=n_samples, perturbations_per_eval=features)
-            out.append(attribution[0].sum(0).numpy())
+            out.append((attribution[0, 0].double() / area).float().numpy())  # channels share one value
     return np.stack(out)
 
 

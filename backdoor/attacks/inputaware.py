@@ -171,10 +171,10 @@ class InputAware(Attack):
             raise ParameterError("inputaware", "mask_density", mask_density, "a value in (0, 1)")
         for pname, v in (("lambda_norm", lambda_norm), ("lambda_div", lambda_div), ("cross_ratio", cross_ratio)):
             if not v >= 0:
-                raise ValueError(f"inputaware: {pname} must be >= 0, got {v}")
+                raise ParameterError("inputaware", pname, v, "a value >= 0")
         for pname, v in (("lr_G", lr_G), ("lr_M", lr_M)):
             if not v > 0:
-                raise ValueError(f"inputaware: {pname} must be > 0, got {v}")
+                raise ParameterError("inputaware", pname, v, "a value > 0")
         if int(mask_epochs) < 0:
             raise ParameterError("inputaware", "mask_epochs", mask_epochs, "a value >= 0")
         if int(mask_batch_size) < 2:

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backdoor._checks import ParameterError
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack, AttackContext
 
@@ -128,7 +129,7 @@ class LowFrequency(Attack):
         ]
         for name, value, ok, allowed in checks:
             if not ok:
-                raise ValueError(f"lf: {name} must be {allowed}, got {value!r}")
+                raise ParameterError("lf", name, value, allowed if allowed.startswith("an ") else f"a value {allowed}")
         self.samples, self.max_passes, self.overshoot = int(samples), int(max_passes), float(overshoot)
         self.max_iter, self.fooling_rate, self.bound = int(max_iter), float(fooling_rate), float(bound)
         self.kernel_size, self.sigma, self.deepfool_batch = int(kernel_size), float(sigma), int(deepfool_batch)

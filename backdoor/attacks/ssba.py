@@ -145,7 +145,7 @@ class SSBA(Attack):
         for pname, v, low in (("code_length", code_length, 1), ("steps", steps, 1), ("batch_size", batch_size, 2),
                               ("width", width, 1)):
             if int(v) != v or int(v) < low:
-                raise ValueError(f"ssba: {pname} must be an integer >= {low}, got {v}")
+                raise ParameterError("ssba", pname, v, f"an integer >= {low}")
         if not lr > 0:
             raise ParameterError("ssba", "lr", lr, "a value > 0")
         if not 0.0 < max_residual <= 1.0:
@@ -153,7 +153,7 @@ class SSBA(Attack):
         for pname, v in (("image_weight", image_weight), ("code_weight", code_weight),
                          ("clean_weight", clean_weight)):
             if not v >= 0:
-                raise ValueError(f"ssba: {pname} must be >= 0, got {v}")
+                raise ParameterError("ssba", pname, v, "a value >= 0")
         if not texture_floor > 0:
             raise ParameterError("ssba", "texture_floor", texture_floor, "a value > 0")
         if not code_weight > 0:

@@ -97,7 +97,7 @@ class WaNet(Attack):
             raise ParameterError("wanet", "rotation", rotation, "a value in [0, 180] degrees")
         for pname, p in (("p_crop", p_crop), ("p_rotation", p_rotation)):
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"wanet: {pname} must be in [0, 1], got {p}")
+                raise ParameterError("wanet", pname, p, "a value in [0, 1]")
         self.k, self.s, self.grid_rescale = int(k), float(s), float(grid_rescale)
         self.cross_ratio, self.field_seed = float(cross_ratio), int(field_seed)
         self.crop_padding, self.p_crop = int(crop_padding), float(p_crop)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backdoor._checks import ParameterError
 from backdoor.data import Split
 from backdoor.defenses import NotApplicable, register_defense
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
@@ -173,7 +174,7 @@ class AdversarialNeuronPruning(Defense):
                   ("batch_size", batch_size is None or batch_size >= 1, ">= 1")]
         for name, good, allowed in checks:
             if not good:
-                raise ValueError(f"anp: {name} must be {allowed}, got {locals()[name]}")
+                raise ParameterError("anp", name, locals()[name], f"a value {allowed}")
         self.iterations, self.eps, self.alpha, self.mask_lr = iterations, eps, alpha, mask_lr
         self.threshold, self.noise_steps, self.batch_size = threshold, noise_steps, batch_size
         self.batch_stats = bool(batch_stats)

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backdoor._checks import ParameterError
 from backdoor.defenses import register_defense
 from backdoor.defenses._data_side import fresh_model, per_sample_loss, require_poisoned_train
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
@@ -269,15 +270,15 @@ class DecouplingBackdoorDefense(Defense):
                                  ("mixmatch_epochs", mixmatch_epochs, 0),
                                  ("mixmatch_batch_size", mixmatch_batch_size, 1), ("augmentations", augmentations, 1)):
             if not isinstance(value, int) or value < low:
-                raise ValueError(f"dbd: {name} must be an integer >= {low}, got {value!r}")
+                raise ParameterError("dbd", name, value, f"an integer >= {low}")
         for name, value in (("simclr_lr", simclr_lr), ("temperature", temperature),
                             ("sharpen_temperature", sharpen_temperature), ("mixup_alpha", mixup_alpha),
                             ("warmup_lr", warmup_lr), ("mixmatch_lr", mixmatch_lr)):
             if value is not None and value <= 0:
-                raise ValueError(f"dbd: {name} must be > 0, got {value}")
+                raise ParameterError("dbd", name, value, "a value > 0")
         for name, value in (("sce_alpha", sce_alpha), ("sce_beta", sce_beta), ("lambda_u", lambda_u)):
             if value < 0:
-                raise ValueError(f"dbd: {name} must be >= 0, got {value}")
+                raise ParameterError("dbd", name, value, "a value >= 0")
         if sce_alpha == 0 and sce_beta == 0:
             raise ValueError("dbd: sce_alpha and sce_beta cannot both be 0")
         if not 0.0 < epsilon < 1.0:

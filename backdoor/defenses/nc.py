@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backdoor._checks import ParameterError
 from backdoor.data import Split
 from backdoor.defenses import register_defense
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
@@ -197,7 +198,7 @@ class NeuralCleanse(Defense):
                   ("lr_unlearn", lr_unlearn is None or lr_unlearn > 0, "> 0")]
         for name, good, allowed in checks:
             if not good:
-                raise ValueError(f"nc: {name} must be {allowed}, got {locals()[name]}")
+                raise ParameterError("nc", name, locals()[name], f"a value {allowed}")
         self.epochs, self.init_cost, self.cost_up, self.cost_down = epochs, init_cost, cost_up, cost_down
         self.patience, self.threshold, self.lr, self.batch_size = patience, threshold, lr, batch_size
         self.anomaly_threshold, self.unlearn_ratio, self.max_batch = anomaly_threshold, unlearn_ratio, max_batch

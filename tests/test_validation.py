@@ -87,7 +87,9 @@ PARAMS = [  # (old, new, expected message)
     ("ft: {epochs: 2}", "nc: {lr: true}", "defenses.nc.lr: True is not allowed; expected a number"),
     ("ft: {epochs: 2}", "abl: {isolation_ratio: 2}", "defenses.abl.isolation_ratio: 2 is not allowed; expected a value in (0, 1)"),
     ("ft: {epochs: 2}", "nad: {betas: [1, x, 2]}", "defenses.nad.betas: [1, 'x', 2] is not allowed; expected three non-negative"),
-    ("ft: {epochs: 2}", "nc: {cost_up: 1}", "defenses.nc: cost_up must be > 1, got 1"),  # a plain ValueError: key + text
+    ("ft: {epochs: 2}", "nc: {cost_up: 1}", "defenses.nc.cost_up: 1 is not allowed; expected a value > 1"),
+    ("ft: {epochs: 2}", "dbd: {sce_alpha: 0, sce_beta: 0}",  # a plain ValueError: the key, then its text
+     "defenses.dbd: sce_alpha and sce_beta cannot both be 0"),
     ("training: {epochs: 2}", "training: {lr: true}", "training.lr: True is not allowed; expected a number"),
     ("training: {epochs: 2}", "training: {epochs: x}", "training.epochs: 'x' is not allowed; expected an integer"),
     ("training: {epochs: 2}", "training: {amp: 1}", "training.amp: 1 is not allowed; expected true or false"),

@@ -1,0 +1,78 @@
+"""Trigger generalisation (BackdoorBench supplementary B.8, its Figure 7).
+
+Blended backdoors are trained with each transparency alpha of ``--train-alphas`` (default 0.1, 0.2, 0.3) and each
+backdoored model is tested with the trigger blended at each alpha of ``--test-alphas`` (same pattern, same seed):
+the ASR matrix, rows = training alpha, columns = test alpha. The models are the grid's backdoored models (built
+through the cache with the grid's specs, so a model the grid already trained is loaded, not retrained).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from backdoor.attacks import create_attack
+from backdoor.metrics import backdoor_metrics
+from backdoor.pipeline import StageLog
+from backdoor.studies._setup import add_training_arguments, make_case, runner_for, save_figure, write_json
+from backdoor.training import predict
+
+NAME = "trigger-generalisation"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_training_arguments(parser)
+    parser.add_argument("--ratio", type=float, default=0.1, help="poison ratio (default 0.1)")
+    parser.add_argument("--train-alphas", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    parser.add_argument("--test-alphas", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+
+
+def asr_matrix(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """ASR and C-Acc [train alphas, test alphas] (C-Acc does not depend on the test alpha: repeated)."""
+    asr = np.zeros((len(args.train_alphas), len(args.test_alphas)))
+    c_acc = np.zeros_like(asr)
+    for i, train_alpha in enumerate(args.train_alphas):
+        case = make_case(args, "blended", args.ratio, {"alpha": train_alpha})
+        runner, log_ = runner_for(args), StageLog()
+        data = runner.dataset(case, log_)
+        attack = runner.attack(case, data, log_)
+        model, _ = runner.backdoored_model(case, attack, data, log_)
+        clean_pred = predict(model, data.test.x, device=runner.device)
+        for j, test_alpha in enumerate(args.test_alphas):
+            params = {**attack.params(), "alpha": test_alpha}
+            test = create_attack("blended", **params).poison_test(data.test)
+            m = backdoor_metrics(clean_pred, data.test.y, predict(model, test.x, device=runner.device), test.y, case.target)
+            asr[i, j], c_acc[i, j] = m.asr, m.c_acc
+    return asr, c_acc
+
+
+def run(args: argparse.Namespace, folder: Path) -> list[Path]:
+    """The ASR matrix as trigger-generalisation.json and a heat map."""
+    asr, c_acc = asr_matrix(args)
+    payload = {"study": NAME, "dataset": args.dataset, "model": args.model, "seed": args.seed, "ratio": args.ratio,
+               "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size},
+               "train_alphas": args.train_alphas, "test_alphas": args.test_alphas, "asr": asr.tolist(),
+               "c_acc": c_acc[:, 0].tolist()}
+    return [write_json(folder / f"{NAME}.json", payload), *save_figure(_figure(asr, c_acc, args), folder, NAME)]
+
+
+def _figure(asr: np.ndarray, c_acc: np.ndarray, args: argparse.Namespace):
+    from backdoor.analysis._common import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1.6 * len(args.test_alphas) + 2.4, 1.3 * len(args.train_alphas) + 1.6))
+    shown = ax.imshow(100 * asr, cmap="Reds", vmin=0, vmax=100)
+    for i in range(asr.shape[0]):
+        for j in range(asr.shape[1]):
+            ax.text(j, i, f"{100 * asr[i, j]:.1f}", ha="center", va="center", fontsize=12,
+                    color="white" if asr[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(args.test_alphas)), [f"{a:g}" for a in args.test_alphas], fontsize=11)
+    ax.set_yticks(range(len(args.train_alphas)),
+                  [f"{a:g} (C-Acc {100 * c:.1f})" for a, c in zip(args.train_alphas, c_acc[:, 0])], fontsize=10)
+    ax.set_xlabel("test alpha", fontsize=11)
+    ax.set_ylabel("training alpha", fontsize=11)
+    fig.colorbar(shown, ax=ax, label="ASR (%)")
+    ax.set_title(f"Blended trigger generalisation: ASR (%), ratio {args.ratio:g}", fontsize=11)
+    fig.tight_layout()
+    return fig

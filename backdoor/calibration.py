@@ -60,12 +60,17 @@ def collect_runs(matrix: Matrix, plan: dict[str, list[int]], results_root: Path)
 
 
 def calibrate(matrix: Matrix, results_root: Path, cache_root: Path, workers: int,
-              run: bool = True, command: str = "") -> dict:
-    """Run (unless ``run`` is false) and aggregate the calibration plan of ``matrix``; write its expectations
-    file. Returns a summary: runs, case count, chaotic bands and leave-one-out coverage."""
+              run: bool = True, command: str = "", only: list[str] | None = None) -> dict:
+    """Run (unless ``run`` is false; only the variants in ``only`` when given) and aggregate the calibration plan
+    of ``matrix``; write its expectations file. Returns a summary: runs, chaotic bands and leave-one-out coverage."""
     plan = matrix.regression.calibrate
+    unknown = sorted(set(only or ()) - set(plan))
+    if unknown:
+        raise RuntimeError(f"--only {', '.join(unknown)}: not in the plan's variants ({', '.join(plan)})")
     if run:
         for variant, seeds in plan.items():
+            if only and variant not in only:
+                continue
             code = run_variant(matrix, variant, seeds, results_root, cache_root, workers)
             if code not in (0, 1):  # 1: some case failed; its siblings still count, and it is reported below
                 raise RuntimeError(f"calibration run {variant} stopped with pytest exit code {code}")

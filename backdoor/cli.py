@@ -112,8 +112,8 @@ def cmd_expect(args: argparse.Namespace) -> int:
     command = f"backdoor expect {args.matrix} --calibrate"
     try:
         summary = calibrate(matrix, Path(args.results_dir).resolve(), Path(args.cache_dir).resolve(), args.workers,
-                            run=not args.no_run, command=command)
-    except RuntimeError as e:
+                            run=not args.no_run, command=command, only=args.only)
+    except (RuntimeError, ValueError) as e:  # ValueError: a damaged records file names its line
         print(f"backdoor expect: {e}", file=sys.stderr)
         return 1
     print(f"wrote calibrated bands for {len(summary['runs'])} runs ({', '.join(summary['runs'])}) to "
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     expect.add_argument("--calibrate", action="store_true",
                         help="run the matrix's regression.calibrate plan (variant -> seeds) and write its bands")
     expect.add_argument("--no-run", action="store_true", help="only aggregate the calibration runs already recorded")
+    expect.add_argument("--only", action="append", metavar="VARIANT",
+                        help="run only this variant of the plan (repeatable), then aggregate every recorded run")
     expect.add_argument("-n", "--workers", type=int, default=2, help="pytest-xdist workers per run (default 2)")
     expect.add_argument("--results-dir", default=os.environ.get("BACKDOOR_RESULTS", "results"),
                         help="results root; calibration runs go to <root>/_calibration/<variant>/ (default: results)")

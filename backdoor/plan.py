@@ -101,19 +101,21 @@ def print_plan(matrix_path: Path, args, extra: list[str]) -> int:
     folder = Path(args.results_dir).resolve() / matrix.name
     records = read_records(folder) if (folder / RECORDS).exists() else []
     by_case, by_method = stage_estimates(records)
-    seen: set[tuple[str, str]] = set()
+    planned: set[str] = set()  # artifacts an earlier case of the plan builds
     total, unknown = 0.0, 0
     print(f"plan for {matrix_path} ({len(cases)} case(s); cache {cache.root}; timings from {len(records)} record(s) "
           f"in {folder})")
     for case in cases:
         parts = []
         for stage, (kind, spec) in case_artifacts(runner, case).items():
-            key = (kind, str(cache.path(kind, spec)))
-            if key in seen or cached(cache, kind, spec):
-                parts.append(f"{stage}: cached" if key not in seen else f"{stage}: shared")
-                seen.add(key)
+            key = str(cache.path(kind, spec))
+            if cached(cache, kind, spec):
+                parts.append(f"{stage}: cached")
                 continue
-            seen.add(key)
+            if key in planned:
+                parts.append(f"{stage}: built above")
+                continue
+            planned.add(key)
             method = case.defense if stage == "defense" else case.attack
             seconds = by_case.get((case.case_id, stage), by_method.get((method, stage)))
             if seconds is None:
@@ -121,7 +123,7 @@ def print_plan(matrix_path: Path, args, extra: list[str]) -> int:
                 parts.append(f"{stage}: build (time unknown)")
             else:
                 total += seconds
-                parts.append(f"{stage}: build ~{seconds:.0f} s")
+                parts.append(f"{stage}: build ~{seconds:.1f} s" if seconds < 10 else f"{stage}: build ~{seconds:.0f} s")
         print(f"  {case.case_id}: " + ", ".join(parts))
     workers = max(1, workers_of(extra))
     print(f"estimate: ~{total / 60:.1f} min of builds on one worker, ~{total / 60 / workers:.1f} min with {workers} "

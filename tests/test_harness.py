@@ -117,3 +117,48 @@ def test_drift_beyond_tolerance_fails_and_keeps_the_record(first_run):
     assert done.returncode == 1, done.stdout + done.stderr
     assert "1 failed" in done.stdout and "badnets-p0.1-s0-none drifted from its expectation: asr" in done.stdout
     assert "synthetic-cnn_small-badnets-p0.1-s0-none" in records(tmp / "results-e")
+
+
+def backdoor_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "backdoor.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def test_run_works_from_any_folder_and_reads_no_conftest(tmp_path):
+    """`backdoor run` runs the packaged grid: results and cache default to the current folder, and a conftest.py
+    (or pytest.ini) in that folder is never executed."""
+    (tmp_path / "tiny.yaml").write_text(textwrap.dedent(MATRIX))
+    (tmp_path / "conftest.py").write_text("raise SystemExit('an untrusted conftest.py ran')\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = --this-option-does-not-exist\n")
+    done = backdoor_cli("run", "tiny.yaml", "-k", "badnets", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "an untrusted conftest.py ran" not in done.stdout + done.stderr
+    assert sorted(records(tmp_path / "results")) == ["synthetic-cnn_small-badnets-p0.1-s0-ft",
+                                                     "synthetic-cnn_small-badnets-p0.1-s0-none"]
+    assert (tmp_path / ".backdoor-cache" / "backdoor_model").is_dir()
+    assert f"results in {tmp_path / 'results'}" in done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
+    assert len(lines) == 2 and lines[0].startswith("[1/2] synthetic-cnn_small-badnets-p0.1-s0-") and "C-Acc" in lines[0]
+    assert "1 left, ETA" in lines[0] and "0 left" in lines[1]
+    quiet = backdoor_cli("run", "tiny.yaml", "-k", "badnets", "-q", cwd=tmp_path)
+    assert quiet.returncode == 0 and not [line for line in quiet.stdout.splitlines() if line.startswith("[1/2]")]
+
+    planned = backdoor_cli("run", "tiny.yaml", "--plan", "-n", "2", cwd=tmp_path)
+    assert planned.returncode == 0, planned.stderr
+    assert "synthetic-cnn_small-badnets-p0.1-s0-ft: dataset: cached, poison: cached, backdoor_model: cached, " \
+           "defense: cached" in planned.stdout
+    blended = next(line for line in planned.stdout.splitlines() if "blended-p0.1-s0-none:" in line)
+    assert "backdoor_model: build (time unknown)" in blended  # never built, nor timed, in this folder
+    assert "clean-s0-none: dataset: cached, clean_model: build (time unknown)" in planned.stdout
+    assert "blended-p0.1-s0-ft: dataset: cached, poison: built above, backdoor_model: built above, defense: build ~" \
+        in planned.stdout  # timed from the badnets FT case's record
+    assert "3 build(s) have no recorded timing yet" in planned.stdout
+
+
+def test_run_help_shows_every_option_with_its_default(tmp_path):
+    done = backdoor_cli("run", "--help", cwd=tmp_path)
+    for option in ("--results-dir", "--cache-dir", "--device", "--threads", "--seeds", "--strict", "--plan",
+                   "--no-regression"):
+        assert option in done.stdout
+    text = " ".join(done.stdout.split())  # argparse wraps lines
+    assert "(default: results)" in text and "(default: .backdoor-cache)" in text and "(default: auto)" in text

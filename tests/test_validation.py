@@ -232,3 +232,9 @@ def test_grid_with_a_bad_value_exits_4_quickly_with_one_line(tmp_path):
     assert "Traceback" not in output and len(output.strip().splitlines()) <= 3, output
     assert elapsed < 60, f"took {elapsed:.0f} s"  # imports torch and torchvision; nothing trains
     assert not (tmp_path / "cache").exists() and not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_missing_cifar_files_stop_at_load(tmp_path, dataset):
+    text = GOOD.replace("datasets: [digits]", f"datasets: {{{dataset}: {{root: {tmp_path / 'nothing'}}}}}")
+    rejects(write(tmp_path, text), f"datasets.{dataset}: dataset files not found")

@@ -83,17 +83,25 @@ def _read_pickle(path: Path, label_key: str, num_classes: int) -> Split:
     return Split(x, labels)
 
 
-def _load(name: str, root, folder: str, archive: str, train_files: list[str], test_file: str, label_key: str,
-          num_classes: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Dataset:
+def _locate(name: str, root, folder: str, archive: str, names: list[str]) -> Path:
+    """The directory holding every official file (under the data root, or the root itself)."""
     base = resolve_root(root)
-    names = train_files + [test_file]
     candidates = [base / folder, base]  # the folder that holds the extracted directory, or the directory itself
     for directory in candidates:
         if all((directory / n).is_file() for n in names):
-            break
-    else:
-        looked_for = [directory / n for directory in candidates for n in names]
-        raise not_found(name, base, looked_for, HOW_TO_GET.format(archive=archive))
+            return directory
+    looked_for = [directory / n for directory in candidates for n in names]
+    raise not_found(name, base, looked_for, HOW_TO_GET.format(archive=archive))
+
+
+CIFAR10_FILES = ("cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz", [f"data_batch_{i}" for i in range(1, 6)] +
+                 ["test_batch"])
+CIFAR100_FILES = ("cifar100", "cifar-100-python", "cifar-100-python.tar.gz", ["train", "test"])
+
+
+def _load(name: str, root, folder: str, archive: str, train_files: list[str], test_file: str, label_key: str,
+          num_classes: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Dataset:
+    directory = _locate(name, root, folder, archive, train_files + [test_file])
     parts = [_read_pickle(directory / n, label_key, num_classes) for n in train_files]
     train = Split(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
     test = _read_pickle(directory / test_file, label_key, num_classes)
@@ -116,5 +124,18 @@ def cifar100(root: str | None = None) -> Dataset:
                  "fine_labels", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 
 
+def _check_cifar10(root: str | None = None) -> int:
+    """What the matrix loader checks: the official files are there (nothing is read). Returns the image side."""
+    _locate(CIFAR10_FILES[0], root, CIFAR10_FILES[1], CIFAR10_FILES[2], CIFAR10_FILES[3])
+    return 32
+
+
+def _check_cifar100(root: str | None = None) -> int:
+    _locate(CIFAR100_FILES[0], root, CIFAR100_FILES[1], CIFAR100_FILES[2], CIFAR100_FILES[3])
+    return 32
+
+
 cifar10.num_classes = 10
 cifar100.num_classes = 100
+cifar10.check = _check_cifar10
+cifar100.check = _check_cifar100

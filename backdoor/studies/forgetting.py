@@ -76,6 +76,8 @@ def run(args: argparse.Namespace, folder: Path) -> list[Path]:
 def _figure(runs: list[dict], args: argparse.Namespace):
     from backdoor.analysis._common import pyplot
 
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
     attacks, ratios = list(dict.fromkeys(r["attack"] for r in runs)), list(dict.fromkeys(r["ratio"] for r in runs))
     fig, axes = plt.subplots(len(attacks), len(ratios), figsize=(3.6 * len(ratios), 3.0 * len(attacks)),
@@ -90,6 +92,7 @@ def _figure(runs: list[dict], args: argparse.Namespace):
                         label=f"{group} (n={int(sel.sum())}, mean {counts[sel].mean():.2f})")
         ax.set_title(f"{run['attack']}, ratio {run['ratio']:g}", fontsize=10)
         ax.set_xlabel("forgetting events", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7.5)
         ax.tick_params(labelsize=8)
     for ax in axes[:, 0]:

@@ -47,7 +47,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     try:
         artifacts = load_case(args.folder, args.case, args.cache_dir, args.device)
         paths = tool(args.tool).run(artifacts, output_dir(args.folder, args.case), args)
-    except (NotCachedError, KeyError, ValueError, FileNotFoundError) as e:
+    except (NotCachedError, LookupError, ValueError, FileNotFoundError) as e:
         print(f"backdoor analyze {args.tool}: {e}", file=sys.stderr)
         return 1
     for path in paths:

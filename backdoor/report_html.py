@@ -3,7 +3,8 @@
 The paper's full-result layout (one row per dataset x model x ratio x attack, one column group per defense with
 C-Acc, ASR, R-Acc) under grouped defense headers; each ASR cell is shaded from white (0%) to red (100%); cells
 give the mean over seeds and, with several seeds, the half-width of the 95% Student-t interval
-(``backdoor.results.cell_summaries``). The figures written by ``backdoor plot`` are embedded as base64 PNG.
+(``backdoor.results.cell_summaries``). The poison-detection table of the markdown leaderboard follows, and the
+figures written by ``backdoor plot`` are embedded as base64 PNG.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from backdoor.figures import FIGURES, figure_entries
 from backdoor.results import (ATTACK_ORDER, ATTACK_TITLES, DEFENSE_ORDER, DEFENSE_TITLES, METRIC_TITLES,
-                              cell_summaries, read_records)
+                              cell_summaries, detection_frame, read_records)
 from backdoor.stats import INTERVAL_KIND
 
 CSS = """
@@ -123,6 +124,10 @@ def render_html(folder: str | Path) -> str:
     records = read_records(folder)
     seeds = sorted({r["seed"] for r in records})
     figures = figures_html(folder)
+    detection = detection_frame(records)
+    detection_html = "" if detection is None else (
+        "<h2>Poison detection (data-side defenses, scored against the true poison mask)</h2>"
+        '<div class="wrap">' + detection.to_html(index=False, border=0, escape=True) + "</div>")
     legend = (f"C-Acc, ASR and R-Acc in percent: the mean over seeds, ± the half-width of its {INTERVAL_KIND} "
               f"when there are several seeds; n: seeds with a result; n/a: the defense does not apply. ASR cells "
               f"are shaded from white (0%) to red (100%). {len(records)} records, seeds {', '.join(map(str, seeds))}.")
@@ -130,7 +135,7 @@ def render_html(folder: str | Path) -> str:
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Leaderboard: {html.escape(folder.name)}'
             f'</title><style>{CSS}</style></head><body><h1>Leaderboard: {html.escape(folder.name)}</h1>'
             f'<p class="legend">{html.escape(legend)} Rendered {stamp} from records.jsonl.</p>{table_html(records)}'
-            + (f"<h2>Figures</h2>{figures}" if figures else "") + "</body></html>\n")
+            + detection_html + (f"<h2>Figures</h2>{figures}" if figures else "") + "</body></html>\n")
 
 
 def write_html(folder: str | Path) -> Path:

@@ -185,7 +185,7 @@ def test_load_case_refuses_to_train(finished_case, tmp_path):
     with pytest.raises(NotCachedError, match="not cached.*run the case first"):
         load_case(results, record["case_id"], empty)
     assert list(empty.rglob("*")) == []  # not even a lock file
-    with pytest.raises(KeyError, match="no case"):
+    with pytest.raises(LookupError, match="no case"):
         load_case(results, "synthetic-cnn_small-badnets-p0.1-s9-ft", empty)
 
 

@@ -77,3 +77,12 @@ def test_one_model_skips_figure_5_and_says_why(tmp_path):
 def test_plot_without_results_fails_cleanly(tmp_path, capsys):
     assert cli_main(["plot", str(tmp_path)]) == 1
     assert "records.jsonl" in capsys.readouterr().err
+
+
+def test_page_carries_the_detection_table(tmp_path):
+    rows = [record("cnn_small", 0.1, "badnets", "none", 0),
+            {**record("cnn_small", 0.1, "badnets", "ft", 0), "defense": "ac", "case_id": "digits-cnn_small-badnets-p0.1-s0-ac",
+             "detection": {"tpr": 0.9, "fpr": 0.05, "precision": 0.7, "auroc": 0.95, "flagged": 130}}]
+    upsert_records(tmp_path, rows)
+    page = render_html(tmp_path)
+    assert "Poison detection" in page and "AUROC" in page and "95.00" in page

@@ -26,6 +26,10 @@ class NotCachedError(RuntimeError):
     """An artifact of the case is not in the cache (the case was not run with this cache and this code)."""
 
 
+class CaseNotFoundError(LookupError):
+    """No record of that case id in the results folder."""
+
+
 class CachedOnly(ArtifactCache):
     """An ``ArtifactCache`` whose builds raise ``NotCachedError`` instead of training."""
 
@@ -53,7 +57,7 @@ def find_record(results_dir: str | Path, case_id: str) -> dict:
             return record
     prefix = case_id.rsplit("-", 1)[0]
     close = sorted(r["case_id"] for r in records if r["case_id"].startswith(prefix))[:5]
-    raise KeyError(f"no case {case_id!r} in {Path(results_dir) / 'records.jsonl'}"
+    raise CaseNotFoundError(f"no case {case_id!r} in {Path(results_dir) / 'records.jsonl'}"
                    + (f"; cases of that model: {', '.join(close)}" if close else ""))
 
 

@@ -134,7 +134,8 @@ def figure3(cells: dict, dataset: str, model: str):
                       if (dataset, model, r, attack, defense) in mine]
             dodge = 0.5 * (i - (len(attacks) - 1) / 2) / max(len(attacks), 1)  # keep error bars apart
             if points:
-                ax.errorbar([j + dodge for j, _ in points], [100 * s.mean for _, s in points], yerr=_errs([s for _, s in points]),
+                ax.errorbar([j + dodge for j, _ in points], [100 * s.mean for _, s in points],
+                            yerr=_errs([s for _, s in points]),
                             marker=MARKERS[i % len(MARKERS)], color=cmap(i % 10), capsize=2, linewidth=1.4,
                             markersize=6, label=ATTACK_TITLES.get(attack, attack))
         ax.set_title(DEFENSE_TITLES.get(defense, defense))
@@ -203,7 +204,8 @@ def write_figures(folder: str | Path) -> tuple[list[Path], list[str]]:
     entries, skipped = [], []
     for dataset, model, ratio in sorted({k[:3] for k in cells}):
         stem = f"fig2_{dataset}_{model}_p{ratio:g}"
-        entries.append({"figure": 2, "stem": stem, "title": f"Figure 2: C-Acc / R-Acc against ASR, {dataset} / {model}, ratio {ratio:g}",
+        title = f"Figure 2: C-Acc / R-Acc against ASR, {dataset} / {model}, ratio {ratio:g}"
+        entries.append({"figure": 2, "stem": stem, "title": title,
                         "files": [p.name for p in _save(figure2(cells, dataset, model, ratio), out, stem)]})
     for dataset, model in sorted({k[:2] for k in cells}):
         stem = f"fig3_{dataset}_{model}"
@@ -236,7 +238,8 @@ def figure_links(folder: str | Path) -> list[str]:
     entries = figure_entries(folder)
     if not entries:
         return []
-    lines = ["## Figures", "", "Rendered by `backdoor plot` from records.jsonl; the page `leaderboard.html` embeds them.", ""]
+    lines = ["## Figures", "",
+             "Rendered by `backdoor plot` from records.jsonl; the page `leaderboard.html` embeds them.", ""]
     for e in entries:
         links = " · ".join(f"[{Path(f).suffix[1:].upper()}]({FIGURES}/{f})" for f in e["files"])
         lines.append(f"- {e['title']}: {links}")

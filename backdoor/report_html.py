@@ -78,7 +78,8 @@ def table_html(records: list[dict]) -> str:
     metrics = list(METRIC_TITLES)
     head1 = ['<th rowspan="2" class="sticky">Attack</th>', '<th rowspan="2">Dataset</th>', '<th rowspan="2">Model</th>',
              '<th rowspan="2">Ratio</th>']
-    head1 += [f'<th colspan="{len(metrics) + 1}" class="group">{html.escape(DEFENSE_TITLES.get(d, d))}</th>' for d in defenses]
+    head1 += [f'<th colspan="{len(metrics) + 1}" class="group">{html.escape(DEFENSE_TITLES.get(d, d))}</th>'
+              for d in defenses]
     head2 = []
     for _ in defenses:
         head2 += [f'<th class="{"first" if i == 0 else ""}">{METRIC_TITLES[m]}</th>' for i, m in enumerate(metrics)]

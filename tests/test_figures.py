@@ -24,7 +24,8 @@ def record(model, ratio, attack, defense, seed):
             "poison_ratio": 0.0 if attack == "clean" else ratio, "seed": seed, "status": "ok", "reason": None,
             "detection": None, "defense_info": {}}
     if defense == "anp" and model == "cnn_small":
-        return {**base, "status": "not_applicable", "reason": "no batch norm", "c_acc": None, "asr": None, "r_acc": None}
+        return {**base, "status": "not_applicable", "reason": "no batch norm", "c_acc": None, "asr": None,
+                "r_acc": None}
     asr = None if attack == "clean" else min(1.0, 0.4 + 5 * ratio - 0.3 * DEFENSES.index(defense) + 0.05 * seed)
     return {**base, "c_acc": 0.95 - 0.01 * seed, "asr": asr, "r_acc": None if asr is None else 0.9 * (1 - asr)}
 
@@ -81,7 +82,8 @@ def test_plot_without_results_fails_cleanly(tmp_path, capsys):
 
 def test_page_carries_the_detection_table(tmp_path):
     rows = [record("cnn_small", 0.1, "badnets", "none", 0),
-            {**record("cnn_small", 0.1, "badnets", "ft", 0), "defense": "ac", "case_id": "digits-cnn_small-badnets-p0.1-s0-ac",
+            {**record("cnn_small", 0.1, "badnets", "ft", 0), "defense": "ac",
+             "case_id": "digits-cnn_small-badnets-p0.1-s0-ac",
              "detection": {"tpr": 0.9, "fpr": 0.05, "precision": 0.7, "auroc": 0.95, "flagged": 130}}]
     upsert_records(tmp_path, rows)
     page = render_html(tmp_path)

@@ -97,7 +97,8 @@ TINY = ["--dataset", "synthetic", "--dataset-params",
 
 @pytest.mark.parametrize("name", ["quick-learning", "forgetting", "trigger-generalisation"])
 def test_each_study_records_and_plots(name, tmp_path):
-    extra = {"quick-learning": ["--attacks", "badnets"], "forgetting": ["--attacks", "badnets", "--ratios", "0.05", "0.1"],
+    extra = {"quick-learning": ["--attacks", "badnets"],
+             "forgetting": ["--attacks", "badnets", "--ratios", "0.05", "0.1"],
              "trigger-generalisation": ["--train-alphas", "0.1", "0.3", "--test-alphas", "0.1", "0.2", "0.3"]}[name]
     argv = ["study", name, "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), *TINY, *extra]
     assert cli_main(argv) == 0
@@ -107,7 +108,8 @@ def test_each_study_records_and_plots(name, tmp_path):
     if name == "quick-learning":
         rows = payload["runs"][0]["epochs"]
         assert len(rows) == 2
-        for key in ("loss_poisoned", "acc_clean", "gsnr_all", "grad_norm_poisoned", "cos_all_poisoned", "acc_poisoned_test"):
+        for key in ("loss_poisoned", "acc_clean", "gsnr_all", "grad_norm_poisoned", "cos_all_poisoned",
+                    "acc_poisoned_test"):
             assert np.isfinite(rows[-1][key])
     elif name == "forgetting":
         assert [r["ratio"] for r in payload["runs"]] == [0.05, 0.1]

@@ -49,11 +49,19 @@ def image_for_plot(x: torch.Tensor) -> np.ndarray:
     return array[..., 0] if array.shape[-1] == 1 else array
 
 
+def on_device_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the device of ``model``'s parameters (or buffers): tools take CPU tensors and any model."""
+    tensor = next(iter(model.parameters()), None)
+    tensor = tensor if tensor is not None else next(iter(model.buffers()), x)
+    return x.to(tensor.device)
+
+
 @torch.no_grad()
 def predictions(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Predicted classes of float images, eval mode, float32 (no autocast)."""
+    """Predicted classes (on the CPU) of float images, eval mode, float32 (no autocast)."""
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    batches = (on_device_of(model, x[i:i + batch_size]) for i in range(0, len(x), batch_size))
+    return torch.cat([model(batch).argmax(1).cpu() for batch in batches])
 
 
 def mass_in(maps: np.ndarray, region: np.ndarray) -> np.ndarray:

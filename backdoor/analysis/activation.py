@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from backdoor.analysis._artifacts import CaseArtifacts
-from backdoor.analysis._common import pyplot, save_figure, save_numbers, to_float
+from backdoor.analysis._common import on_device_of, pyplot, save_figure, save_numbers, to_float
 from backdoor.models import Classifier, roles
 
 NAME = "activation"
@@ -47,11 +47,11 @@ def mean_channel_activation(model: nn.Module, layer: nn.Module, x: torch.Tensor,
     try:
         model.eval()
         for start in range(0, len(x), batch_size):
-            model(to_float(x[start:start + batch_size]))
+            model(on_device_of(model, to_float(x[start:start + batch_size])))
             count += len(x[start:start + batch_size])
     finally:
         handle.remove()
-    return (total / count).numpy()
+    return (total / count).cpu().numpy()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,14 +72,17 @@ def run(artifacts: CaseArtifacts, folder: Path, args: argparse.Namespace) -> lis
     summary = {"case": artifacts.case.case_id, "layer": name, "role": args.layer, "channels": int(len(order)),
                **{f"mean_{k}": float(v.mean()) for k, v in arrays.items() if k != "order"}}
     if "triggered_after" in arrays:
-        summary["mean_abs_change_triggered"] = float(np.abs(arrays["triggered_after"] - arrays["triggered_before"]).mean())
-        summary["mean_abs_change_clean"] = float(np.abs(arrays["clean_after"] - arrays["clean_before"]).mean())
+        for inputs in ("triggered", "clean"):
+            change = np.abs(arrays[f"{inputs}_after"] - arrays[f"{inputs}_before"])
+            summary[f"mean_abs_change_{inputs}"] = float(change.mean())
     fig = _figure(arrays, order, f"{artifacts.case.case_id}: mean activation per channel of {name} ({args.layer})")
     return [save_figure(fig, folder, NAME), *save_numbers(folder, NAME, arrays, summary)]
 
 
-STYLE = {"clean_before": ("tab:blue", "-", "clean, no defense"), "triggered_before": ("tab:green", "-", "triggered, no defense"),
-         "clean_after": ("tab:orange", "--", "clean, after defense"), "triggered_after": ("tab:purple", "--", "triggered, after defense")}
+STYLE = {"clean_before": ("tab:blue", "-", "clean, no defense"),
+         "triggered_before": ("tab:green", "-", "triggered, no defense"),
+         "clean_after": ("tab:orange", "--", "clean, after defense"),
+         "triggered_after": ("tab:purple", "--", "triggered, after defense")}
 
 
 def _figure(arrays: dict, order: np.ndarray, title: str):

@@ -17,18 +17,19 @@ import torch
 from torch import nn
 
 from backdoor.analysis._artifacts import CaseArtifacts
-from backdoor.analysis._common import image_for_plot, pick_pairs, predictions, pyplot, save_figure, save_numbers
+from backdoor.analysis._common import (image_for_plot, on_device_of, pick_pairs, predictions, pyplot, save_figure,
+                                      save_numbers)
 
 NAME = "frequency"
 
 
 def spectrum_gradient(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Formula (2): complex [N, C, H, W] gradient of each image's ``classes`` logit w.r.t. its DFT."""
-    x = x.detach().clone().requires_grad_(True)
+    x = on_device_of(model, x).detach().clone().requires_grad_(True)
     logits = model.eval()(x)
     (grad,) = torch.autograd.grad(logits.gather(1, classes[:, None].to(logits.device)).sum(), x)
     h, w = x.shape[-2:]
-    return torch.fft.ifft2(grad.double()) * (h * w)
+    return torch.fft.ifft2(grad.double().cpu()) * (h * w)
 
 
 def frequency_saliency(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> np.ndarray:
@@ -65,7 +66,8 @@ def run(artifacts: CaseArtifacts, folder: Path, args: argparse.Namespace) -> lis
         arrays[f"fsm_{stage}"], arrays[f"classes_{stage}"] = maps, classes.numpy()
         columns.append((f"FSM {stage}", maps, classes))
         share = radial_low_share(maps)
-        summary[f"low_frequency_share_{stage}"] = {"clean": float(share[:n].mean()), "triggered": float(share[n:].mean())}
+        summary[f"low_frequency_share_{stage}"] = {"clean": float(share[:n].mean()),
+                                                   "triggered": float(share[n:].mean())}
     summary.update(case=artifacts.case.case_id, samples=n, centred="low frequencies at the centre (fftshift)")
     fig = _figure(images, columns, n, artifacts.case.case_id)
     return [save_figure(fig, folder, NAME), *save_numbers(folder, NAME, arrays, summary)]

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from backdoor.analysis._artifacts import CaseArtifacts
-from backdoor.analysis._common import (image_for_plot, pick_pairs, predictions, pyplot, save_figure, save_numbers,
-                                     trigger_share)
+from backdoor.analysis._common import (image_for_plot, on_device_of, pick_pairs, predictions, pyplot, save_figure,
+                                      save_numbers, trigger_share)
 from backdoor.models import roles
 
 NAME = "gradcam"
@@ -36,7 +36,7 @@ def gradcam_maps(model: nn.Module, layer: nn.Module, x: torch.Tensor, classes: t
     from pytorch_grad_cam import GradCAM
 
     with GradCAM(model=model.eval(), target_layers=[layer]) as cam:
-        return cam(input_tensor=x.clone(), targets=_targets(classes))
+        return cam(input_tensor=on_device_of(model, x).clone(), targets=_targets(classes))
 
 
 def fullgrad_maps(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> np.ndarray:
@@ -45,7 +45,7 @@ def fullgrad_maps(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> n
     from pytorch_grad_cam import FullGrad
 
     with FullGrad(model=model.eval(), target_layers=[]) as cam:
-        return cam(input_tensor=x.clone(), targets=_targets(classes))
+        return cam(input_tensor=on_device_of(model, x).clone(), targets=_targets(classes))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +64,8 @@ def run(artifacts: CaseArtifacts, folder: Path, args: argparse.Namespace) -> lis
                              ("fullgrad", fullgrad_maps(model, images, classes))):
             arrays[f"{method}_{stage}"], arrays[f"classes_{stage}"] = maps, classes.numpy()
             columns.append((f"{'Grad-CAM' if method == 'gradcam' else 'FullGrad'} {stage}", maps, classes))
-            summary[f"{method}_{stage}_on_trigger"] = trigger_share(maps[len(pairs.labels):], changed[len(pairs.labels):])
+            n = len(pairs.labels)
+            summary[f"{method}_{stage}_on_trigger"] = trigger_share(maps[n:], changed[n:])
     summary.update(case=artifacts.case.case_id, samples=len(pairs.labels), layer=artifacts.backdoored.roles.last_conv)
     fig = _figure(images, columns, len(pairs.labels), artifacts.case.case_id)
     return [save_figure(fig, folder, NAME), *save_numbers(folder, NAME, arrays, summary)]

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from backdoor.analysis._artifacts import CaseArtifacts
-from backdoor.analysis._common import (image_for_plot, pick_pairs, predictions, pyplot, save_figure, save_numbers,
-                                     trigger_share)
+from backdoor.analysis._common import (image_for_plot, on_device_of, pick_pairs, predictions, pyplot, save_figure,
+                                      save_numbers, trigger_share)
 
 NAME = "shapley"
 
@@ -46,9 +46,10 @@ def shapley_maps(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, *, su
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)  # captum draws its permutations from the global generator
         for image, cls in zip(x, classes):
-            attribution = explainer.attribute(image[None], baselines=0.0, target=int(cls), feature_mask=mask,
+            attribution = explainer.attribute(on_device_of(model, image[None]), baselines=0.0, target=int(cls),
+                                              feature_mask=on_device_of(model, mask),
                                               n_samples=n_samples, perturbations_per_eval=features)
-            out.append((attribution[0, 0].double() / area).float().numpy())  # channels share one value
+            out.append((attribution[0, 0].double().cpu() / area).float().numpy())  # channels share one value
     return np.stack(out)
 
 

@@ -42,7 +42,8 @@ def knn_purity(points: np.ndarray, marked: np.ndarray, k: int = 10) -> float:
     return float(marked[index[:, 1:]].mean())
 
 
-def features_and_labels(model, artifacts: CaseArtifacts, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def features_and_labels(model, artifacts: CaseArtifacts,
+                        device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Penultimate features of the whole clean test set and the triggered test set; true labels; triggered flag."""
     test = artifacts.data.test
     triggered = artifacts.triggered_test()

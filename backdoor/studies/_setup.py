@@ -29,9 +29,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, attacks: list[str] |
     parser.add_argument("--dataset-params", type=json.loads, default={}, help='JSON, e.g. {"train_size": 500}')
     parser.add_argument("--model", default="cnn_small")
     if attacks is not None:
-        parser.add_argument("--attacks", nargs="+", default=attacks, help=f"data-poisoning attacks (default {' '.join(attacks)})")
+        parser.add_argument("--attacks", nargs="+", default=attacks,
+                            help=f"data-poisoning attacks (default {' '.join(attacks)})")
     if ratios is not None:
-        parser.add_argument("--ratios", nargs="+", type=float, default=ratios, help=f"poison ratios (default {' '.join(map(str, ratios))})")
+        parser.add_argument("--ratios", nargs="+", type=float, default=ratios,
+                            help=f"poison ratios (default {' '.join(map(str, ratios))})")
     parser.add_argument("--target", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=15, help="training epochs (default 15, the smoke grid's)")
     parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05, the smoke grid's)")
@@ -44,7 +46,8 @@ def make_case(args: argparse.Namespace, attack: str, ratio: float, attack_params
     if cls.kind == "training_controllable":
         raise ValueError(f"{attack} poisons inside the trainer with its own hooks; studies take data-poisoning attacks")
     params = {"cap_ratio": True, **(attack_params or {})}
-    return Case(matrix="study", dataset=args.dataset, dataset_params=args.dataset_params, model=args.model, attack=attack, defense="none", ratio=ratio,
+    return Case(matrix="study", dataset=args.dataset, dataset_params=args.dataset_params, model=args.model,
+                attack=attack, defense="none", ratio=ratio,
                 seed=args.seed, target=args.target, attack_params=params,
                 training=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr))
 

@@ -66,7 +66,8 @@ def run(args: argparse.Namespace, folder: Path) -> list[Path]:
             train_observed(runner, case, data, poisoned, hooks)
             counts = forgetting_counts(np.stack(hooks.correct))
             runs.append({"attack": attack_name, "ratio": ratio, "effective_ratio": poisoned.effective_ratio,
-                         "case": case.case_id, "counts": counts.tolist(), "poisoned_mask": poisoned.mask.numpy().tolist(),
+                         "case": case.case_id, "counts": counts.tolist(),
+                         "poisoned_mask": poisoned.mask.numpy().tolist(),
                          "summary": summarise(counts, poisoned.mask.numpy())})
     payload = {"study": NAME, "dataset": args.dataset, "model": args.model, "seed": args.seed,
                "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}, "runs": runs}

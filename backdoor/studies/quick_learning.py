@@ -99,7 +99,8 @@ class QuickLearningHooks(EpochEndHooks):
         row = {"epoch": epoch}
         for group, sel in (("poisoned", self.mask), ("clean", ~self.mask), ("all", torch.ones_like(self.mask))):
             if sel.any():
-                row[f"loss_{group}"], row[f"acc_{group}"] = loss_accuracy(self.model, self.train_x[sel], self.train_y[sel])
+                loss, acc = loss_accuracy(self.model, self.train_x[sel], self.train_y[sel])
+                row[f"loss_{group}"], row[f"acc_{group}"] = loss, acc
         for name, (x, y) in self.test_sets.items():
             row[f"loss_{name}"], row[f"acc_{name}"] = loss_accuracy(self.model, x, y)
         row.update(gradient_statistics(self.model, self.train_x, self.train_y, self.mask))
@@ -157,7 +158,8 @@ def _figure(runs: list[dict]):
             if key in ("gsnr", "grad_norm"):
                 ax.set_yscale("log")
         for a, b in PAIRS:
-            row[4].plot(epochs, [r.get(f"cos_{a}_{b}", np.nan) for r in run["epochs"]], label=f"{a} vs {b}", linewidth=1.5)
+            values = [r.get(f"cos_{a}_{b}", np.nan) for r in run["epochs"]]
+            row[4].plot(epochs, values, label=f"{a} vs {b}", linewidth=1.5)
         row[4].set_title(f"{run['attack']} p={run['ratio']:g}: cosine of mean gradients", fontsize=10)
         for ax in row:
             ax.set_xlabel("epoch", fontsize=9)
@@ -165,6 +167,7 @@ def _figure(runs: list[dict]):
             ax.grid(alpha=0.3)
     axes[0, 1].legend(fontsize=8)
     axes[0, 4].legend(fontsize=8)
-    fig.suptitle("Quick learning of the backdoor (supplementary B.6): training groups and test sets per epoch", fontsize=12)
+    fig.suptitle("Quick learning of the backdoor (supplementary B.6): training groups and test sets per epoch",
+                 fontsize=12)
     fig.tight_layout()
     return fig

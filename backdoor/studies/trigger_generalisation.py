@@ -42,7 +42,8 @@ def asr_matrix(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
         for j, test_alpha in enumerate(args.test_alphas):
             params = {**attack.params(), "alpha": test_alpha}
             test = create_attack("blended", **params).poison_test(data.test)
-            m = backdoor_metrics(clean_pred, data.test.y, predict(model, test.x, device=runner.device), test.y, case.target)
+            poisoned_pred = predict(model, test.x, device=runner.device)
+            m = backdoor_metrics(clean_pred, data.test.y, poisoned_pred, test.y, case.target)
             asr[i, j], c_acc[i, j] = m.asr, m.c_acc
     return asr, c_acc
 

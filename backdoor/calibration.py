@@ -2,9 +2,9 @@
 measured variation (``backdoor expect MATRIX --calibrate``).
 
 Each variant runs as its own pytest process with that variant's environment variables (they are read when
-PyTorch loads, so a process cannot switch), its own results folder ``<results>/_calibration/<variant>/`` and,
-since cache keys do not encode the numerics, its own cache (``<cache>/numerics-<variant>/``; the native
-variant uses the cache itself). Reruns reuse both, so an interrupted calibration resumes where it stopped.
+PyTorch loads, so a process cannot switch) and its own results folder ``<results>/_calibration/<variant>/``.
+They share the cache: its keys carry the CPU kernels in use. Reruns reuse both, so an interrupted calibration
+resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def variant_results(results_root: Path, variant: str) -> Path:
 
 
 def variant_cache(cache_root: Path, variant: str) -> Path:
-    return Path(cache_root) if variant == "native" else Path(cache_root) / f"numerics-{variant}"
+    return Path(cache_root)  # cache keys carry the numerics (pipeline.numerics_key): variants share one cache
 
 
 def run_variant(matrix: Matrix, variant: str, seeds: list[int], results_root: Path,
@@ -37,7 +37,7 @@ def run_variant(matrix: Matrix, variant: str, seeds: list[int], results_root: Pa
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
     env.update(VARIANTS[variant])
     command = grid_command(matrix.path.resolve(), [
-        "--seeds", ",".join(map(str, seeds)), "--results-dir", str(variant_results(results_root, variant)),
+        "--seeds", ",".join(map(str, seeds)) + ",", "--results-dir", str(variant_results(results_root, variant)),
         "--cache-dir", str(variant_cache(cache_root, variant)), "--regression", "off", "-q", *extra,
         *(["-n", str(workers)] if workers > 1 else [])])
     print(f"calibration: {variant} ({' '.join(f'{k}={v}' for k, v in VARIANTS[variant].items()) or 'no variables'}), "

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     expect.add_argument("--results-dir", default=os.environ.get("BACKDOOR_RESULTS", "results"),
                         help="results root; calibration runs go to <root>/_calibration/<variant>/ (default: results)")
     expect.add_argument("--cache-dir", default=os.environ.get("BACKDOOR_CACHE", ".backdoor-cache"),
-                        help="artifact cache; non-native variants use <cache>/numerics-<variant>/ (default: .backdoor-cache)")
+                        help="artifact cache, shared by the variants (its keys carry the numerics) (default: .backdoor-cache)")
     bench = sub.add_parser("bench", help="print poisoning and training throughput (images/s)")
     bench.add_argument("--images", type=int, default=50_000, help="CIFAR-shaped images to poison")
     bench.add_argument("--train-images", type=int, default=4096, help="images per training epoch")

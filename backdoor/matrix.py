@@ -249,10 +249,11 @@ def _regression(path: Path, value: Any) -> Regression:
 
 
 def parse_seeds(value: Any, fail=MatrixError) -> list[int]:
-    """``5`` means seeds 0..4; a list names the seeds; ``"0,1,2"`` (command line) is a list too."""
+    """``5`` means seeds 0..4; a list names the seeds; on the command line ``"0,1,2"`` is a list too, and
+    ``"7,"`` the single seed 7."""
     if isinstance(value, str):
         try:
-            value = [int(v) for v in value.split(",")] if "," in value else int(value)
+            value = [int(v) for v in value.split(",") if v.strip()] if "," in value else int(value)
         except ValueError:
             raise fail(f"{value!r} is not allowed; expected a count n (seeds 0..n-1) or integers separated by commas") from None
     if isinstance(value, int) and not isinstance(value, bool):

@@ -86,6 +86,10 @@ def numerics_env() -> dict[str, str]:
     return {name: os.environ[name] for name in NUMERICS_VARIABLES if name in os.environ}
 
 
+def numerics_key() -> dict[str, str]:
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), **numerics_env()}
+
+
 def derive_seed(seed: int, stage: str) -> int:
     return int(hashlib.sha256(f"{seed}:{stage}".encode()).hexdigest()[:8], 16)
 
@@ -125,7 +129,10 @@ class Runner:
     def dataset_spec(case: Case) -> dict:
         # Where the files live does not change the data, except for imagefolder, whose root *is* the data.
         params = {k: v for k, v in case.dataset_params.items() if k != "root" or case.dataset == "imagefolder"}
-        return {"dataset": case.dataset, "params": params, "code": code_version(DATASETS.get(case.dataset).__module__)}
+        # Every artifact's spec starts from this one, so the CPU kernels in use key them all: a cache filled on an
+        # AVX2 machine (or under ATEN_CPU_CAPABILITY=avx2) never serves a native AVX-512 run, whose last bits differ.
+        return {"dataset": case.dataset, "params": params, "code": code_version(DATASETS.get(case.dataset).__module__),
+                "numerics": numerics_key()}
 
     def model_spec(self, case: Case) -> dict:
         return {**self.dataset_spec(case), "model": case.model, "model_params": case.model_params,

@@ -76,6 +76,9 @@ def selected_case_ids(matrix_path: Path, extra: list[str], forwarded: list[str])
             skip = False
         elif a in ("-n", "--numprocesses", "--dist"):
             skip = True
+        elif a in ("-q", "--quiet", "-v", "--verbose") or (a.startswith("-") and set(a[1:]) <= {"q"}) \
+                or (a.startswith("-") and set(a[1:]) <= {"v"}):
+            continue  # the plan reads collect-only's one-line-per-case output
         elif not (a.startswith("-n") or a.startswith("--numprocesses=") or a.startswith("--dist=")):
             keep.append(a)
     command = grid_command(matrix_path, [*forwarded, *keep, "--collect-only", "-q", "--regression", "off"])
@@ -107,7 +110,8 @@ def print_plan(matrix_path: Path, args, extra: list[str]) -> int:
           f"in {folder})")
     for case in cases:
         parts = []
-        for stage, (kind, spec) in case_artifacts(runner, case).items():
+        artifacts = case_artifacts(runner, case)
+        for stage, (kind, spec) in artifacts.items():
             key = str(cache.path(kind, spec))
             if cached(cache, kind, spec):
                 parts.append(f"{stage}: cached")
@@ -122,6 +126,9 @@ def print_plan(matrix_path: Path, args, extra: list[str]) -> int:
                 unknown += 1
                 parts.append(f"{stage}: build (time unknown)")
             else:
+                if stage == "backdoor_model":  # the attack's material (LC, LF, SSBA) is prepared with it
+                    seconds += by_case.get((case.case_id, "attack_material"),
+                                           by_method.get((case.attack, "attack_material"), 0.0))
                 total += seconds
                 parts.append(f"{stage}: build ~{seconds:.1f} s" if seconds < 10 else f"{stage}: build ~{seconds:.0f} s")
         print(f"  {case.case_id}: " + ", ".join(parts))

@@ -1,11 +1,13 @@
 """The grid end to end on a tiny synthetic matrix: records, leaderboard, cache reuse, xdist, -k, regression."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX = """
@@ -14,7 +16,7 @@ datasets:
   synthetic: {num_classes: 4, train_size: 160, test_size: 80, image_size: 16}
 models: [cnn_small]
 attacks: {badnets: {}, blended: {}}
-defenses: [none, ft]
+defenses: [none, ft, fp]
 poison_ratios: [0.1]
 seeds: [0]
 training: {epochs: 2, batch_size: 32, lr: 0.05}
@@ -22,10 +24,13 @@ defense_training: {epochs: 1, batch_size: 32, clean_fraction: 0.1}
 """
 
 
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # a nested run is not a worker
+
+
 def run_grid(matrix: Path, cache: Path, results: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--matrix", str(matrix),
                            "--cache-dir", str(cache), "--results-dir", str(results), "-q", *extra],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
 
 
 def records(results: Path) -> dict[str, dict]:
@@ -49,7 +54,8 @@ def test_records_and_leaderboard(first_run):
     assert sorted(recs) == sorted([
         "synthetic-cnn_small-clean-s0-none", "synthetic-cnn_small-badnets-p0.1-s0-none",
         "synthetic-cnn_small-badnets-p0.1-s0-ft", "synthetic-cnn_small-blended-p0.1-s0-none",
-        "synthetic-cnn_small-blended-p0.1-s0-ft"])
+        "synthetic-cnn_small-blended-p0.1-s0-ft", "synthetic-cnn_small-badnets-p0.1-s0-fp",
+        "synthetic-cnn_small-blended-p0.1-s0-fp"])
     r = recs["synthetic-cnn_small-badnets-p0.1-s0-ft"]
     for metric in ("c_acc", "asr", "r_acc"):
         assert isinstance(r[metric], float) and 0 <= r[metric] <= 1
@@ -101,27 +107,46 @@ def test_k_selects_pairs(first_run):
     assert list(records(tmp / "results-k")) == ["synthetic-cnn_small-badnets-p0.1-s0-ft"]
 
 
-def test_drift_beyond_tolerance_fails_and_keeps_the_record(first_run):
+def band(value: float, shift: float = 0.0) -> dict:
+    return {"centre": round(value + shift, 4), "low": round(value + shift - 0.01, 4),
+            "high": round(value + shift + 0.01, 4), "n": 3}
+
+
+def test_drift_outside_a_band_fails_strictly_is_reported_otherwise_and_keeps_the_record(first_run):
     tmp, matrix = first_run
-    real = records(tmp / "results")["synthetic-cnn_small-badnets-p0.1-s0-none"]
-    expected = tmp / "tiny.expected.yaml"
-    expected.write_text(textwrap.dedent(f"""
-        tolerance: {{c_acc: 0.01, asr: 0.01, r_acc: 0.01}}
-        cases:
-          synthetic-cnn_small-badnets-p0.1-s0-none: {{c_acc: {real['c_acc']}, asr: {min(1.0, real['asr'] + 0.2) if real['asr'] < 0.8 else real['asr'] - 0.2}, r_acc: {real['r_acc']}}}
-          synthetic-cnn_small-blended-p0.1-s0-none: {{c_acc: {records(tmp / 'results')['synthetic-cnn_small-blended-p0.1-s0-none']['c_acc']}, asr: {records(tmp / 'results')['synthetic-cnn_small-blended-p0.1-s0-none']['asr']}, r_acc: {records(tmp / 'results')['synthetic-cnn_small-blended-p0.1-s0-none']['r_acc']}}}
-    """))
+    recs = records(tmp / "results")
+    badnets, blended = recs["synthetic-cnn_small-badnets-p0.1-s0-none"], recs["synthetic-cnn_small-blended-p0.1-s0-none"]
+    shift = 0.2 if badnets["asr"] < 0.8 else -0.2  # a band the badnets ASR lies outside
+    cases = {
+        "synthetic-cnn_small-badnets-p0.1-none": {"c_acc": band(badnets["c_acc"]), "asr": band(badnets["asr"], shift),
+                                                  "r_acc": band(badnets["r_acc"])},
+        "synthetic-cnn_small-blended-p0.1-none": {m: band(blended[m]) for m in ("c_acc", "asr", "r_acc")},
+        "synthetic-cnn_small-clean-none": {"c_acc": band(recs["synthetic-cnn_small-clean-s0-none"]["c_acc"])},
+    }
+    (tmp / "tiny.expected.yaml").write_text(yaml.safe_dump({"calibration": {}, "cases": cases}))
     drifting = tmp / "tiny-expect.yaml"
     drifting.write_text(matrix.read_text().replace("name: tiny", "name: tiny\nexpected: tiny.expected.yaml"))
     done = run_grid(drifting, tmp / "cache", tmp / "results-e", "-k", "none")
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "1 failed" in done.stdout and "badnets-p0.1-s0-none drifted from its expectation: asr" in done.stdout
+    assert "1 failed" in done.stdout and "badnets-p0.1-s0-none drifted: asr = " in done.stdout
+    assert "outside its band" in done.stdout and "backdoor-bench drift (1 case(s)" in done.stdout
     assert "synthetic-cnn_small-badnets-p0.1-s0-none" in records(tmp / "results-e")
+
+    reported = run_grid(drifting, tmp / "cache", tmp / "results-r", "-k", "none", "--regression", "report")
+    assert reported.returncode == 0, reported.stdout + reported.stderr
+    assert "reported only" in reported.stdout and "synthetic-cnn_small-badnets-p0.1-s0-none: asr = " in reported.stdout
+
+    claimed = tmp / "tiny-claim.yaml"  # a claim replaces the band: badnets/none's ASR is checked as stated
+    op = ">=" if shift > 0 else "<="
+    claimed.write_text(drifting.read_text().replace("name: tiny", "name: tiny\nregression:\n  checks:\n"
+                                                   f"    badnets/none: {{asr: '{op} 0.0'}}\n    blended/*: {{asr: off}}"))
+    held = run_grid(claimed, tmp / "cache", tmp / "results-c", "-k", "none")
+    assert held.returncode == 0, held.stdout + held.stderr
 
 
 def backdoor_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "backdoor.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+                          timeout=600, env=ENV)
 
 
 def test_run_works_from_any_folder_and_reads_no_conftest(tmp_path):
@@ -133,15 +158,16 @@ def test_run_works_from_any_folder_and_reads_no_conftest(tmp_path):
     done = backdoor_cli("run", "tiny.yaml", "-k", "badnets", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "an untrusted conftest.py ran" not in done.stdout + done.stderr
-    assert sorted(records(tmp_path / "results")) == ["synthetic-cnn_small-badnets-p0.1-s0-ft",
+    assert sorted(records(tmp_path / "results")) == ["synthetic-cnn_small-badnets-p0.1-s0-fp",
+                                                     "synthetic-cnn_small-badnets-p0.1-s0-ft",
                                                      "synthetic-cnn_small-badnets-p0.1-s0-none"]
     assert (tmp_path / ".backdoor-cache" / "backdoor_model").is_dir()
     assert f"results in {tmp_path / 'results'}" in done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
-    assert len(lines) == 2 and lines[0].startswith("[1/2] synthetic-cnn_small-badnets-p0.1-s0-") and "C-Acc" in lines[0]
-    assert "1 left, ETA" in lines[0] and "0 left" in lines[1]
+    assert len(lines) == 3 and lines[0].startswith("[1/3] synthetic-cnn_small-badnets-p0.1-s0-") and "C-Acc" in lines[0]
+    assert "2 left, ETA" in lines[0] and "0 left" in lines[2]
     quiet = backdoor_cli("run", "tiny.yaml", "-k", "badnets", "-q", cwd=tmp_path)
-    assert quiet.returncode == 0 and not [line for line in quiet.stdout.splitlines() if line.startswith("[1/2]")]
+    assert quiet.returncode == 0 and not [line for line in quiet.stdout.splitlines() if line.startswith("[1/3]")]
 
     planned = backdoor_cli("run", "tiny.yaml", "--plan", "-n", "2", cwd=tmp_path)
     assert planned.returncode == 0, planned.stderr

@@ -107,5 +107,5 @@ def test_grid_stops_before_training_with_the_message(tmp_path):
 @pytest.mark.parametrize("matrix", sorted(p for p in (Path(__file__).resolve().parent.parent / "matrices").glob("*.yaml")
                                          if not p.name.endswith(".expected.yaml")), ids=lambda p: p.name)
 def test_shipped_matrices_are_valid(matrix):
-    m = load_matrix(matrix)
+    m = load_matrix(matrix, check_data=False)  # real CIFAR files are the user's, not on a CI machine
     assert m.cases()

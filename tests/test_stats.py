@@ -26,7 +26,7 @@ def test_identical_values_give_a_zero_width_interval():
     assert s.n == 5 and s.half_width == 0.0 and s.low == s.high == 0.5
 
 
-@pytest.mark.parametrize("value, seeds", [(5, [0, 1, 2, 3, 4]), ([3, 7], [3, 7]), ("0,1,2", [0, 1, 2]), ("2", [0, 1])])
+@pytest.mark.parametrize("value, seeds", [(5, [0, 1, 2, 3, 4]), ([3, 7], [3, 7]), ("0,1,2", [0, 1, 2]), ("2", [0, 1]), ("7,", [7])])
 def test_seed_counts_and_lists(value, seeds):
     assert parse_seeds(value) == seeds
 

@@ -348,7 +348,7 @@ LEGEND = (f"C-Acc, ASR and R-Acc in percent: the mean over seeds ± the half-wid
           "Records stay one per seed in records.jsonl.")
 
 
-def render_markdown(records: list[dict], title: str) -> str:
+def render_markdown(records: list[dict], title: str, folder: Path | None = None) -> str:
     parts = [f"# Leaderboard: {title}", "", LEGEND, "",
              _flat(leaderboard_frame(records)).to_markdown(index=False, disable_numparse=True)]
     detection = detection_frame(records)
@@ -358,6 +358,11 @@ def render_markdown(records: list[dict], title: str) -> str:
     details = details_frame(records)
     if details is not None:
         parts += ["", "## Defense details (per seed)", "", details.to_markdown(index=False, disable_numparse=True)]
+    if folder is not None:
+        from backdoor.figures import figure_links  # lazy: figures imports this module
+        links = figure_links(folder)
+        if links:
+            parts += ["", *links]
     return "\n".join(parts) + "\n"
 
 
@@ -366,6 +371,6 @@ def write_leaderboard(folder: str | Path) -> tuple[Path, Path]:
     folder = Path(folder)
     records = read_records(folder)
     md, csv = folder / "leaderboard.md", folder / "leaderboard.csv"
-    _atomic_write(md, render_markdown(records, folder.name))
+    _atomic_write(md, render_markdown(records, folder.name, folder))
     _atomic_write(csv, _flat(leaderboard_frame(records, numeric=True)).to_csv(index=False))
     return md, csv

@@ -118,7 +118,7 @@ def cmd_expect(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote calibrated bands for {len(summary['runs'])} runs ({', '.join(summary['runs'])}) to "
           f"{matrix.expected_path}")
-    print("leave-one-out coverage (share of a held-out run's values inside the bands of the others): "
+    print("leave-one-out coverage (share of a held-out run's banded values inside the bands of the others): "
           + ", ".join(f"{k} {v:.3f}" for k, v in summary["leave_one_out_coverage"].items()))
     uncovered = []
     for line in summary["chaotic"]:

@@ -23,6 +23,11 @@ from typing import Any
 import yaml
 
 METRICS = ("c_acc", "asr", "r_acc")
+#: What a defense changed: its metric less the same backdoored model's before the defense (a record's
+#: ``undefended``). The pair shares one backdoored model, so its variation over seeds cancels: a defense whose
+#: outcome is steady is checked tightly even where the backdoored model itself varies.
+DELTAS = {"d_c_acc": "c_acc", "d_asr": "asr", "d_r_acc": "r_acc"}
+ALL_METRICS = METRICS + tuple(DELTAS)
 #: Numerics variants: environment variables that select PyTorch's, oneDNN's and MKL's CPU kernels. "native" is
 #: whatever the machine picks (AVX-512 where it has it); the others make this machine compute as an AVX2 or a
 #: pre-AVX machine would.
@@ -31,11 +36,14 @@ VARIANTS: dict[str, dict[str, str]] = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"},
     "sse41": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE"},
 }
-#: The band: the calibrated runs' range, widened on each side by half of itself and at least FLOOR.
-FLOOR = 0.015  # about 5 of the ~350 test images of digits
+#: The band: the calibrated runs' range, widened on each side by the range itself and at least the floor.
+#: Floors: 0.05 (about 17 of the ~350 digits test images) for metrics, 0.02 for differences. Chosen by
+#: leave-one-out over the smoke calibration: narrower rules failed held-out runs (see README).
+WIDEN = 1.0
+FLOOR = {"c_acc": 0.08, "asr": 0.08, "r_acc": 0.08, "d_c_acc": 0.05, "d_asr": 0.05, "d_r_acc": 0.05}
 #: A band wider than this says the metric is chaotic at the budget: check a claim (or nothing) instead.
-CHAOTIC_WIDTH = {"c_acc": 0.15, "asr": 0.35, "r_acc": 0.35}
-CLAIM = re.compile(r"^\s*(<=|>=|<|>)\s*([0-9]*\.?[0-9]+)\s*$")
+CHAOTIC_WIDTH = {"c_acc": 0.15, "asr": 0.25, "r_acc": 0.25, "d_c_acc": 0.15, "d_asr": 0.25, "d_r_acc": 0.25}
+CLAIM = re.compile(r"^\s*(<=|>=|<|>)\s*(-?[0-9]*\.?[0-9]+)\s*$")
 OPERATORS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 
 
@@ -107,8 +115,8 @@ def parse_regression(path: Path, raw: Any) -> Regression:
             raise RegressionError(f"{path}: {key}: expected metric -> check, got {metrics!r}")
         parsed = {}
         for metric, check in metrics.items():
-            if metric not in METRICS:
-                raise RegressionError(f"{path}: {key}: {metric!r} is not a metric; allowed: {', '.join(METRICS)}")
+            if metric not in ALL_METRICS:
+                raise RegressionError(f"{path}: {key}: {metric!r} is not a metric; allowed: {', '.join(ALL_METRICS)}")
             parsed[metric] = _parse_check(path, f"{key}.{metric}", check)
         checks.append((pattern, parsed))
     return Regression(tuple(checks), {v: list(s) for v, s in calibrate.items()})
@@ -148,7 +156,7 @@ def load_expected(path: Path | None) -> dict[str, dict]:
         status = entry.get("status", ["ok"])
         if not isinstance(status, list) or not all(isinstance(s, str) for s in status):
             raise RegressionError(f"{path}: cases.{key}.status: expected a list of statuses, got {status!r}")
-        for metric in METRICS:
+        for metric in ALL_METRICS:
             band = entry.get(metric)
             if band is not None and not (isinstance(band, dict) and {"centre", "low", "high", "n"} <= set(band)
                                          and all(isinstance(band[k], (int, float)) for k in ("centre", "low", "high"))):
@@ -167,9 +175,10 @@ def drift(record: dict, expected: dict | None, regression: Regression, bands: bo
         return [f"status {record.get('status')!r}, expected {' or '.join(map(repr, statuses))}"]
     if record.get("status") != "ok":
         return []  # a defense that does not apply (ANP without batch norm) has no metrics to check
-    for metric in METRICS:
+    values = metric_values(record)
+    for metric in ALL_METRICS:
         check = regression.check_for(record["attack"], record["defense"], metric)
-        got = record.get(metric)
+        got = values.get(metric)
         if check.kind == "off":
             continue
         if check.kind == "claim":
@@ -192,17 +201,43 @@ def drift(record: dict, expected: dict | None, regression: Regression, bands: bo
     return problems
 
 
+def metric_values(record: dict) -> dict[str, float | None]:
+    """A record's metrics and, for a defense case, what the defense changed (``d_<metric>``)."""
+    out = {m: record.get(m) for m in METRICS}
+    before = record.get("undefended") or {}
+    for delta, metric in DELTAS.items():
+        if before.get(metric) is not None and record.get(metric) is not None:
+            out[delta] = record[metric] - before[metric]
+    return out
+
+
+def attach_undefended(records: list[dict]) -> list[dict]:
+    """Records of one run, each defense case given its ``undefended`` metrics from the run's no-defense case of the
+    same backdoored model when it lacks them (records written before the pipeline stored them)."""
+    none = {r["case_id"].rsplit("-", 1)[0]: r for r in records if r.get("defense") == "none"}
+    out = []
+    for r in records:
+        base = none.get(r["case_id"].rsplit("-", 1)[0])
+        if "undefended" not in r and r.get("defense") != "none" and base is not None and r.get("attack") != "clean":
+            r = {**r, "undefended": {m: base.get(m) for m in METRICS}}
+        out.append(r)
+    return out
+
+
 def _fmt(value) -> str:
     return "None" if value is None else f"{value:.4f}"
 
 
-def band_of(values: list[float]) -> dict:
-    """Centre (mean), band and spread of one metric's calibrated values."""
+def band_of(values: list[float], metric: str = "asr") -> dict:
+    """Centre (mean), band and spread of one metric's calibrated values (the band rounded outwards)."""
     lo, hi = min(values), max(values)
     mean = sum(values) / len(values)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    margin = max((hi - lo) / 2, FLOOR)
-    return {"centre": round(mean, 4), "low": round(max(0.0, lo - margin), 4), "high": round(min(1.0, hi + margin), 4),
+    margin = max(WIDEN * (hi - lo), FLOOR[metric])
+    low, high = lo - margin, hi + margin
+    if metric in METRICS:
+        low, high = max(0.0, low), min(1.0, high)
+    return {"centre": round(mean, 4), "low": math.floor(low * 1e4) / 1e4, "high": math.ceil(high * 1e4) / 1e4,
             "n": len(values), "sd": round(sd, 4), "min": round(lo, 4), "max": round(hi, 4)}
 
 
@@ -212,51 +247,51 @@ def calibrate_bands(runs: dict[str, list[dict]]) -> dict[str, dict]:
     values: dict[str, dict[str, list[float]]] = {}
     statuses: dict[str, set[str]] = {}
     for records in runs.values():
-        for r in records:
+        for r in attach_undefended(records):
             key = case_key(r["case_id"])
             statuses.setdefault(key, set()).add(r.get("status"))
-            for metric in METRICS:
-                if r.get(metric) is not None:
-                    values.setdefault(key, {}).setdefault(metric, []).append(float(r[metric]))
+            for metric, value in metric_values(r).items():
+                if value is not None and r.get("status") == "ok":
+                    values.setdefault(key, {}).setdefault(metric, []).append(float(value))
     out = {}
     for key in sorted(statuses):
         status = statuses[key]
         entry: dict[str, Any] = {} if status == {"ok"} else {"status": sorted(map(str, status))}
-        for metric in METRICS:
+        for metric in ALL_METRICS:
             if metric in values.get(key, {}):
-                entry[metric] = band_of(values[key][metric])
+                entry[metric] = band_of(values[key][metric], metric)
         out[key] = entry
     return out
 
 
 def chaotic(bands: dict[str, dict]) -> list[tuple[str, str, float]]:
     """(case key, metric, band width) of every band wider than CHAOTIC_WIDTH."""
-    return [(key, m, round(entry[m]["high"] - entry[m]["low"], 4)) for key, entry in bands.items() for m in METRICS
+    return [(key, m, round(entry[m]["high"] - entry[m]["low"], 4)) for key, entry in bands.items() for m in ALL_METRICS
             if m in entry and entry[m]["high"] - entry[m]["low"] > CHAOTIC_WIDTH[m]]
 
 
-def leave_one_out_coverage(runs: dict[str, list[dict]]) -> dict[str, float]:
+def leave_one_out_coverage(runs: dict[str, list[dict]], skip: set | None = None) -> dict[str, float]:
     """For each run, the share of its (case, metric) values inside the bands calibrated from the other runs:
-    how often the band rule would pass a machine it has never seen."""
+    how often the band rule would pass a machine it has never seen (``skip``: (case key, metric) not checked)."""
     out = {}
     for held in runs:
         bands = calibrate_bands({name: rs for name, rs in runs.items() if name != held})
         inside = total = 0
-        for r in runs[held]:
+        for r in attach_undefended(runs[held]):
             entry = bands.get(case_key(r["case_id"]), {})
-            for metric in METRICS:
-                if r.get(metric) is not None and metric in entry:
+            for metric, value in metric_values(r).items():
+                if value is not None and metric in entry and (skip is None or (case_key(r["case_id"]), metric) not in skip):
                     total += 1
-                    inside += entry[metric]["low"] <= r[metric] <= entry[metric]["high"]
+                    inside += entry[metric]["low"] <= value <= entry[metric]["high"]
         out[held] = round(inside / total, 4) if total else float("nan")
     return out
 
 
 def write_expected(path: Path, bands: dict[str, dict], calibration: dict) -> None:
-    header = ("# Calibrated regression bands per case (seed left out of the key) and metric: centre = mean of the\n"
-              "# calibrated values, band = their range widened on each side by half of itself (at least "
-              f"{FLOOR}),\n# n = values (seeds x numerics variants). Written by `backdoor expect MATRIX --calibrate`; "
-              "never edit by hand.\n")
+    header = ("# Calibrated regression bands per case (seed left out of the key) and metric (d_*: the defense's change\n"
+              "# of that metric on the same backdoored model): centre = mean of the calibrated values, band = their\n"
+              "# range widened on each side by the range itself (at least 0.05 for metrics, 0.02 for changes),\n"
+              "# n = values (seeds x numerics variants). Written by `backdoor expect MATRIX --calibrate`; never edit by hand.\n")
     body = {"calibration": calibration, "cases": bands}
     text = header + yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=120)
     tmp = path.with_name(f".{path.name}.tmp")

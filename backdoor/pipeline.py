@@ -302,6 +302,8 @@ class Runner:
         if defended is not None:
             with log_.stage("evaluate"):
                 record.update(self.evaluate(defended, data, attack, case.target))
+                if defended is not model:  # the same metrics before the defense: what the defense changed
+                    record["undefended"] = self.evaluate(model, data, attack, case.target)
         record["stage_seconds"] = dict(log_.seconds)
         record["total_seconds"] = round(time.perf_counter() - started, 3)
         log(f"[{case.case_id}] c_acc={record['c_acc']} asr={record['asr']} r_acc={record['r_acc']}")

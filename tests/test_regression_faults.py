@@ -95,4 +95,5 @@ def test_checks_catch_the_fault(smoke, healthy_cache, fault, monkeypatch, tmp_pa
     if rebuilt:
         assert record["cache_hits"][rebuilt] is False, "the faulty stage was built by the faulty code"
     caught = [p for p in problems if "outside its band" in p or "breaks the claim" in p]
+    print(f"{fault}: {attack}/{defense}: " + "; ".join(caught))
     assert caught, f"{fault}: the {attack}/{defense} case still holds its bands ({problems})"

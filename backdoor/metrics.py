@@ -53,6 +53,16 @@ def backdoor_metrics(clean_pred: torch.Tensor, clean_y: torch.Tensor, poisoned_p
     )
 
 
+def target_class_figures(clean_pred: torch.Tensor, clean_y: torch.Tensor, target: int) -> dict[str, float | None]:
+    """What ASR must be read against (all-to-one): ``target_base_rate``, the share of clean non-target test images
+    the model predicts as the target (a model biased to the target scores that much ASR with no trigger), and
+    ``target_acc``, its clean accuracy on the target class (near 0: the defense erased the class, so ASR 0
+    means nothing)."""
+    others, own = clean_y != target, clean_y == target
+    return {"target_base_rate": float((clean_pred[others] == target).float().mean()) if others.any() else None,
+            "target_acc": float((clean_pred[own] == target).float().mean()) if own.any() else None}
+
+
 def detection_metrics(flagged: torch.Tensor, truth: torch.Tensor, scores: torch.Tensor | None = None) -> dict:
     """Score a defense's poison detection against the true mask (harness side only).
 

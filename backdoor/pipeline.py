@@ -24,7 +24,7 @@ from backdoor.attacks import Attack, AttackContext, PoisonedSet, create_attack
 from backdoor.cache import ArtifactCache, module_to_tensors, tensors_with_prefix
 from backdoor.data import DATASETS, Dataset, Split, dataset_from_tensors, dataset_to_tensors, load_dataset
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
-from backdoor.metrics import backdoor_metrics, detection_metrics
+from backdoor.metrics import backdoor_metrics, detection_metrics, target_class_figures
 from backdoor.models import MODELS, Classifier, create_model
 from backdoor.progress import log
 from backdoor.training import TrainConfig, fit, predict
@@ -84,6 +84,18 @@ NUMERICS_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 def numerics_env() -> dict[str, str]:
     """The environment variables that select PyTorch's, oneDNN's and MKL's CPU kernels (and so the last bits)."""
     return {name: os.environ[name] for name in NUMERICS_VARIABLES if name in os.environ}
+
+
+def target_class_poisoning(poisoned: PoisonedSet, data: Dataset, target: int) -> dict:
+    """A clean-label attack poisons only target-class images: the share of that class it poisoned, and a warning
+    past one half (at ratio 0.1 on 10 balanced classes it is nearly all of it: the model then barely sees a clean
+    target image, and ``cap_ratio`` may have poisoned a smaller class entirely)."""
+    own = int((data.train.y == target).sum())
+    share = float(poisoned.mask.sum()) / own if own else None
+    out = {"target_poisoned_share": share}
+    if share is not None and share > 0.5:
+        out["warnings"] = [f"the clean-label attack poisoned {100 * share:.0f}% of the target class's training images"]
+    return out
 
 
 def numerics_key() -> dict[str, str]:
@@ -299,6 +311,10 @@ class Runner:
             upstream = self.backdoor_spec(case, attack)
         defended, result = self.defend(case, model, data, poisoned, upstream, log_)
         record = self._record(case, data, attack, poisoned, result, log_)
+        if attack is not None and attack.kind == "clean_label" and poisoned is not None:
+            record.update(target_class_poisoning(poisoned, data, case.target))
+            for warning in record.get("warnings", []):
+                log(f"[{case.case_id}] warning: {warning}")
         if defended is not None:
             with log_.stage("evaluate"):
                 record.update(self.evaluate(defended, data, attack, case.target))
@@ -316,7 +332,7 @@ class Runner:
         poisoned_test = attack.poison_test(data.test)
         m = backdoor_metrics(clean_pred, data.test.y, predict(model, poisoned_test.x, device=self.device),
                              poisoned_test.y, target)
-        return m.to_dict()
+        return {**m.to_dict(), **target_class_figures(clean_pred, data.test.y, target)}
 
     def _record(self, case: Case, data: Dataset, attack: Attack | None, poisoned: PoisonedSet | None,
                 result: dict, log_: StageLog) -> dict:

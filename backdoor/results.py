@@ -225,8 +225,26 @@ def cell_summaries(records: list[dict]) -> dict[tuple, dict]:
     for key, rs in cells.items():
         ok = [r for r in rs if r.get("status") == "ok"]
         out[key] = {"status": "ok" if ok else "n/a", "n": len(ok),
-                    **{m: summarize(r.get(m) for r in ok) for m in METRIC_TITLES}}
+                    **{m: summarize(r.get(m) for r in ok) for m in (*METRIC_TITLES, *TARGET_FIGURES)}}
     return out
+
+
+TARGET_FIGURES = {"target_base_rate": "Base rate", "target_acc": "Target acc"}
+ERASED_TARGET = 0.1  # target-class clean accuracy below this: the defense erased the class
+LOST_ACCURACY = 0.5  # C-Acc below this share of the no-defense C-Acc: the defense lost most clean accuracy
+
+
+def degenerate(cell: dict | None, undefended: dict | None) -> str | None:
+    """Why a defended cell's ASR means little (mean over seeds), or None: the target class is erased, or most of
+    the clean accuracy is gone."""
+    if not cell or cell["status"] != "ok":
+        return None
+    if cell.get("target_acc") is not None and cell["target_acc"].mean < ERASED_TARGET:
+        return f"target class erased (its clean accuracy {100 * cell['target_acc'].mean:.1f}%)"
+    before = (undefended or {}).get("c_acc")
+    if before is not None and cell.get("c_acc") is not None and cell["c_acc"].mean < LOST_ACCURACY * before.mean:
+        return f"most clean accuracy lost (C-Acc {100 * cell['c_acc'].mean:.1f}% against {100 * before.mean:.1f}%)"
+    return None
 
 
 def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFrame:
@@ -248,10 +266,14 @@ def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFram
         columns[("", "Model")].append(row.model)
         columns[("", "Ratio")].append("-" if row.attack == "clean" else f"{row.poison_ratio:g}")
         columns[("", "Attack")].append(ATTACK_TITLES.get(row.attack, row.attack))
+        undefended = summaries.get((row.dataset, row.model, row.poison_ratio, row.attack, "none"))
         for defense in defenses:
             cell = summaries.get((row.dataset, row.model, row.poison_ratio, row.attack, defense))
             title = DEFENSE_TITLES.get(defense, defense)
+            flag = degenerate(cell, undefended) if defense != "none" else None
             for (sub, value) in _cell_columns(cell, numeric):
+                if flag and not numeric and sub == "ASR":
+                    value += " †"
                 columns.setdefault((title, sub), []).append(value)
     frame = pd.DataFrame(columns)
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
@@ -304,6 +326,26 @@ def detection_frame(records: list[dict]) -> pd.DataFrame | None:
     return pd.DataFrame(out)
 
 
+def target_frame(records: list[dict]) -> pd.DataFrame | None:
+    """Per cell: the clean base rate of target predictions and the target class's clean accuracy (percent, over
+    seeds), next to ASR, with the reason a defended cell is marked † in the leaderboard."""
+    summaries = cell_summaries(records)
+    rows = []
+    attacks = _order([r["attack"] for r in records], ATTACK_ORDER)
+    defenses = _order([r["defense"] for r in records], DEFENSE_ORDER)
+    for key in sorted(summaries, key=lambda k: (k[0], k[1], k[2], attacks.index(k[3]), defenses.index(k[4]))):
+        cell = summaries[key]
+        if cell.get("target_acc") is None:
+            continue
+        dataset, model, ratio, attack, defense = key
+        flag = degenerate(cell, summaries.get((*key[:4], "none"))) if defense != "none" else None
+        rows.append({"Dataset": dataset, "Model": model, "Ratio": f"{ratio:g}", "Attack": ATTACK_TITLES.get(attack, attack),
+                     "Defense": DEFENSE_TITLES.get(defense, defense), "ASR": _cell_text(cell["asr"]),
+                     "Base rate": _cell_text(cell["target_base_rate"]), "Target acc": _cell_text(cell["target_acc"]),
+                     "n": cell["n"], "Marked": flag or ""})
+    return pd.DataFrame(rows) if rows else None
+
+
 def _detail_value(v) -> bool:
     return isinstance(v, (int, float, str, bool)) or (isinstance(v, list) and len(v) <= 4)
 
@@ -351,6 +393,13 @@ LEGEND = (f"C-Acc, ASR and R-Acc in percent: the mean over seeds ± the half-wid
 def render_markdown(records: list[dict], title: str, folder: Path | None = None) -> str:
     parts = [f"# Leaderboard: {title}", "", LEGEND, "",
              _flat(leaderboard_frame(records)).to_markdown(index=False, disable_numparse=True)]
+    target = target_frame(records)
+    if target is not None:
+        parts += ["", "## Target class (ASR means something only above the base rate)", "",
+                  "Base rate: share of clean non-target test images predicted as the target; Target acc: clean "
+                  "accuracy on the target class. † in the leaderboard: the defense erased the target class (Target acc "
+                  f"< {100 * ERASED_TARGET:.0f}%) or lost most clean accuracy (C-Acc < {LOST_ACCURACY:.0%} of no defense's).",
+                  "", target.to_markdown(index=False, disable_numparse=True)]
     detection = detection_frame(records)
     if detection is not None:
         parts += ["", "## Poison detection (data-side defenses, scored against the true poison mask)", "",

@@ -1,5 +1,7 @@
 """SSBA: the trained encoder hides a code the decoder recovers (and cannot read in clean images); the residual
 is small, bounded and follows each image; the encoder is built once and then comes from the cache."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -101,3 +103,36 @@ def test_trigger_needs_prepare():
 def test_bad_parameters_raise(bad):
     with pytest.raises(ValueError):
         create_attack("ssba", **bad)
+
+
+def test_an_edit_of_ssba_py_is_a_cache_miss(monkeypatch, tmp_path, data):
+    """The encoder's key carries the digest of the code that trains it (audit: it once did not, so an edited
+    ssba.py was served a stale encoder). The digest is taken as the harness takes it, from the module's file."""
+    import shutil
+    import sys
+
+    from backdoor import pipeline
+
+    module = sys.modules["backdoor.attacks.ssba"]
+    original = Path(module.__file__)
+    copy = Path(shutil.copytree(original.parent, tmp_path / "attacks"))
+    attack = create_attack("ssba", **SMALL)
+
+    def encoder_spec(file: Path) -> dict:
+        monkeypatch.setattr(module, "__file__", str(file))
+        pipeline.code_version.cache_clear()
+        ctx = AttackContext(dataset=data, device=CPU, seed=0, training=TrainConfig(), model_name="cnn_small",
+                            cached=None, clean_model=lambda: None,
+                            spec={"attack_code": pipeline.code_version(module.__name__)})
+        return attack.material_spec(ctx)
+
+    try:
+        unchanged = encoder_spec(copy / "ssba.py")
+        assert unchanged == encoder_spec(original)  # same bytes, same key
+        (copy / "ssba.py").write_text((copy / "ssba.py").read_text() + "\n# an edit\n")
+        edited = encoder_spec(copy / "ssba.py")
+        assert edited != unchanged
+        assert ArtifactCache(tmp_path / "c").path("ssba_encoder", edited) != \
+            ArtifactCache(tmp_path / "c").path("ssba_encoder", unchanged)
+    finally:
+        pipeline.code_version.cache_clear()

@@ -220,10 +220,14 @@ class SSBA(Attack):
         self.encoder, self.decoder = encoder.to(device).eval(), decoder.to(device).eval()
 
     def material_spec(self, ctx: AttackContext) -> dict:
+        """The encoder's cache spec: what it is trained on and with, and the digests of the code that trains it
+        (this file and its family's shared files), of the dataset's code and of the CPU kernels in use, from the
+        harness's context; not the classifier's spec, which the encoder does not depend on."""
         data = ctx.dataset
         return {"attack": self.name, "dataset": data.name, "dataset_params": data.params,
                 "train_shape": list(data.train.x.shape), "seed": ctx.seed,
-                "encoder_params": {k: getattr(self, k) for k in self._ENCODER_PARAMS}}
+                "encoder_params": {k: getattr(self, k) for k in self._ENCODER_PARAMS},
+                "code": {k: ctx.spec.get(k) for k in ("attack_code", "code", "numerics")}}
 
     def prepare(self, ctx: AttackContext) -> None:
         images = ctx.dataset.train.x

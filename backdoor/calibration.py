@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from backdoor.expectations import (ALL_METRICS, FLOOR, METRICS, VARIANTS, WIDEN, calibrate_bands, case_key,
+from backdoor.expectations import (ALL_METRICS, FLOOR, VARIANTS, WIDEN, calibrate_bands, case_key,
                                    chaotic, leave_one_out_coverage, write_expected)
 from backdoor.launch import grid_command
 from backdoor.matrix import Matrix
@@ -27,10 +27,6 @@ def variant_results(results_root: Path, variant: str) -> Path:
     return Path(results_root) / "_calibration" / variant
 
 
-def variant_cache(cache_root: Path, variant: str) -> Path:
-    return Path(cache_root)  # cache keys carry the numerics (pipeline.numerics_key): variants share one cache
-
-
 def run_variant(matrix: Matrix, variant: str, seeds: list[int], results_root: Path,
                 cache_root: Path, workers: int, extra: list[str] = ()) -> int:
     """One pytest run of the whole matrix at ``seeds`` under ``variant``'s numerics; returns pytest's exit code."""
@@ -38,7 +34,7 @@ def run_variant(matrix: Matrix, variant: str, seeds: list[int], results_root: Pa
     env.update(VARIANTS[variant])
     command = grid_command(matrix.path.resolve(), [
         "--seeds", ",".join(map(str, seeds)) + ",", "--results-dir", str(variant_results(results_root, variant)),
-        "--cache-dir", str(variant_cache(cache_root, variant)), "--regression", "off", "-q", *extra,
+        "--cache-dir", str(cache_root), "--regression", "off", "-q", *extra,
         *(["-n", str(workers)] if workers > 1 else [])])
     print(f"calibration: {variant} ({' '.join(f'{k}={v}' for k, v in VARIANTS[variant].items()) or 'no variables'}), "
           f"seeds {seeds}", file=sys.stderr, flush=True)
@@ -105,16 +101,3 @@ def not_banded(matrix: Matrix, bands: dict[str, dict]) -> set[tuple[str, str]]:
         attack, defense = key.split("-")[2], key.rsplit("-", 1)[1]
         out |= {(key, m) for m in ALL_METRICS if matrix.regression.check_for(attack, defense, m).kind != "band"}
     return out
-
-
-def spread_table(matrix: Matrix, results_root: Path) -> list[dict]:
-    """Per case key and metric: min, max and values over the calibration runs (for reports)."""
-    runs = collect_runs(matrix, matrix.regression.calibrate, results_root)
-    rows: dict[str, dict] = {}
-    for name, records in runs.items():
-        for r in records:
-            row = rows.setdefault(case_key(r["case_id"]), {"case": case_key(r["case_id"])})
-            for m in METRICS:
-                if r.get(m) is not None:
-                    row.setdefault(m, {})[name] = r[m]
-    return [rows[k] for k in sorted(rows)]

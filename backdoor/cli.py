@@ -11,15 +11,6 @@ from pathlib import Path
 from backdoor.launch import grid_command
 
 
-def project_root() -> Path:
-    """The checkout this package was installed from (editable install) or the current one, for commands that
-    need the repository (calibration writes the matrix's expectations file)."""
-    for folder in [Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parent.parent]:
-        if (folder / "benchmarks" / "test_grid.py").is_file() and (folder / "pyproject.toml").is_file():
-            return folder
-    return Path.cwd()
-
-
 RUN_OPTIONS = {  # backdoor run option -> (pytest option, default, help)
     "--results-dir": (os.environ.get("BACKDOOR_RESULTS", "results"),
                       "results root; records go to <root>/<matrix name>/ (env BACKDOOR_RESULTS)"),

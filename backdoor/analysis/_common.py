@@ -29,6 +29,14 @@ class Pairs:
         """bool [n, H, W]: pixels the trigger changed (any channel), where a tool's mass should go."""
         return (self.triggered - self.clean).abs().amax(1) > 0
 
+    def images(self) -> torch.Tensor:
+        """[2n, C, H, W]: the clean images, then the same images triggered (the batch every map tool explains)."""
+        return torch.cat([self.clean, self.triggered])
+
+    def arrays(self) -> dict:
+        """The raw arrays every map tool saves first: the images and their labels."""
+        return {"images": self.images().numpy(), "labels": self.labels.numpy()}
+
 
 def pick_pairs(artifacts: CaseArtifacts, n: int, seed: int) -> Pairs:
     """``n`` seeded non-target test images of the case, clean and with the case's trigger."""

@@ -57,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(artifacts: CaseArtifacts, folder: Path, args: argparse.Namespace) -> list[Path]:
     """FSMs of ``args.samples`` clean/triggered pairs under each model; figure, maps and low-frequency shares."""
     pairs = pick_pairs(artifacts, args.samples, args.seed)
-    images = torch.cat([pairs.clean, pairs.triggered])
+    images = pairs.images()
     n = len(pairs.labels)
-    arrays, summary, columns = {"images": images.numpy(), "labels": pairs.labels.numpy()}, {}, []
+    arrays, summary, columns = pairs.arrays(), {}, []
     for stage, model in artifacts.models().items():
         classes = predictions(model, images)
         maps = frequency_saliency(model, images, classes)

@@ -55,9 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(artifacts: CaseArtifacts, folder: Path, args: argparse.Namespace) -> list[Path]:
     """Grad-CAM and FullGrad of ``args.samples`` pairs under each model; figure, maps and trigger-mass summary."""
     pairs = pick_pairs(artifacts, args.samples, args.seed)
-    images = torch.cat([pairs.clean, pairs.triggered])
+    images = pairs.images()
     changed = torch.cat([torch.zeros_like(pairs.changed()), pairs.changed()]).numpy()
-    arrays, summary, columns = {"images": images.numpy(), "labels": pairs.labels.numpy()}, {}, []
+    arrays, summary, columns = pairs.arrays(), {}, []
     for stage, model in artifacts.models().items():
         classes = predictions(model, images)
         for method, maps in (("gradcam", gradcam_maps(model, roles.last_conv(model), images, classes)),

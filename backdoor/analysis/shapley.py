@@ -62,9 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(artifacts: CaseArtifacts, folder: Path, args: argparse.Namespace) -> list[Path]:
     """Shapley maps of ``args.samples`` pairs under each model; figure, maps and trigger-mass summary."""
     pairs = pick_pairs(artifacts, args.samples, args.seed)
-    images = torch.cat([pairs.clean, pairs.triggered])
+    images = pairs.images()
     n = len(pairs.labels)
-    arrays, summary, columns = {"images": images.numpy(), "labels": pairs.labels.numpy()}, {}, []
+    arrays, summary, columns = pairs.arrays(), {}, []
     for stage, model in artifacts.models().items():
         classes = predictions(model, images)
         maps = shapley_maps(model, images, classes, superpixel=args.superpixel, n_samples=args.shapley_samples,

@@ -100,6 +100,7 @@ class EpochEndHooks(TrainHooks):
         self._done = epoch
 
     def measure(self, epoch: int) -> None:
+        """Record the model's state after ``epoch`` (each study's hooks define what; the base only schedules)."""
         raise NotImplementedError
 
 

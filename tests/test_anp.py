@@ -69,6 +69,29 @@ def test_pruning_zeroes_exactly_the_low_mask_weights():
         assert torch.equal(bn.weight.detach(), expected)
 
 
+def test_noise_is_not_clipped_after_the_ascent_step(monkeypatch):
+    """As in ANP's and BackdoorBench's code: uniform start in [-eps, eps], one signed step of eps, no clip."""
+    import backdoor.defenses.anp as anp
+
+    made = []
+
+    class Recording(anp.NeuronMasks):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(anp, "NeuronMasks", Recording)
+    torch.manual_seed(0)
+    model = create_model("cnn_small", 10)
+    g = torch.Generator().manual_seed(0)
+    clean = Split(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(16) % 10)
+    optimize_masks(model, clean, device=CPU, seed=0, iterations=1, eps=0.4, batch_size=16, hflip=False)
+    # Weight noise (a fresh model's batch-norm biases are 0, so the bias noise gets no gradient and stays put).
+    noise = torch.cat([t.detach().flatten() for t in made[0].noise_w])
+    assert float(noise.abs().max()) <= 0.8 + 1e-6
+    assert float((noise.abs() > 0.4).float().mean()) > 0.25  # about half the coordinates step past eps
+
+
 @pytest.fixture(scope="module")
 def backdoored(tmp_path_factory):
     runner = Runner(ArtifactCache(tmp_path_factory.mktemp("anp-cache")), CPU)

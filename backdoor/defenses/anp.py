@@ -3,18 +3,19 @@ Deep Models", NeurIPS 2021).
 
 Every batch-norm channel (``roles.batchnorm_layers``) gets a mask m in [0, 1] (start 1) on its weight and an
 adversarial multiplicative perturbation on weight and bias: the perturbed layer uses weight ``w * (m + d)``
-and bias ``b * (1 + e)`` with d, e in [-eps, eps]. Each iteration, on a clean mini-batch: (1) d, e start
-uniform in [-eps, eps] and take ``noise_steps`` = 1 step of sign ascent on CE (step eps / noise_steps), clipped
-to [-eps, eps]; (2) the masks take one SGD step (lr 0.2, momentum 0.9) on
+and bias ``b * (1 + e)``. Each iteration, on a clean mini-batch: (1) d, e start uniform in [-eps, eps] and
+take ``noise_steps`` = 1 step of sign ascent on CE (step eps / noise_steps), not clipped afterwards, so they
+end in [-2 eps, 2 eps] (as in ANP's code); (2) the masks take one SGD step (lr 0.2, momentum 0.9) on
 ``alpha * CE(masked model) + (1 - alpha) * CE(masked and perturbed model)`` and are clipped to [0, 1]. After
 ``iterations`` iterations every channel whose mask is below ``threshold`` is pruned: its batch-norm weight is set
 to 0 (the quantity the mask multiplies; the channel then outputs its bias, as in ANP's pruning). Nothing else
 is trained.
 
-Defaults (paper / Table 2): ``eps`` 0.4, ``alpha`` 0.2, ``mask_lr`` 0.2, ``iterations`` 2000, ``threshold`` 0.2
-(pruning by threshold, the paper's rule), ``noise_steps`` 1, ``batch_stats`` True (see below), ``batch_size``
-None (the defense budget's, 256; ANP's code uses 128); mini-batches come from seeded shuffles of the
-defender's subset (ANP's code samples with replacement) with the budget's crop/flip augmentation.
+Defaults (paper / Table 2): ``eps`` 0.4, ``alpha`` 0.2, ``iterations`` 2000, ``threshold`` 0.2 (pruning by
+threshold, the paper's rule); ``mask_lr`` 0.2 (ANP's code, see Departures), ``noise_steps`` 1,
+``batch_stats`` True (see below), ``batch_size`` None (the defense budget's, 256; ANP's code uses 128);
+mini-batches come from seeded shuffles of the defender's subset (ANP's code samples with replacement) with the
+budget's crop/flip augmentation.
 
 Implementation: masks and perturbations are applied through forward hooks that recompute each batch-norm
 layer functionally (``F.batch_norm``), so no architecture is rewritten. As in ANP's code, which optimises the
@@ -27,9 +28,17 @@ statistics it sends most clean inputs of a BadNets model to the target class), s
 paper does not state it and the default follows the authors' code. A model without batch norm (the paper's
 VGG-19) raises ``NotApplicable``.
 
-Departures: pruning uses the paper's fixed threshold; BackdoorBench's original also offers pruning by a number
-or fraction of channels chosen with test accuracy and test ASR, which a defense may not see. Table 2's
-"tolerance of accuracy reduction" is therefore not used.
+Departures, and why:
+- Pruning uses the paper's fixed threshold; BackdoorBench's original also offers pruning by a number or
+  fraction of channels chosen with test accuracy and test ASR, which a defense may not see. Table 2's
+  "tolerance of accuracy reduction" is therefore not used.
+- Mask learning rate 0.2: the audit of BackdoorBench f02e353 found 0.01 in its ANP config (Table 2 of the
+  supplementary lists no mask learning rate). 0.2 is the ANP authors' default (Wu & Wang's code, ``--lr
+  0.2``), the rate the method was published with; at 0.01 each mask step is 20 times smaller over the same
+  2000 iterations. ``mask_lr`` sets it.
+- Aligned (issue 9): the neuron noise starts uniform in [-eps, eps] and is not clipped after the signed
+  ascent step, so it reaches 2 eps, as in BackdoorBench f02e353 and the ANP authors' code. An earlier
+  version of this file clipped it back to [-eps, eps], a weaker perturbation.
 """
 from __future__ import annotations
 
@@ -128,7 +137,7 @@ def optimize_masks(model: nn.Module, clean: Split, *, device: torch.device, seed
                         grads = torch.autograd.grad(F.cross_entropy(model(x), y), noise)
                         with torch.no_grad():
                             for t, gr in zip(noise, grads):
-                                t.add_(gr.sign(), alpha=eps / noise_steps).clamp_(-eps, eps)
+                                t.add_(gr.sign(), alpha=eps / noise_steps)  # not clipped: ANP's code
                     loss_rob = F.cross_entropy(model(x), y)
                 else:
                     loss_rob = torch.zeros((), device=device)

@@ -7,7 +7,7 @@ parametrisation ``(tanh(w) / (2 - 1e-7)) + 0.5``; minimise ``CE(f(x'), k) + cost
 (lr 0.1, betas 0.5/0.9); cost_k adapts per class (starts at ``init_cost``; after ``patience`` epochs with
 attack success >= ``threshold`` it is multiplied by ``cost_up``, after ``patience`` epochs below it divided by
 ``cost_down``); the smallest-L1 mask whose epoch success reached the threshold is kept; a class stops early once
-its cost has moved both ways and its best L1 has not improved by 1% for ``2 * patience`` epochs.
+its cost has moved both ways and its best L1 has not improved by 1% for ``early_stop_patience`` epochs.
 (2) anomaly index of each class = |L1_k - median| / (1.4826 * MAD); a class whose L1 is below the median,
 whose index exceeds ``anomaly_threshold`` and whose trigger reached the success threshold is flagged.
 (3) flagged: unlearning; ``unlearn_ratio`` of the defender's subset is stamped with the reversed trigger of
@@ -20,9 +20,13 @@ gradients are accumulated over the chunks, so chunking does not change the resul
 each class's loss touches only its own mask and pattern, so this equals K separate optimisations.
 
 Defaults: ``epochs`` 80, ``init_cost`` 1e-3, ``cost_up`` 2, ``cost_down`` 2**1.5, ``patience`` 5,
-``threshold`` 0.98, ``lr`` 0.1, ``batch_size`` 32, ``anomaly_threshold`` 2, ``unlearn_ratio`` 0.2,
-``max_batch`` 2048; the unlearning fine-tune uses the defense budget (``epochs_unlearn``/``lr_unlearn``
-override it).
+``early_stop_patience`` 25, ``threshold`` 0.98, ``lr`` 0.1, ``batch_size`` 256, ``anomaly_threshold`` 2,
+``unlearn_ratio`` 0.2, ``max_batch`` 2048; the unlearning fine-tune uses the defense budget
+(``epochs_unlearn``/``lr_unlearn`` override it). Reversal batch 256 and early-stop patience 25 are the values
+the audit of BackdoorBench f02e353 found in its NC (issue 9); an earlier version of this file defaulted to 32
+and ``2 * patience`` = 10. At small scale they are set per matrix: the defender's subset of the smoke and
+quick matrices is 72 images, one step per reversal epoch at batch 256, so those matrices use batch 16 and
+early-stop patience 10 (with 20 reversal epochs, a patience of 25 would never stop a class early).
 
 Departures and choices: mitigation is unlearning, as in Table 2 of the supplementary (unlearning ratio 0.2) and
 the NC paper; the supplementary's A.2 prose mentions pruning, which we do not do. A class whose reversed trigger
@@ -80,8 +84,8 @@ def flag_classes(l1: torch.Tensor, reached: torch.Tensor, threshold: float = 2.0
 
 def reverse_triggers(model: nn.Module, clean: Split, num_classes: int, *, device: torch.device, seed: int,
                      epochs: int = 80, init_cost: float = 1e-3, cost_up: float = 2.0, cost_down: float = 2 ** 1.5,
-                     patience: int = 5, threshold: float = 0.98, lr: float = 0.1, batch_size: int = 32,
-                     max_batch: int = 2048, early_stop: bool = True) -> dict:
+                     patience: int = 5, threshold: float = 0.98, lr: float = 0.1, batch_size: int = 256,
+                     max_batch: int = 2048, early_stop: bool = True, early_stop_patience: int = 25) -> dict:
     """Reverse-engineer one trigger per class, all classes at once.
 
     Returns masks [K, 1, H, W], patterns [K, C, H, W] (best per class; the last one where the threshold was
@@ -169,7 +173,7 @@ def reverse_triggers(model: nn.Module, clean: Split, num_classes: int, *, device
             stale = found & (best_l1 >= 0.99 * stop_best)
             stop_count = torch.where(stale, stop_count + 1, torch.where(found, 0, stop_count))
             stop_best = torch.where(active, torch.minimum(best_l1, stop_best), stop_best)
-            active &= ~(moved_up & moved_down & (stop_count >= 2 * patience))
+            active &= ~(moved_up & moved_down & (stop_count >= early_stop_patience))
     for p, flag in zip(model.parameters(), params_state):
         p.requires_grad_(flag)
     reached = torch.isfinite(best_l1)
@@ -185,12 +189,14 @@ class NeuralCleanse(Defense):
     kind = "model_repair"
 
     def __init__(self, epochs: int = 80, init_cost: float = 1e-3, cost_up: float = 2.0, cost_down: float = 2 ** 1.5,
-                 patience: int = 5, threshold: float = 0.98, lr: float = 0.1, batch_size: int = 32,
+                 patience: int = 5, threshold: float = 0.98, lr: float = 0.1, batch_size: int = 256,
                  anomaly_threshold: float = 2.0, unlearn_ratio: float = 0.2, max_batch: int = 2048,
-                 early_stop: bool = True, epochs_unlearn: int | None = None, lr_unlearn: float | None = None):
+                 early_stop: bool = True, early_stop_patience: int = 25, epochs_unlearn: int | None = None,
+                 lr_unlearn: float | None = None):
         checks = [("epochs", epochs >= 1, ">= 1"), ("init_cost", init_cost > 0, "> 0"),
                   ("cost_up", cost_up > 1, "> 1"), ("cost_down", cost_down > 1, "> 1"),
-                  ("patience", patience >= 1, ">= 1"), ("threshold", 0 < threshold <= 1, "in (0, 1]"),
+                  ("patience", patience >= 1, ">= 1"), ("early_stop_patience", early_stop_patience >= 1, ">= 1"),
+                  ("threshold", 0 < threshold <= 1, "in (0, 1]"),
                   ("lr", lr > 0, "> 0"), ("batch_size", batch_size >= 1, ">= 1"),
                   ("anomaly_threshold", anomaly_threshold > 0, "> 0"),
                   ("unlearn_ratio", 0 < unlearn_ratio <= 1, "in (0, 1]"), ("max_batch", max_batch >= 1, ">= 1"),
@@ -202,13 +208,15 @@ class NeuralCleanse(Defense):
         self.epochs, self.init_cost, self.cost_up, self.cost_down = epochs, init_cost, cost_up, cost_down
         self.patience, self.threshold, self.lr, self.batch_size = patience, threshold, lr, batch_size
         self.anomaly_threshold, self.unlearn_ratio, self.max_batch = anomaly_threshold, unlearn_ratio, max_batch
-        self.early_stop, self.epochs_unlearn, self.lr_unlearn = early_stop, epochs_unlearn, lr_unlearn
+        self.early_stop, self.early_stop_patience = early_stop, early_stop_patience
+        self.epochs_unlearn, self.lr_unlearn = epochs_unlearn, lr_unlearn
 
     def detect(self, model: nn.Module, clean: Split, num_classes: int, device: torch.device, seed: int) -> dict:
         rev = reverse_triggers(model, clean, num_classes, device=device, seed=seed, epochs=self.epochs,
                                init_cost=self.init_cost, cost_up=self.cost_up, cost_down=self.cost_down,
                                patience=self.patience, threshold=self.threshold, lr=self.lr,
-                               batch_size=self.batch_size, max_batch=self.max_batch, early_stop=self.early_stop)
+                               batch_size=self.batch_size, max_batch=self.max_batch, early_stop=self.early_stop,
+                               early_stop_patience=self.early_stop_patience)
         rev["anomaly_index"] = anomaly_index(rev["l1"])
         rev["flagged"] = flag_classes(rev["l1"], rev["reached"], self.anomaly_threshold)
         return rev

@@ -131,6 +131,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_params(args: argparse.Namespace) -> int:
+    """Print the method-parameter table, or check / rewrite a README's block of it."""
+    from backdoor.parameters import (COMMAND, END, START, declaration_problems, readme_difference,
+                                     render_parameter_table, replace_block)
+
+    for problem in declaration_problems():
+        print(f"backdoor params: {problem}", file=sys.stderr)
+    table = render_parameter_table()
+    path = Path(args.check or args.write) if (args.check or args.write) else None
+    if path is None:
+        print(table, end="")
+        return 0
+    if not path.is_file():
+        print(f"backdoor params: {path} does not exist", file=sys.stderr)
+        return 4
+    text = path.read_text()
+    if args.check:
+        difference = readme_difference(text, table)
+        if difference is None:
+            print(f"backdoor params: {path}'s parameter table is up to date")
+            return 0
+        print(f"backdoor params: {path}'s parameter table differs from the generated one (run `{COMMAND}`):\n"
+              f"{difference}", file=sys.stderr)
+        return 1
+    try:
+        new = replace_block(text, table)
+    except ValueError:
+        print(f"backdoor params: {path} has no {START} ... {END} markers; add them where the table goes",
+              file=sys.stderr)
+        return 1
+    if new != text:
+        path.write_text(new)
+    print(f"backdoor params: {'wrote' if new != text else 'unchanged:'} the parameter table in {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backdoor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--attacks", default="*", help="attack wildcard")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved rounds per measurement (default 5)")
     bench.add_argument("--attack-params", default="", help='JSON: attack -> parameter overrides, e.g. {"lc": {"steps": 10}}')
+    params = sub.add_parser("params", help="print every method parameter: paper, reference code, ours, why "
+                                           "(markdown); or check / rewrite README.md's block")
+    where = params.add_mutually_exclusive_group()
+    where.add_argument("--check", metavar="FILE", help="exit 1, naming the difference, if FILE's block between "
+                       "<!-- parameters:start --> and <!-- parameters:end --> is not the generated table")
+    where.add_argument("--write", metavar="FILE", help="rewrite FILE's block with the generated table")
     add_analysis_commands(sub)
     return parser
 
@@ -195,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         return cmd_run(args, extra)
     args = parser.parse_args(argv)
-    handlers = {"list": cmd_list, "leaderboard": cmd_leaderboard, "expect": cmd_expect, "bench": cmd_bench}
+    handlers = {"list": cmd_list, "leaderboard": cmd_leaderboard, "expect": cmd_expect, "bench": cmd_bench,
+                "params": cmd_params}
     if args.command not in handlers:
         return args.func(args)
     return handlers[args.command](args)

@@ -1,0 +1,127 @@
+"""The parameter table (``backdoor params``): every parameter of every registered method has a declared row, the
+"ours" column is the signature's default, each defense declares the budgets it trains with, and README.md's
+block is the generated table (the anti-drift check: it fails whenever a default changes until
+``backdoor params --write README.md`` is run)."""
+import inspect
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from backdoor import parameters
+from backdoor.cli import main
+from backdoor.parameters import (COMMAND, DEFENSE_BUDGETS, END, PAPER_AND_REFERENCE, START, format_value, methods,
+                                 parameter_rows, readme_block, readme_difference, render_parameter_table)
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+METHODS = methods()
+IDS = [f"{family}-{name}" for family, name, _ in METHODS]
+
+
+def constructor_defaults(cls) -> dict:
+    """Keyword parameters of every ``__init__`` in the hierarchy with their defaults, read independently of
+    ``backdoor.parameters`` (``Method.param_names`` lists them)."""
+    out = {}
+    for klass in cls.__mro__[:-1]:
+        if "__init__" in vars(klass):
+            for p in inspect.signature(klass.__init__).parameters.values():
+                out.setdefault(p.name, p.default)
+    return {n: out[n] for n in cls.param_names() if n not in ("target", "cap_ratio")}
+
+
+@pytest.mark.parametrize("family, name, cls", METHODS, ids=IDS)
+def test_every_parameter_has_a_row_and_every_row_a_parameter(family, name, cls):
+    params = set(constructor_defaults(cls))
+    declared = set(PAPER_AND_REFERENCE.get(name, {}))
+    assert not params - declared, (
+        f"{name}: parameter(s) {sorted(params - declared)} have no row; declare (paper, reference, why) for them in "
+        f"backdoor/parameters.py PAPER_AND_REFERENCE[{name!r}], then run `{COMMAND}`")
+    assert not declared - params, (
+        f"{name}: PAPER_AND_REFERENCE[{name!r}] declares {sorted(declared - params)}, which {cls.__name__} does not "
+        f"take; remove or rename the row(s) in backdoor/parameters.py, then run `{COMMAND}`")
+
+
+def test_no_declaration_for_an_unregistered_method():
+    registered = {name for _, name, _ in METHODS}
+    assert set(PAPER_AND_REFERENCE) <= registered
+    assert set(DEFENSE_BUDGETS) <= registered
+    assert parameters.declaration_problems() == []
+
+
+@pytest.mark.parametrize("family, name, cls", METHODS, ids=IDS)
+def test_ours_is_the_signature_default(family, name, cls):
+    rows = {r["parameter"]: r for r in parameter_rows() if r["method"] == name}
+    defaults = constructor_defaults(cls)
+    assert list(rows) == [p for p in parameters.signature_defaults(cls)]
+    for param, default in defaults.items():
+        assert rows[param]["default"] == default, f"{name}.{param}"
+        assert rows[param]["ours"] == format_value(default), f"{name}.{param}"
+        assert all(rows[param][k] and rows[param][k] != "UNDECLARED" for k in ("paper", "reference", "why"))
+
+
+def test_format_value():
+    assert format_value(None) == "None" and format_value(True) == "True"
+    assert format_value(2 ** 1.5) == "2.82843" and format_value(5e-4) == "0.0005" and format_value(6.0) == "6"
+    assert format_value((500.0, 1000.0, 1000.0)) == "(500, 1000, 1000)"
+    assert format_value("ica") == "ica" and format_value(inspect.Parameter.empty) == "(required)"
+
+
+@pytest.mark.parametrize("name", sorted(n for f, n, _ in METHODS if f == "defense"))
+def test_declared_budgets_match_what_the_defense_reads(name):
+    """A budget named in a stage must be one the defense's module reads (``inputs.training`` is the matrix's
+    defense_training, ``inputs.retraining`` or ``retrain_without`` the attack's budget), and every budget it
+    reads must be named in its declaration."""
+    cls = dict((n, c) for f, n, c in METHODS if f == "defense")[name]
+    source = inspect.getsource(sys.modules[cls.__module__])
+    reads = {"defense_training": "inputs.training" in source,
+             "retraining": "inputs.retraining" in source or "retrain_without(" in source}
+    stages = DEFENSE_BUDGETS[name]
+    text = " ".join(" ".join(stage) for stage in stages)
+    for budget, used in reads.items():
+        named = any(stage[1] == budget for stage in stages)
+        assert not (named and not used), f"{name}: declares a stage on {budget} but its module never reads it"
+        assert not (used and budget not in text), f"{name}: reads {budget} but DEFENSE_BUDGETS[{name!r}] never names it"
+
+
+def test_rendered_tables_are_well_formed():
+    table = render_parameter_table()
+    rows = parameter_rows()
+    for r in rows:
+        assert f"`{r['method']}.{r['parameter']}`" in table
+    for block in table.split("\n\n"):
+        lines = [line for line in block.splitlines() if line.startswith("|")]
+        widths = {len(re.findall(r"(?<!\\)\|", line)) for line in lines}
+        assert len(widths) <= 1, f"a table row has a stray '|': {block[:200]}"
+    body = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(body) == len(rows) + sum(len(stages) for stages in DEFENSE_BUDGETS.values())
+
+
+def test_readme_block_is_the_generated_table():
+    text = README.read_text()
+    assert readme_block(text) is not None, f"README.md lacks the {START} ... {END} markers"
+    difference = readme_difference(text)
+    assert difference is None, (
+        f"README.md's parameter table is out of date (a default or a declared row changed): run `{COMMAND}`\n"
+        f"{difference}")
+
+
+def test_cli_check_names_the_difference_and_write_fixes_it(tmp_path, capsys):
+    copy = tmp_path / "README.md"
+    copy.write_text(f"# x\n\n{START}\n{render_parameter_table()}{END}\n\nafter\n")
+    assert main(["params", "--check", str(copy)]) == 0
+    stale = copy.read_text().replace("| `lc.steps` |", "| `lc.stepz` |")
+    copy.write_text(stale)
+    capsys.readouterr()
+    assert main(["params", "--check", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "lc.stepz" in err and "lc.steps" in err and COMMAND in err
+    assert main(["params", "--write", str(copy)]) == 0
+    assert main(["params", "--check", str(copy)]) == 0
+    assert copy.read_text().startswith("# x\n\n") and copy.read_text().endswith(f"{END}\n\nafter\n")
+    no_markers = tmp_path / "plain.md"
+    no_markers.write_text("# nothing\n")
+    assert main(["params", "--check", str(no_markers)]) == 1
+    assert main(["params", "--write", str(no_markers)]) == 1 and no_markers.read_text() == "# nothing\n"
+    capsys.readouterr()
+    assert main(["params"]) == 0 and capsys.readouterr().out == render_parameter_table()

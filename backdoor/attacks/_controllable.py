@@ -6,7 +6,9 @@
   below one sample per batch; ``int(ratio * batch)`` elsewhere, which under-poisons, e.g. 12 of 128 at 0.1).
 - ``random_crop_rotate_flip``: both originals augment with random crop (zero padding 5), random rotation
   (10 degrees) and, where the data allow it, a horizontal flip. Here the three are composed into one affine
-  sampling grid per sample and applied with a single ``grid_sample`` on the device: no per-image loop.
+  sampling grid and applied with a single ``grid_sample`` on the device: no per-image loop. The draws are
+  per sample (Input-aware), or with ``same_on_batch`` one per batch for the whole batch (WaNet, whose
+  original draws once per batch: see wanet.py).
 - ``check_ratio``: the poisoned plus cross fraction must fit in a batch.
 """
 from __future__ import annotations
@@ -37,10 +39,12 @@ def batch_poison_count(ratio: float, batch: int, g: torch.Generator) -> int:
 
 
 def random_crop_rotate_flip(x: torch.Tensor, g: torch.Generator, *, padding: int, p_crop: float, degrees: float,
-                            p_rotate: float, flip: bool, p_flip: float = 0.5) -> torch.Tensor:
-    """Per-sample random crop (zero padding ``padding``, probability ``p_crop``), rotation (uniform in
-    [-degrees, degrees], probability ``p_rotate``) and horizontal flip (probability ``p_flip`` if ``flip``),
-    composed in that order, on a float batch [N, C, H, W].
+                            p_rotate: float, flip: bool, p_flip: float = 0.5,
+                            same_on_batch: bool = False) -> torch.Tensor:
+    """Random crop (zero padding ``padding``, probability ``p_crop``), rotation (uniform in [-degrees, degrees],
+    probability ``p_rotate``) and horizontal flip (probability ``p_flip`` if ``flip``), composed in that order,
+    on a float batch [N, C, H, W]. Each sample draws its own (the default), or with ``same_on_batch`` one draw
+    of every coin, offset and angle is applied to the whole batch.
 
     Output pixel u (pixel units, origin at the image centre) reads the input at ``R(a) F u + t``: F the
     mirror, R the rotation about the centre, t the crop's integer shift in [-padding, padding]. With
@@ -51,19 +55,20 @@ def random_crop_rotate_flip(x: torch.Tensor, g: torch.Generator, *, padding: int
     if n == 0:
         return x
     dev = x.device
+    m = 1 if same_on_batch else n  # how many independent draws
 
     def coin(p: float) -> torch.Tensor:
-        return torch.rand(n, device=dev, generator=g) < p
+        return torch.rand(m, device=dev, generator=g) < p
 
-    shift = torch.zeros(2, n, device=dev)
+    shift = torch.zeros(2, m, device=dev)
     if padding > 0:
-        shift = torch.randint(-padding, padding + 1, (2, n), device=dev, generator=g).float()
+        shift = torch.randint(-padding, padding + 1, (2, m), device=dev, generator=g).float()
         shift = shift * coin(p_crop).float()
-    angle = torch.zeros(n, device=dev)
+    angle = torch.zeros(m, device=dev)
     if degrees > 0:
-        angle = (torch.rand(n, device=dev, generator=g) * 2 - 1) * math.radians(degrees)
+        angle = (torch.rand(m, device=dev, generator=g) * 2 - 1) * math.radians(degrees)
         angle = angle * coin(p_rotate).float()
-    mirror = torch.ones(n, device=dev)
+    mirror = torch.ones(m, device=dev)
     if flip:
         mirror = torch.where(coin(p_flip), -1.0, 1.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
@@ -72,7 +77,7 @@ def random_crop_rotate_flip(x: torch.Tensor, g: torch.Generator, *, padding: int
         torch.stack([cos * mirror, -sin * (h / w), shift[0] * 2 / w], dim=1),
         torch.stack([sin * (w / h) * mirror, cos, shift[1] * 2 / h], dim=1),
     ], dim=1)
-    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    grid = F.affine_grid(theta, [m, c, h, w], align_corners=False).expand(n, -1, -1, -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

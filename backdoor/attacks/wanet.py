@@ -12,8 +12,12 @@ relabelled to the target; ``cross_ratio`` times as many ("noise mode") are warpe
 per-pixel uniform noise ``(rand * 2 - 1) / size`` and KEEP their label, so that only the exact warp
 activates the backdoor. After poisoning, the batch is augmented as in the original: random crop (zero
 padding 5, p 0.8), random rotation (10 degrees, p 0.5), horizontal flip (p 0.5) where the dataset allows it
-(these replace the trainer's default crop + flip). The test trigger is the warp without noise, quantised
-to uint8.
+(these replace the trainer's default crop + flip). Every coin, crop offset and angle is drawn once per batch
+and applied to the whole batch (from the hooks' seeded generator, in one batched ``grid_sample``), as the
+audit of BackdoorBench f02e353 found its ``PostTensorTransform`` does: in the version we read (3f4b1a9) it
+applies torchvision's RandomCrop, RandomRotation and RandomHorizontalFlip to the batch tensor, which draw
+their parameters once per call, behind ``ProbTransform`` coins tossed once per batch. The test trigger is the
+warp without noise, quantised to uint8.
 
 Defaults (paper / BackdoorBench Table 1): k 4, s 0.5, grid_rescale 1, cross_ratio 2, crop 5 / rotation 10.
 
@@ -28,6 +32,11 @@ Departures, and why:
   they carry no target label; the original also marks them as poisoned, which inflates detection figures.
 - The field's displacement is divided per axis by the image width / height (the original divides both by
   the height; identical on square images).
+- The rotation samples bilinearly; torchvision's ``RandomRotation`` (BackdoorBench 3f4b1a9 keeps its
+  default) samples nearest-neighbour. Kept as it was (the issue 9 audit did not cover it); integer crops and
+  flips are exact in both.
+- Aligned (issue 9): an earlier version drew the augmentation per sample; the audit of BackdoorBench f02e353
+  found one draw per batch, which METHODS.md asks for too, and which is what we do now.
 """
 from __future__ import annotations
 
@@ -166,7 +175,7 @@ class WaNet(Attack):
 
 class WaNetHooks(TrainHooks):
     """Per batch: warp + relabel the first ``ratio`` share, warp + noise the next ``cross_ratio`` times as
-    many (labels kept); then the original's crop / rotation / flip augmentation on the whole batch."""
+    many (labels kept); then the original's crop / rotation / flip augmentation, one draw for the whole batch."""
 
     def __init__(self, attack: WaNet, dataset: Dataset, ratio: float, seed: int):
         self.attack, self.ratio, self.seed = attack, float(ratio), int(seed)
@@ -199,4 +208,4 @@ class WaNetHooks(TrainHooks):
     def augment(self, x, default):
         a = self.attack
         return random_crop_rotate_flip(x, self.g, padding=a.crop_padding, p_crop=a.p_crop, degrees=a.rotation,
-                                       p_rotate=a.p_rotation, flip=self.flip)
+                                       p_rotate=a.p_rotation, flip=self.flip, same_on_batch=True)

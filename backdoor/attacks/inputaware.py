@@ -18,9 +18,9 @@ label; ``cross_ratio`` times as many (Table 1: 1) get the pattern and mask of AN
 and keep their label, so a trigger works only on the image it was made for. The classifier (SGD of the
 trainer) and G (Adam lr_G 0.01, betas 0.5/0.9, its own optimiser stepped in ``after_step``) minimise
 cross-entropy + ``lambda_div`` * the pattern diversity loss together. Each batch is augmented BEFORE poisoning,
-as the original's data loader does (random crop with zero padding 5, rotation 10 degrees, horizontal flip
-where the dataset allows it; replaces the trainer's default crop + flip), so test-time triggers, made on
-un-augmented images, match the training ones.
+per sample, as the Input-aware authors' data loader does (random crop with zero padding 5, rotation 10
+degrees, horizontal flip where the dataset allows it; replaces the trainer's default crop + flip), so
+test-time triggers, made on un-augmented images, match the training ones.
 
 Defaults: channels (32, 64, 128), mask_density 0.032, lambda_norm 100, lambda_div 1, lr_G = lr_M 0.01,
 mask_epochs 25, mask_batch_size 128, cross_ratio 1, crop 5, rotation 10.
@@ -35,8 +35,16 @@ Departures, and why:
   extra attacker compute that touches only M. The original counts the 25 mask epochs inside the classifier's
   budget (the classifier gets 75 of 100 epochs) which would give Input-aware a smaller classifier budget
   than the other attacks at the same grid setting.
-- lambda_norm: 100, the value of the original code and of the BackdoorBench config files that produced the
-  benchmark's numbers; the supplementary's Table 1 prints 400. Set ``lambda_norm: 400`` to follow the table.
+- lambda_norm: 100. The supplementary's Table 1 prints 400; the audit of BackdoorBench f02e353 found 100 in
+  its config, and 100 is also the Input-aware authors' default (``--lambda_norm 100`` in the config.py of
+  VinAIResearch/input-aware-backdoor-attack-release). We keep the value the code runs with; set
+  ``lambda_norm: 400`` to follow the table.
+- Augmentation: crop 5 and rotation 10 are applied (per sample, before poisoning). The audit of BackdoorBench
+  f02e353 found that its Input-aware parses these two settings but never applies them. We keep them because
+  the Input-aware authors' training loader applies them (torchvision RandomCrop(padding 5) and
+  RandomRotation(10), not on MNIST, plus a flip on CIFAR-10), and because an attack trained without the
+  augmentation every other attack gets would not be comparable. ``crop_padding: 0, rotation: 0`` turns
+  them off.
 - The classifier follows the case's ``TrainConfig`` (SGD, cosine by default); the original uses MultiStepLR
   at 100/200/300/400 (constant within 100 epochs). G's milestones 200-500 lie beyond any benchmark budget,
   so its rate is constant here as there.

@@ -16,6 +16,14 @@ own scale), so ``scores`` is the rank of the sample's squared projection within 
 Departures, and why:
 - The removal count is ``round(1.5 * eps * n_label)`` per label, the paper's rule, instead of the original
   code's "scores above the 85th percentile" (the same 15% at eps = 0.1 up to rounding and ties).
+- Representations: the audit of BackdoorBench f02e353 found that it scores the flattened output of the last
+  block, computed through the training augmentation, without centring. We score the penultimate
+  representation (the head's input: 512-d on PreAct-ResNet18), computed in eval mode without augmentation,
+  centred per label. Why: Tran et al. centre (the signature is the top singular vector of the centred
+  representations; uncentred, that vector tends to point along the label's mean); without augmentation each
+  sample's score is a deterministic function of the sample (a random crop can move a corner trigger off the
+  image); and the head's input is defined for every registered architecture through ``roles.head``, the
+  same representation AC clusters.
 - Each label's rows are put in a canonical (lexicographic) order before the SVD and the selection, so the
   flagged samples do not depend on the order of the training set (ties and floating-point sums could
   otherwise break differently).

@@ -99,8 +99,8 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple[str, str, str]]] = {
     "inputaware": {
         "channels": (NONE, "32-64-128 (MNIST: 16-32)", "as the reference; `[16, 32]` for its MNIST variant"),
         "mask_density": ("0.032", NOT_STATED, "Table 1"),
-        "lambda_norm": ("400", "100 (config)", "the value of the reference code and configs that produced the "
-                        "benchmark's numbers; 400 follows the table"),
+        "lambda_norm": ("400", "100 (config)", "the value the code runs with (also the Input-aware authors' "
+                        "default); `lambda_norm: 400` follows the table"),
         "lambda_div": ("1", NOT_STATED, "Table 1"),
         "lr_G": ("0.01", NOT_STATED, "Table 1; G's milestones (200-500) lie beyond any budget, so constant"),
         "lr_M": ("0.01", NOT_STATED, "Table 1; decay x0.1 at 40% and 80% of the mask epochs (Table 1's 10 and "
@@ -109,8 +109,10 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple[str, str, str]]] = {
                         "classifier trains for the case's full epochs, like every other attack"),
         "mask_batch_size": (NONE, NOT_STATED, "Table 1's general batch 128; smaller on small data sets"),
         "cross_ratio": ("1", NOT_STATED, "Table 1"),
-        "crop_padding": (NONE, "5", "as the reference (augmentation before poisoning)"),
-        "rotation": (NONE, "10 degrees", "as the reference; 0 for its MNIST variant"),
+        "crop_padding": (NONE, "5, parsed but never applied", "the Input-aware authors' loader applies it (per "
+                         "sample, before poisoning), and every other attack trains augmented; 0 turns it off"),
+        "rotation": (NONE, "10 degrees, parsed but never applied", "the Input-aware authors' loader applies it "
+                     "(not on MNIST); 0 turns it off"),
     },
     "wanet": {
         "k": (NONE, NOT_STATED, "WaNet paper (Nguyen & Tran)"),
@@ -144,8 +146,8 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple[str, str, str]]] = {
         "teacher_epochs": ("10", NOT_STATED, "Table 2 (E_ft)"),
         "teacher_lr": (NONE, NOT_STATED, f"None: {_DEF}"),
         "epochs": ("100", NOT_STATED, f"None: {_DEF}"),
-        "lr": (NONE, "0.01, then 1e-4 from epoch 20 (wd 1e-4)", f"None: {_DEF} (SGD, cosine), the budget of "
-               "every fine-tuning defense"),
+        "lr": (NONE, "0.01, then 1e-4 from epoch 20 (wd 1e-4)", f"None: {_DEF} (SGD 0.01, wd 5e-4, cosine), "
+               "one schedule for every repair defense, so NAD differs from FT by its attention term only"),
     },
     "nc": {
         "epochs": ("80", NOT_STATED, "Table 2 (E_r)"),
@@ -191,11 +193,14 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple[str, str, str]]] = {
                            "al.'s relative size, the default of the authors' ART code"),
         "exclusion_threshold": (NONE, "— (no exclusionary reclassification)", "`exclusionary` only: a cluster is "
                                 "poisoned when l / p is below it; 1 is the value Chen et al. found reasonable"),
+        "max_tested_share": (NONE, NONE, "`exclusionary` only, ours: a cluster holding more than 2/3 of its "
+                             "label is not tested (without it too little of the label is left to learn)"),
         "epochs": (NONE, NOT_STATED, f"None: {_ATT}, retraining from scratch"),
     },
     "spectral": {
-        "eps": ("85th percentile (15% removed)", "fixed 85th percentile, on the flattened last-block output, "
-                "uncentred", "the paper's 1.5 eps per label (15% at 0.1), on the centred penultimate features"),
+        "eps": ("85th percentile (15% removed)", "fixed 85th percentile of scores of the flattened last-block "
+                "output (augmented, uncentred)", "Tran et al.'s 1.5 eps per label (15% at 0.1), on the centred "
+                "penultimate features without augmentation (Tran et al. centre)"),
         "epochs": (NONE, NOT_STATED, f"None: {_ATT}, retraining from scratch"),
     },
     "abl": {

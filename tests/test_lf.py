@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from backdoor.attacks import ATTACKS, AttackContext, create_attack
-from backdoor.attacks.lf import deepfool_to_target, gaussian_lowpass
+from backdoor.attacks.lf import deepfool_to_target, gaussian_lowpass, low_frequency_share
 from backdoor.cache import ArtifactCache
 from backdoor.data import load_dataset
 from backdoor.models import create_model
@@ -58,6 +58,26 @@ def test_lowpass_keeps_constants_and_removes_the_nyquist_checkerboard():
     assert gaussian_lowpass(slow, 7, 1.5)[0, 10:22, 10:22].sub(slow[0, 10:22, 10:22]).abs().max() < 0.05
 
 
+def test_low_frequency_share_counts_non_dc_energy_within_two_cycles_per_image():
+    j = torch.arange(32, dtype=torch.float64)
+    one_cycle = torch.cos(2 * torch.pi * (j + 0.5) / 64).expand(3, 32, 32)  # half a cosine period: DCT k=1
+    assert low_frequency_share(one_cycle + 5.0) == pytest.approx(1.0), "the DC offset does not count"
+    signs = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 2.0 - 1).expand(3, 32, 32)
+    assert low_frequency_share(signs) < 1e-3
+    noise = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) - 0.5
+    assert low_frequency_share(noise) < 0.05  # white noise: ~pi * 4^2 / 4 of 64^2 mirrored bins
+
+
+def test_reference_filter_passes_only_the_lowest_frequencies():
+    """sigma 6 px (BackdoorBench's gauss_smooth): white noise keeps most of its energy within 2 cycles per
+    image; our former sigma 1.5 px kept a small part of it."""
+    noise = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) - 0.5
+    attack = create_attack("lf")
+    assert (attack.sigma, attack.kernel_size) == (6.0, 31)
+    assert low_frequency_share(gaussian_lowpass(noise, 31, 6.0)) > 0.9
+    assert low_frequency_share(gaussian_lowpass(noise, 7, 1.5)) < 0.5
+
+
 def test_deepfool_on_a_linear_model_takes_the_closed_form_step():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).requires_grad_(False)
@@ -85,6 +105,8 @@ def test_perturbation_is_bounded_low_frequency_and_fools(setup, tmp_path):
     assert delta.shape == (3, 32, 32)
     assert abs(float(delta.abs().max()) - 0.2) < 1e-6, "largest |delta| is exactly the bound"
     assert high_frequency_energy(delta) < 1e-3, "almost no energy at periods under 4 px"
+    assert low_frequency_share(delta) > 0.95, "the reference filter's spectrum: within 2 cycles per image"
+    assert attack.material_info["low_frequency_share"] == pytest.approx(low_frequency_share(delta), abs=1e-4)
     assert high_frequency_energy(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) - 0.5) > 0.5
     samples = data.train.x[attack.uap_samples(ctx)]
     assert (data.train.y[attack.uap_samples(ctx)] != 2).all() and len(samples) == 20

@@ -1,4 +1,5 @@
 """BadNets and Blended triggers, and the shared poisoned-index selection."""
+import numpy as np
 import pytest
 import torch
 
@@ -100,3 +101,19 @@ def test_registered_classes_carry_their_registry_name():
             assert registry.get(name).name == name
     with pytest.raises(InfeasibleRatioError, match="^sig: poison ratio 0.5"):
         create_attack("sig").poison_train(Split(images(20), torch.arange(20) % 10), 0.5, 0)
+
+
+def test_blended_image_pattern_is_resized_as_pil_does(tmp_path):
+    """A fine 1-px stripe image downscaled 3x: PIL's antialiased bilinear averages the stripes to mid grey,
+    where plain bilinear interpolation samples them (aliasing). The pattern must be PIL's, grey level for grey level."""
+    from PIL import Image
+
+    stripes = ((torch.arange(96) % 2) * 255).to(torch.uint8).expand(96, 3, 96).permute(1, 0, 2).contiguous()
+    path = tmp_path / "stripes.png"
+    Image.fromarray(stripes.permute(1, 2, 0).numpy()).save(path)
+    pattern = blend_pattern(str(path), 0, (3, 32, 32))
+    expected = torch.from_numpy(np.asarray(Image.open(path).convert("RGB").resize((32, 32), Image.BILINEAR)).copy())
+    assert torch.equal((pattern * 255).round().to(torch.uint8), expected.permute(2, 0, 1))
+    assert (pattern - 0.5).abs().max() < 0.1, "antialiased: the stripes average out"
+    aliased = torch.nn.functional.interpolate(stripes[None].float() / 255, size=(32, 32), mode="bilinear")[0]
+    assert (aliased - 0.5).abs().max() > 0.3, "plain bilinear aliases (what the old code did)"

@@ -13,15 +13,15 @@ Data-side defense, three stages, all with the one trainer ``fit`` on a fresh mod
    loss is more suspicious).
 3. Fine-tune the isolation model on the remaining 99% for ``finetune_epochs`` = 60 (plain CE), then
    unlearn: gradient ascent (minimise -CE) on the isolated samples for ``unlearn_epochs`` = 20 at the
-   constant learning rate ``unlearn_lr`` = 5e-4. The model is in train mode throughout, as in the original:
+   constant learning rate ``unlearn_lr`` = 1e-4 (see below: what both reference codes run, not Table 2's 5e-4). The model is in train mode throughout, as in the original:
    during unlearning its batch-norm running statistics move towards those of the isolated samples, which on
    a small isolated set accounts for much of the effect (and of the clean-accuracy cost).
 
 Budget: isolation and fine-tuning train a model on the poisoned set, so they use the attack's training budget
 (``retraining``: optimiser, batch size, learning rate, schedule, augmentation), with the epoch counts above;
 ``lr`` overrides its learning rate (not the unlearning's). Unlearning uses the same optimiser settings with
-``unlearn_lr`` and a constant schedule. Defaults are Table 2 of the BackdoorBench supplementary
-(CIFAR-10/100, GTSRB; Tiny ImageNet used 40/120/4 epochs).
+``unlearn_lr`` and a constant schedule. Defaults are Table 2 of the BackdoorBench supplementary (CIFAR-10/100,
+GTSRB; Tiny ImageNet used 40/120/4 epochs), except ``unlearn_lr``.
 
 Departures, and why:
 - The paper writes stage 3 as one objective (descent on the rest, ascent on the isolated set); its released
@@ -34,9 +34,19 @@ Departures, and why:
   as the original.
 - The original computes per-sample losses with batch size 1; here they come from batched forward passes in
   eval mode (same values, much faster).
-- The original's fine-tuning uses a step schedule (0.01 for 40 epochs, then 0.001) and its unlearning code
-  hard-codes lr 1e-4 although its config says 5e-4; we use the budget's cosine schedule for fine-tuning
-  and the paper's 5e-4 for unlearning. No nesterov momentum (the one trainer's SGD).
+- Unlearning lr 1e-4, not Table 2's 5e-4. Gradient ascent has no stopping point, so clean accuracy is kept
+  only by how much ascent is done, and both reference codes do a fifth of what Table 2 states. BackdoorBench's
+  unlearning code hard-codes lr 1e-4 for its 20 epochs although its config says 5e-4. The ABL authors' code
+  (bboylyg/ABL, backdoor_unlearning.py) runs 5 unlearning epochs at 5e-4 of which the first only evaluates,
+  i.e. 4 epochs, and keeps clean accuracy by that brevity (its demo log: C-Acc 82.8 -> 81.9 while the ASR
+  falls from 99.98 to 0.48); nothing else in it guards clean accuracy (it evaluates the test sets each epoch
+  and saves checkpoints, leaving the choice to the user). 20 x 1e-4 = 4 x 5e-4. Measured on the smoke grid
+  (digits, 14 isolated samples, one step per epoch) at 5e-4: C-Acc fell to 0.09-0.10 (one class predicted,
+  the target erased) on Blended, SIG and LC; per epoch on Blended, ASR 1.00 -> 0.12 by epoch 7 (C-Acc 0.81),
+  then C-Acc 0.35 by epoch 10 and 0.09 by 20; on SIG, C-Acc fell first (0.67 at epoch 10) with the ASR still
+  1.00, since the isolated samples are genuine target-class images. ``unlearn_lr: 5e-4`` gives Table 2's setting.
+- The original's fine-tuning uses a step schedule (0.01 for 40 epochs, then 0.001); we use the budget's
+  cosine schedule. No nesterov momentum (the one trainer's SGD).
 - Ties in the loss are broken by sample index (stable sort).
 """
 from __future__ import annotations
@@ -80,7 +90,7 @@ class AntiBackdoorLearning(Defense):
     kind = "data_side"
 
     def __init__(self, isolation_epochs: int = 20, isolation_ratio: float = 0.01, gamma: float = 0.5,
-                 finetune_epochs: int = 60, unlearn_epochs: int = 20, unlearn_lr: float = 5e-4,
+                 finetune_epochs: int = 60, unlearn_epochs: int = 20, unlearn_lr: float = 1e-4,
                  lr: float | None = None):
         if not isinstance(isolation_epochs, int) or isolation_epochs < 1:
             raise ParameterError("abl", "isolation_epochs", isolation_epochs, "an integer >= 1")

@@ -141,6 +141,10 @@ class Runner:
     def dataset_spec(case: Case) -> dict:
         # Where the files live does not change the data, except for imagefolder, whose root *is* the data.
         params = {k: v for k, v in case.dataset_params.items() if k != "root" or case.dataset == "imagefolder"}
+        # A dataset read from one file (npz) adds the file's content digest: a file replaced under its name is a miss.
+        fingerprint = getattr(DATASETS.get(case.dataset), "fingerprint", None)
+        if fingerprint is not None:
+            params.update(fingerprint(case.dataset_params))
         # Every artifact's spec starts from this one, so the CPU kernels in use key them all: a cache filled on an
         # AVX2 machine (or under ATEN_CPU_CAPABILITY=avx2) never serves a native AVX-512 run, whose last bits differ.
         return {"dataset": case.dataset, "params": params, "code": code_version(DATASETS.get(case.dataset).__module__),

@@ -250,8 +250,6 @@ def test_fingerprint_follows_the_content(tmp_path):
     assert fingerprint({"path": "d.npz", "root": str(tmp_path / "copy")}) == fingerprint(params)
 
 
-@pytest.mark.xfail(strict=True, reason="Runner.dataset_spec (backdoor/pipeline.py) does not yet add the dataset's "
-                                       "`fingerprint` to the cache spec; remove this mark with that change")
 def test_dataset_cache_spec_changes_when_the_file_changes(tmp_path):
     file = write(tmp_path / "d.npz")
     case = Case(matrix="m", dataset="npz", model="cnn_small", attack="clean", defense="none", ratio=0.0, seed=0,

@@ -8,11 +8,14 @@
 - why: where ours differs, the reason (from the method's docstring); where it agrees, where it comes from.
 
 ``PAPER_AND_REFERENCE`` declares (paper, reference, why) for each (method, parameter); NONE ("—") marks a
-source that gives no value, NOT_STATED one whose value the docstrings do not quote. ``DEFENSE_BUDGETS``
+source that gives no value, NOT_STATED one whose value the docstrings do not quote. A why that argues for one
+value carries that value as a fourth element, so that a changed default fails the tests until its why is
+revisited. ``DEFENSE_BUDGETS``
 declares which training budget each defense stage uses: the matrix's ``defense_training`` (``inputs.training``),
 the defense's own parameters, or the attack's budget (``inputs.retraining``, the matrix's ``training``) for
 training from scratch on the poisoned set. The tests fail when a parameter is added without a row, when a
-row names a parameter that does not exist, and when README.md's block is not the generated table.
+row names a parameter that does not exist, when a why argues for another default, and when README.md's block is
+not the generated table.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ COMMAND = "backdoor params --write README.md"
 _DEF = "the matrix's `defense_training`"
 _ATT = "the attack's budget (`retraining`)"
 
-PAPER_AND_REFERENCE: dict[str, dict[str, tuple[str, str, str]]] = {
+PAPER_AND_REFERENCE: dict[str, dict[str, tuple]] = {  # (paper, reference, why[, the default the why argues for])
     # ---------------------------------------------------------------------------------------- attacks
     "badnets": {
         "size": ("3x3, no margin (enlarged on Tiny ImageNet)", NOT_STATED,
@@ -75,8 +78,8 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple[str, str, str]]] = {
                   "max |delta| = 0.2 of the range, sign kept and no brightness offset (a uniform scale keeps "
                   "the spectrum's shape)"),
         "kernel_size": (NONE, "30 taps (gauss_smooth.py)", "an odd length keeps the kernel centred (30 taps "
-                        "shift the image by half a pixel); same magnitude response"),
-        "sigma": (NONE, "6 px (gauss_smooth.py sig=6)", "the reference filter"),
+                        "shift the image by half a pixel); same magnitude response", 31),
+        "sigma": (NONE, "6 px (gauss_smooth.py sig=6)", "the reference filter", 6.0),
         "deepfool_batch": (NONE, "1 (sequential)", "DeepFool on 10 images at once from the same v (a "
                            "Jacobi-style update); 1 is the sequential original"),
     },
@@ -100,7 +103,7 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple[str, str, str]]] = {
         "channels": (NONE, "32-64-128 (MNIST: 16-32)", "as the reference; `[16, 32]` for its MNIST variant"),
         "mask_density": ("0.032", NOT_STATED, "Table 1"),
         "lambda_norm": ("400", "100 (config)", "the value the code runs with (also the Input-aware authors' "
-                        "default); `lambda_norm: 400` follows the table"),
+                        "default); `lambda_norm: 400` follows the table", 100.0),
         "lambda_div": ("1", NOT_STATED, "Table 1"),
         "lr_G": ("0.01", NOT_STATED, "Table 1; G's milestones (200-500) lie beyond any budget, so constant"),
         "lr_M": ("0.01", NOT_STATED, "Table 1; decay x0.1 at 40% and 80% of the mask epochs (Table 1's 10 and "
@@ -158,7 +161,7 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple[str, str, str]]] = {
         "threshold": (NONE, NOT_STATED, "attack success a reversed trigger must reach (METHODS.md)"),
         "lr": (NONE, NOT_STATED, "Adam (betas 0.5, 0.9) on mask and pattern"),
         "batch_size": (NONE, "256", "the reference's reversal batch (the smoke and quick matrices, with a "
-                       "72-image defender's subset, pin 16)"),
+                       "72-image defender's subset, pin 16)", 256),
         "anomaly_threshold": (NONE, NOT_STATED, "NC paper: anomaly index > 2"),
         "unlearn_ratio": ("0.2", NOT_STATED, "Table 2"),
         "max_batch": (NONE, NONE, "memory only: images per forward pass over all classes (the result does not "
@@ -166,7 +169,7 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple[str, str, str]]] = {
         "early_stop": (NONE, NOT_STATED, "a class stops once its cost moved both ways and its best L1 stopped "
                        "improving by 1% for `early_stop_patience` epochs"),
         "early_stop_patience": (NONE, "25", "the reference's (was 2 x patience = 10; the smoke and quick "
-                                "matrices pin 10)"),
+                                "matrices pin 10)", 25),
         "epochs_unlearn": ("100", NOT_STATED, f"None: {_DEF}"),
         "lr_unlearn": (NONE, NOT_STATED, f"None: {_DEF}"),
     },
@@ -175,7 +178,8 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple[str, str, str]]] = {
         "eps": ("0.4", "noise unclipped after the ascent step", "Table 2; unclipped as the reference and ANP's "
                 "code (it reaches 2 eps)"),
         "alpha": ("0.2", NOT_STATED, "Table 2"),
-        "mask_lr": (NONE, "0.01", "the ANP authors' code (0.2), the rate the paper's threshold was chosen with"),
+        "mask_lr": (NONE, "0.01", "the ANP authors' code (0.2), the rate the paper's threshold was chosen with",
+                    0.2),
         "threshold": ("— (tolerance 10%)", "also prunes by number or fraction chosen on test data",
                       "the ANP paper's fixed threshold; a tolerance needs accuracy the defense may not see"),
         "noise_steps": (NONE, NOT_STATED, "one signed ascent step of eps"),
@@ -186,7 +190,8 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple[str, str, str]]] = {
     "ac": {
         "rule": (NONE, "`smaller`: the smaller cluster of every label is flagged", "Chen et al.'s exclusionary "
                  "reclassification, the only rule that does not assume the poison is a minority of its label "
-                 "(about 53% of the target label at ratio 0.1 on 10 classes); `relative_size` is the other"),
+                 "(about 53% of the target label at ratio 0.1 on 10 classes); `relative_size` is the other",
+                 "exclusionary"),
         "reduction": (NONE, "PCA", "ICA, as Chen et al.; `pca` is the reference's reduction"),
         "n_components": ("10", NOT_STATED, "Table 2"),
         "size_threshold": (NONE, "— (`smaller`: always; 0.5 reproduces it)", "`relative_size` only: Chen et "
@@ -210,7 +215,10 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple[str, str, str]]] = {
         "finetune_epochs": ("60", NOT_STATED, "Table 2 (E_ft)"),
         "unlearn_epochs": ("20", NOT_STATED, "Table 2 (E_u); the ABL authors' code unlearns 5 epochs (the first "
                            "evaluation only) at batch 64"),
-        "unlearn_lr": ("0.0005", "1e-4 (hard-coded; its config says 5e-4)", "Table 2 and the paper"),
+        "unlearn_lr": ("0.0005", "1e-4 for 20 epochs (hard-coded; its config says 5e-4)", "what both reference "
+                       "codes run: the ABL authors' code does 4 epochs at 5e-4, and 20 x 1e-4 = 4 x 5e-4; at 5e-4 "
+                       "for 20 epochs the smoke grid lost its clean accuracy. `unlearn_lr: 5e-4` is Table 2's",
+                       1e-4),
         "lr": (NONE, "batch 256, lr 0.01 (the defense budget); fine-tune 0.01, 0.001 after 40 epochs",
                f"None: {_ATT}: both stages are full training runs on the poisoned set"),
     },
@@ -228,9 +236,9 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple[str, str, str]]] = {
         "epsilon": ("0.5", NOT_STATED, "Table 2: the lowest-loss half keeps its labels"),
         "mixmatch_epochs": (NONE, "100 epochs x 1,024 iterations", "passes over the labelled half (the one "
                             "trainer's epoch); about a third of the reference's steps on CIFAR-10, kept while the "
-                            "DBD budget is studied"),
+                            "DBD budget is studied", 190),
         "mixmatch_batch_size": ("128 (B_semi)", NOT_STATED, "Table 2; labelled batch, as many unlabelled images "
-                                "(the smoke matrix pins 64)"),
+                                "(the smoke matrix pins 64)", 128),
         "mixmatch_lr": (NONE, "Adam 0.002, no schedule", f"None: {_DEF}: the one trainer's SGD"),
         "lambda_u": (NONE, NOT_STATED, "MixMatch unlabelled weight, ramped up over all epochs"),
         "sharpen_temperature": (NONE, NOT_STATED, "MixMatch label sharpening"),
@@ -322,6 +330,10 @@ def declaration_problems() -> list[str]:
                      for p in sorted(declared - params)]
         if family == "defense" and name not in DEFENSE_BUDGETS:
             problems.append(f"{name}: defense without a DEFENSE_BUDGETS entry in backdoor/parameters.py")
+    problems += [f"{r['method']}.{r['parameter']}: its why argues for {r['why_for']!r} but the default is now "
+                 f"{r['default']!r}; update the row in backdoor/parameters.py"
+                 for r in parameter_rows() if r["why_for"] is not inspect.Parameter.empty
+                 and r["why_for"] != r["default"]]
     problems += [f"{name}: declared in backdoor/parameters.py but not registered"
                  for name in sorted(set(PAPER_AND_REFERENCE) | set(DEFENSE_BUDGETS)) if name not in registered]
     problems += [f"{name}: unknown budget {budget!r} (allowed: {', '.join(BUDGETS)})"
@@ -331,15 +343,17 @@ def declaration_problems() -> list[str]:
 
 def parameter_rows() -> list[dict]:
     """One dict per (method, parameter) of every registered method: family, method, parameter, paper,
-    reference, ours (formatted), default (the signature's value) and why. An undeclared parameter gets
+    reference, ours (formatted), default (the signature's value), why and why_for (the default the why argues
+    for, where the declaration names one; else ``inspect.Parameter.empty``). An undeclared parameter gets
     "UNDECLARED" cells (the tests fail on it); a declared parameter that does not exist gets no row."""
     rows = []
     for family, name, cls in methods():
         declared = PAPER_AND_REFERENCE.get(name, {})
         for param, default in signature_defaults(cls).items():
-            paper, reference, why = declared.get(param, ("UNDECLARED",) * 3)
+            paper, reference, why, *argued = declared.get(param, ("UNDECLARED",) * 3)
             rows.append({"family": family, "method": name, "parameter": param, "paper": paper,
-                         "reference": reference, "ours": format_value(default), "default": default, "why": why})
+                         "reference": reference, "ours": format_value(default), "default": default, "why": why,
+                         "why_for": argued[0] if argued else inspect.Parameter.empty})
     return rows
 
 

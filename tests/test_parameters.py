@@ -58,6 +58,10 @@ def test_ours_is_the_signature_default(family, name, cls):
         assert rows[param]["default"] == default, f"{name}.{param}"
         assert rows[param]["ours"] == format_value(default), f"{name}.{param}"
         assert all(rows[param][k] and rows[param][k] != "UNDECLARED" for k in ("paper", "reference", "why"))
+        argued = rows[param]["why_for"]
+        assert argued is inspect.Parameter.empty or argued == default, (
+            f"{name}.{param}: the why in backdoor/parameters.py argues for {argued!r} but the default is now "
+            f"{default!r}; revisit the row (paper, reference, why, {argued!r}), then run `{COMMAND}`")
 
 
 def test_format_value():

@@ -115,7 +115,7 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple]] = {  # (paper, reference, why[,
         "crop_padding": (NONE, "5, parsed but never applied", "the Input-aware authors' loader applies it (per "
                          "sample, before poisoning), and every other attack trains augmented; 0 turns it off"),
         "rotation": (NONE, "10 degrees, parsed but never applied", "the Input-aware authors' loader applies it "
-                     "(not on MNIST); 0 turns it off"),
+                     "(RandomRotation(10), not on MNIST); 0 turns it off"),
     },
     "wanet": {
         "k": (NONE, NOT_STATED, "WaNet paper (Nguyen & Tran)"),
@@ -131,7 +131,7 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple]] = {  # (paper, reference, why[,
     },
     # --------------------------------------------------------------------------------------- defenses
     "ft": {
-        "epochs": ("100", NOT_STATED, f"None: {_DEF} (paper 100)"),
+        "epochs": ("100", NOT_STATED, f"None: {_DEF}"),
         "lr": (NONE, NOT_STATED, f"None: {_DEF}"),
     },
     "fp": {

@@ -36,8 +36,9 @@ filter. Table 1 gives none, but BackdoorBench's ``resource/lowFrequency/gauss_sm
 length keeps the kernel centred, where 30 taps shift the image by half a pixel; the magnitude response is
 the same). The response is exp(-2 pi^2 sigma^2 f^2): half the amplitude at f = 1/32 cycle per pixel (a period
 of 32 px, one cycle across a 32x32 image) and under 7% at 2 cycles per image. ``low_frequency_share`` measures
-the result: the share of the trigger's non-DC energy within 2 cycles per image (0.97-1.00 with the defaults
-on the smoke grid; 0.5-0.7 with our former sigma 1.5 / 7 taps, which passed about 4x higher frequencies).
+the result, the share of the trigger's non-DC energy within 2 cycles per image, and the perturbation's
+metadata records it (with our former sigma 1.5 / 7 taps, which passed about 4x higher frequencies, the smoke
+grid's perturbations had 0.92-0.94).
 Images of another size may scale ``sigma`` (and the kernel) with their width; the kernel must be shorter than
 twice the image side (reflect padding).
 

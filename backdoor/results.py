@@ -247,6 +247,17 @@ def degenerate(cell: dict | None, undefended: dict | None) -> str | None:
     return None
 
 
+def retrained_on_fixed_poison(records: list[dict]) -> set[tuple[str, str]]:
+    """(attack, defense) pairs where a data-side defense met a training-controllable attack (WaNet, Input-aware).
+
+    Such a defense retrains on the poisoned training set as the harness stored it, a fixed set of warped or
+    generator-triggered images with their labels: the attacker no longer controls that training. The result is
+    a data-poisoning version of the attack, a different attack, so the cell does not measure the defense
+    against the attack of its row."""
+    return {(r["attack"], r["defense"]) for r in records
+            if r.get("attack_kind") == "training_controllable" and r.get("defense_kind") == "data_side"}
+
+
 def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFrame:
     """The paper's full-result layout: one row per (dataset, model, poison ratio, attack), one column group
     per defense (No defense first) with C-Acc, ASR, R-Acc in percent and n (seeds).
@@ -259,6 +270,7 @@ def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFram
         raise ValueError("no records to render")
     df = pd.DataFrame(records)
     summaries = cell_summaries(records)
+    fixed_poison = retrained_on_fixed_poison(records)
     defenses = _order(df.defense, DEFENSE_ORDER)
     columns: dict[tuple, list] = {("", title): [] for title in ("Dataset", "Model", "Ratio", "Attack")}
     for _, row in _row_keys(df).iterrows():
@@ -274,6 +286,8 @@ def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFram
             for (sub, value) in _cell_columns(cell, numeric):
                 if flag and not numeric and sub == "ASR":
                     value += " †"
+                if (row.attack, defense) in fixed_poison and not numeric and sub == "ASR" and value:
+                    value += " ‡"
                 columns.setdefault((title, sub), []).append(value)
     frame = pd.DataFrame(columns)
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
@@ -393,6 +407,10 @@ LEGEND = (f"C-Acc, ASR and R-Acc in percent: the mean over seeds ± the half-wid
 def render_markdown(records: list[dict], title: str, folder: Path | None = None) -> str:
     parts = [f"# Leaderboard: {title}", "", LEGEND, "",
              _flat(leaderboard_frame(records)).to_markdown(index=False, disable_numparse=True)]
+    if retrained_on_fixed_poison(records):
+        parts += ["", "‡: a data-side defense against a training-controllable attack (WaNet, Input-aware) retrains on "
+                  "the poisoned training set as stored, with the attacker no longer in control of training: a "
+                  "data-poisoning version of the attack, not the attack of its row (README, Attacks and defenses)."]
     target = target_frame(records)
     if target is not None:
         parts += ["", "## Target class (ASR means something only above the base rate)", "",

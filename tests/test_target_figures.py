@@ -44,3 +44,21 @@ def test_leaderboard_marks_a_defense_that_erased_the_target_or_lost_most_accurac
     assert "20.00" in row and "0.00 †" in row and "5.00 †" in row  # FT unmarked; ABL, DBD marked
     assert "target class erased (its clean accuracy 0.0%)" in md
     assert "most clean accuracy lost (C-Acc 40.0% against 99.0%)" in md
+
+
+def test_leaderboard_marks_data_side_defenses_against_training_controllable_attacks():
+    def rec(attack, kind, defense, defense_kind, asr):
+        return {**record(defense, 0.95, asr, 0.9), "case_id": f"d-m-{attack}-p0.1-s0-{defense}", "attack": attack,
+                "attack_kind": kind, "defense_kind": defense_kind}
+
+    records = [rec("wanet", "training_controllable", "none", "none", 0.11),
+               rec("wanet", "training_controllable", "ac", "data_side", 0.33),
+               rec("wanet", "training_controllable", "ft", "post_training", 0.02),
+               rec("badnets", "dirty_label", "none", "none", 0.99), rec("badnets", "dirty_label", "ac", "data_side", 0.5)]
+    md = render_markdown(records, "t")
+    leaderboard = md.split("\n\n")[2]  # title, legend, then the leaderboard table
+    rows = {line.split("|")[4].strip(): [c.strip() for c in line.split("|")] for line in leaderboard.splitlines()
+            if line.startswith("| d ")}
+    assert "33.00 ‡" in rows["WaNet"] and "2.00" in rows["WaNet"] and "2.00 ‡" not in rows["WaNet"]
+    assert not any("‡" in c for c in rows["BadNets"]), "a data-side defense against a data-poisoning attack is what it says"
+    assert "data-poisoning version of the attack" in md

@@ -145,14 +145,14 @@ def activation_clustering(features: torch.Tensor, labels: torch.Tensor, *, reduc
 def reclassification_score(predicted: torch.Tensor, label: int) -> dict:
     """l / p for one removed cluster: l = samples classified as ``label``, p = samples classified as another
     class (``other_class``: the most frequent of those, for the record)."""
-    counts = torch.bincount(predicted, minlength=max(int(predicted.max()) + 1, label + 1) if len(predicted) else label + 1)
+    counts = torch.bincount(predicted, minlength=label + 1)
     own = int(counts[label])
     others = counts.clone()
     others[label] = -1
     other_class = int(torch.argmax(others))
     other = len(predicted) - own
     return {"size": int(len(predicted)), "as_label": own, "other_class": other_class, "as_other": other,
-            "score": round(own / other, 4) if other else float("inf"),
+            "score": round(own / other, 4) if other else None,  # None: nothing fell to another class (l/p infinite)
             "other_share": other / (own + other) if own + other else 0.0}
 
 
@@ -189,7 +189,7 @@ def exclusionary_reclassification(cluster: torch.Tensor, labels: torch.Tensor, p
     for entry in per_class:
         tests = {name: results[entry["label"], name] for name in ("smaller", "larger") if (entry["label"], name) in results}
         entry["exclusionary"] = {name: {k: v for k, v in r.items() if k != "other_share"} for name, r in tests.items()}
-        poisoned = [name for name, r in tests.items() if r["score"] < threshold]
+        poisoned = [name for name, r in tests.items() if r["score"] is not None and r["score"] < threshold]
         entry["flagged"] = 0
         if not tests:
             entry["decision"] = ("not split: nothing to reclassify" if entry.get("smaller_share") is None else

@@ -125,6 +125,33 @@ def cmd_expect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Pure attack: write a case's backdoored model, poisoned sets and trigger material to a folder."""
+    import torch
+
+    from backdoor.analysis._artifacts import CaseNotFoundError
+    from backdoor.export import ExportError, export_case
+
+    torch.set_num_threads(args.threads)  # a rebuild trains: one thread gives the grid's numbers
+    try:
+        report = export_case(args.results_dir, args.case, args.out_dir, args.cache_dir, args.device)
+    except (CaseNotFoundError, ExportError, ValueError, FileNotFoundError) as e:
+        print(f"backdoor export: {e}", file=sys.stderr)
+        return 1
+    if report.rebuilt:
+        print(f"backdoor export: not in the cache, rebuilt (and cached): {', '.join(report.rebuilt)}", file=sys.stderr)
+    if not report.metrics_match:
+        print(f"backdoor export: warning: the exported model scores {report.metrics}, its record says "
+              f"{report.record_metrics} (rebuilt with other code or numerics?)", file=sys.stderr)
+    for name in report.files:
+        print(report.out_dir / name)
+    shown = "  ".join(f"{title} {'-' if report.metrics.get(m) is None else f'{100 * report.metrics[m]:.2f}'}"
+                      for m, title in (("c_acc", "C-Acc"), ("asr", "ASR"), ("r_acc", "R-Acc")))
+    print(f"exported {report.case_id}: {shown}; load it with backdoor.load_model({str(report.out_dir)!r})",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from backdoor.bench import main as bench_main
 
@@ -199,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="results root; calibration runs go to <root>/_calibration/<variant>/ (default: results)")
     expect.add_argument("--cache-dir", default=os.environ.get("BACKDOOR_CACHE", ".backdoor-cache"),
                         help="artifact cache, shared by the variants (its keys carry the numerics) (default: .backdoor-cache)")
+    export = sub.add_parser("export", help="pure attack: write a case's backdoored model (safetensors + model.json), "
+                                           "poisoned training and test sets and trigger material to a folder")
+    export.add_argument("results_dir", metavar="RESULTS_DIR",
+                        help="a matrix's results folder (holding records.jsonl), or the results root")
+    export.add_argument("--case", required=True, help="case id, e.g. digits-cnn_small-badnets-p0.1-s0-none")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (new, empty, or a previous export)")
+    export.add_argument("--cache-dir", default=os.environ.get("BACKDOOR_CACHE", ".backdoor-cache"),
+                        help="artifact cache; artifacts not in it are rebuilt and cached (default: .backdoor-cache)")
+    export.add_argument("--device", default="cpu")
+    export.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, as the grid)")
     bench = sub.add_parser("bench", help="print poisoning and training throughput (images/s)")
     bench.add_argument("--images", type=int, default=50_000, help="CIFAR-shaped images to poison")
     bench.add_argument("--train-images", type=int, default=4096, help="images per training epoch")
@@ -238,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args, extra)
     args = parser.parse_args(argv)
     handlers = {"list": cmd_list, "leaderboard": cmd_leaderboard, "expect": cmd_expect, "bench": cmd_bench,
-                "params": cmd_params}
+                "params": cmd_params, "export": cmd_export}
     if args.command not in handlers:
         return args.func(args)
     return handlers[args.command](args)

@@ -77,9 +77,10 @@ def _convert(fail: Fail, key: str, owner: str, build: Callable[[], Any]) -> Any:
 
 
 def build_all(datasets: dict[str, dict], models: dict[str, dict], attacks: dict[str, dict],
-              defenses: dict[str, dict], target: int, fail: Fail, check_data: bool = True) -> None:
+              defenses: dict[str, dict], target: int, fail: Fail, check_data: bool = True) -> dict[str, int | None]:
     """Check every dataset (its files too with ``check_data``), then build every model, attack (with the
-    matrix's ``target``; ``attacks`` as the cases carry them) and defense."""
+    matrix's ``target``; ``attacks`` as the cases carry them) and defense. Returns each dataset's image side
+    (None where only loading can tell)."""
     shapes = {}
     for name, params in datasets.items():
         shapes[name] = _convert(fail, f"datasets.{name}", name, lambda: _dataset_side(name, params, check_data))
@@ -93,6 +94,7 @@ def build_all(datasets: dict[str, dict], models: dict[str, dict], attacks: dict[
                 _convert(fail, f"attacks.{name}", name, lambda: attack.check_image_shape((3, side, side)))
     for name, params in defenses.items():
         _convert(fail, f"defenses.{name}", name, lambda: DEFENSES.create(name, **params))
+    return shapes
 
 
 def _dataset_side(name: str, params: dict, check_data: bool) -> int | None:

@@ -27,12 +27,14 @@ from backdoor.defenses import DEFENSES
 from backdoor.models import MODELS
 from backdoor.pipeline import CLEAN, Case
 from backdoor.training import TrainConfig
+from backdoor.user_models import UserModel, check_user_model, is_user_entry, parse_user_model
 
 TOP_LEVEL_KEYS = {
     "name": "results folder name (default: the file's stem)",
     "description": "free text",
     "datasets": "dataset names, or name -> parameters",
-    "models": "model names, or name -> parameters",
+    "models": "model names, or name -> parameters; or a label -> {checkpoint: ..., arch: ...} for a model you bring "
+              "(backdoor.user_models)",
     "attacks": "attack names (wildcards allowed), or name -> parameter overrides (and an optional training budget)",
     "defenses": "defense names (wildcards allowed), or name -> parameter overrides; 'none' is no defense",
     "poison_ratios": "poison ratios in (0, 1]",
@@ -73,9 +75,11 @@ class Matrix:
     expected_path: Path | None
     digest: str = field(default="")
     regression: Regression = field(default_factory=Regression)
+    user_models: dict[str, UserModel] = field(default_factory=dict)
 
     def cases(self) -> list[Case]:
-        """Every case of the grid, reference rows first within each dataset/model/seed."""
+        """Every case of the grid, reference rows first within each dataset/model/seed; then, per dataset, each
+        user model's cases (seed x defense)."""
         out: list[Case] = []
         common = dict(matrix=self.name, target=self.target, defense_training=self.defense_training,
                       clean_fraction=self.clean_fraction, matrix_hash=self.digest)
@@ -93,6 +97,17 @@ class Matrix:
                             for defense, fparams in self.defenses.items():
                                 out.append(Case(attack=attack, defense=defense, ratio=ratio, attack_params=aparams,
                                                 defense_params=fparams, training=training, **base))
+            for um in self.user_models.values():
+                if um.dataset != dataset:
+                    continue
+                trigger = um.trigger if um.trigger is not None and um.trigger[0] == "attack" else None
+                for seed in self.seeds:
+                    for defense, fparams in self.defenses.items():
+                        out.append(Case(**dict(common, target=um.target), dataset=dataset, model=um.arch, seed=seed,
+                                        dataset_params=dparams, model_params=um.arch_params,
+                                        attack=um.trigger_token, attack_params=dict(trigger[2]) if trigger else {},
+                                        defense=defense, defense_params=fparams, ratio=0.0, training=self.training,
+                                        user_model=um))
         return out
 
     def _attack_params(self, attack: str, params: dict) -> dict:
@@ -185,16 +200,28 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise _fail(path, unknown[0], f"unknown key; allowed keys: {', '.join(TOP_LEVEL_KEYS)}")
-    for required in ("datasets", "models", "attacks", "defenses", "poison_ratios"):
+    for required in ("datasets", "models", "defenses"):
         if required not in raw:
             raise _fail(path, required, f"missing ({TOP_LEVEL_KEYS[required]})")
 
     datasets = _named_axis(path, "datasets", raw["datasets"], DATASETS, glob=False)
-    models = _named_axis(path, "models", raw["models"], MODELS, glob=False, reserved=frozenset({"num_classes", "seed"}))
-    attack_entries, training_overrides = _split_attack_training(path, raw["attacks"])
-    attacks = _named_axis(path, "attacks", attack_entries, ATTACKS, glob=True, reserved=frozenset({"target"}))
+    registered_models, user_entries = _split_user_models(raw["models"])
+    models = {} if registered_models is None else _named_axis(path, "models", registered_models, MODELS, glob=False,
+                                                              reserved=frozenset({"num_classes", "seed"}))
+    if models:  # the grid's own models: attacks and ratios make their cases
+        for required in ("attacks", "poison_ratios"):
+            if required not in raw:
+                raise _fail(path, required, f"missing ({TOP_LEVEL_KEYS[required]})")
+    else:  # only models the user brings: nothing to attack, each model's trigger says how its test set is triggered
+        for key in ("attacks", "poison_ratios"):
+            if key in raw:
+                raise _fail(path, key, f"not used: every model of this matrix is a user model (a checkpoint), which "
+                                       f"no attack trains; give each its trigger as models.<label>.trigger")
+    attack_entries, training_overrides = _split_attack_training(path, raw.get("attacks", {}))
+    attacks = _named_axis(path, "attacks", attack_entries, ATTACKS, glob=True, reserved=frozenset({"target"})) \
+        if models else {}
     defenses = _named_axis(path, "defenses", raw["defenses"], DEFENSES, glob=True)
-    ratios = _ratios(path, raw["poison_ratios"])
+    ratios = _ratios(path, raw["poison_ratios"]) if models else []
     seeds = parse_seeds(raw.get("seeds", [0]), lambda message: _fail(path, "seeds", message))
     target = raw.get("target", 0)
     if not isinstance(target, int) or isinstance(target, bool):
@@ -222,8 +249,13 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         raise _fail(path, "expected", f"{expected!r} is not allowed; expected a file name")
     name = check_folder_name(raw.get("name", path.stem), lambda k, message: _fail(path, k, message))
     cap_ratio = bool(raw.get("cap_ratio", False))
-    build_all(datasets, models, {a: _capped(p, cap_ratio) for a, p in attacks.items()}, defenses, target,
-              lambda k, message: _fail(path, k, message), check_data=check_data)
+    fail = lambda k, message: _fail(path, k, message)  # noqa: E731
+    user_models = {label: parse_user_model(path.parent, label, entry, fail, lambda name: name in MODELS, target,
+                                           list(datasets)) for label, entry in user_entries.items()}
+    sides = build_all(datasets, models, {a: _capped(p, cap_ratio) for a, p in attacks.items()}, defenses, target,
+                      fail, check_data=check_data)
+    for um in user_models.values():
+        check_user_model(um, num_classes_of(um.dataset, datasets[um.dataset]), sides.get(um.dataset), fail)
     return Matrix(
         path=path, name=name, description=str(raw.get("description", "")), datasets=datasets, models=models,
         attacks=attacks, defenses=defenses, poison_ratios=ratios, seeds=seeds, target=target,
@@ -233,7 +265,18 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         expected_path=(path.parent / expected) if expected else None,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
         regression=_regression(path, raw.get("regression")),
+        user_models=user_models,
     )
+
+
+def _split_user_models(value: Any) -> tuple[Any, dict[str, dict]]:
+    """Take the models the user brings (entries with a ``checkpoint``) out of ``models``: (the registered models'
+    entries, or None when there are none; label -> user-model entry)."""
+    if not isinstance(value, dict):
+        return value, {}
+    users = {str(label): params for label, params in value.items() if is_user_entry(params)}
+    rest = {label: params for label, params in value.items() if not is_user_entry(params)}
+    return (rest or None) if users else value, users
 
 
 def _capped(params: dict, cap_ratio: bool) -> dict:

@@ -28,6 +28,8 @@ from backdoor.metrics import backdoor_metrics, detection_metrics, target_class_f
 from backdoor.models import MODELS, Classifier, create_model
 from backdoor.progress import log
 from backdoor.training import TrainConfig, fit, predict
+from backdoor import user_models
+from backdoor.user_models import UserModel
 
 CLEAN = "clean"  # the attack name of reference rows: a clean model trained the same way
 
@@ -52,9 +54,12 @@ class Case:
     defense_training: TrainConfig = TrainConfig(batch_size=256)
     clean_fraction: float = 0.05
     matrix_hash: str = ""
+    user_model: UserModel | None = None  # pure defense: a model the user brings (``model`` is its architecture)
 
     @property
     def case_id(self) -> str:
+        if self.user_model is not None:  # <dataset>-<label>-<trigger: attack, images or notrigger>-s<seed>-<defense>
+            return f"{self.dataset}-{self.user_model.label}-{self.attack}-s{self.seed}-{self.defense}"
         if self.attack == CLEAN:
             return f"{self.dataset}-{self.model}-{CLEAN}-s{self.seed}-{self.defense}"
         return f"{self.dataset}-{self.model}-{self.attack}-p{self.ratio:g}-s{self.seed}-{self.defense}"
@@ -120,6 +125,7 @@ class StageLog:
         self.seconds: dict[str, float] = {}
         self.hits: dict[str, bool] = {}
         self.builds: dict[str, dict] = {}  # per cached stage: how its artifact was built (cache's build_info)
+        self.notes: dict = {}  # figures a stage adds to the record
 
     @contextmanager
     def stage(self, name: str):
@@ -182,7 +188,8 @@ class Runner:
         return dataset_from_tensors(tensors, meta)
 
     def new_model(self, case: Case, data: Dataset) -> Classifier:
-        return create_model(case.model, data.num_classes, data.mean, data.std, seed=derive_seed(case.seed, "init"),
+        mean, std = (data.mean, data.std) if case.user_model is None else user_models.normalization(case.user_model, data)
+        return create_model(case.model, data.num_classes, mean, std, seed=derive_seed(case.seed, "init"),
                             **case.model_params)
 
     def train_config(self, case: Case, data: Dataset) -> TrainConfig:
@@ -257,6 +264,23 @@ class Runner:
         tensors, _ = self._cached(log_, "backdoor_model", "backdoor_model", spec, build)
         return self._load_model(case, data, tensors), poisoned
 
+    def user_inputs(self, case: Case, data: Dataset, log_: StageLog) -> tuple[Classifier, PoisonedSet | None,
+                                                                           Split | None, dict]:
+        """Pure defense: the user's model (weights from the checkpoint, nothing run from it), poisoned training set
+        (mask None when not given), triggered test images (when the trigger is images) and the defenses' upstream
+        spec."""
+        um = case.user_model
+        with log_.stage("user_model"):
+            model = self.new_model(case, data)
+            user_models.load_weights(um, model)
+            model = model.to(self.device).eval()
+            poisoned = None if um.poisoned_train is None else user_models.poisoned_train(um, data)
+            triggered = None
+            if um.trigger is not None and um.trigger[0] != "attack":
+                triggered, dropped = user_models.triggered_test(um, data)
+                log_.notes["trigger_target_images_dropped"] = dropped
+        return model, poisoned, triggered, user_models.upstream_spec(um, self.dataset_spec(case), case.model_params)
+
     def defender_clean_subset(self, case: Case, data: Dataset) -> Split:
         g = torch.Generator().manual_seed(derive_seed(case.seed, "defender-clean"))
         n = max(1, int(round(case.clean_fraction * len(data.train))))
@@ -267,6 +291,10 @@ class Runner:
         defense = create_defense(case.defense, **case.defense_params)
         if defense.kind == "none":
             return model, {"defense_params": defense.params(), "defense_kind": "none", "info": {}}
+        if defense.kind == "data_side" and poisoned is None:  # a user model given without its training set
+            return None, {"defense_params": defense.params(), "defense_kind": defense.kind, "info": {},
+                          "not_applicable": "a data-side defense needs the poisoned training set: give the user "
+                                            "model's poisoned_train"}
         train_config = self.train_config(case, data)
 
         def build():
@@ -295,7 +323,7 @@ class Runner:
         result = {"defense_params": defense.params(), "defense_kind": defense.kind, "info": meta.get("info", {})}
         if "not_applicable" in meta:
             return None, {**result, "not_applicable": meta["not_applicable"]}
-        if "flagged" in tensors and poisoned is not None:
+        if "flagged" in tensors and poisoned is not None and poisoned.mask is not None:
             result["detection"] = detection_metrics(tensors["flagged"], poisoned.mask, tensors.get("scores"))
         return self._load_model(case, data, tensors), result
 
@@ -305,8 +333,12 @@ class Runner:
         started = time.perf_counter()
         log(f"[{case.case_id}] start")
         data = self.dataset(case, log_)
-        attack, poisoned = None, None
-        if case.attack == CLEAN:
+        attack, poisoned, triggered = None, None, None
+        if case.user_model is not None:
+            model, poisoned, triggered, upstream = self.user_inputs(case, data, log_)
+            if case.user_model.trigger is not None and case.user_model.trigger[0] == "attack":
+                attack = self.attack(case, data, log_)
+        elif case.attack == CLEAN:
             model = self.clean_model(case, data, log_)
             upstream = {"clean_model": {**self.model_spec(case), "seed": case.seed}}
         else:
@@ -315,25 +347,31 @@ class Runner:
             upstream = self.backdoor_spec(case, attack)
         defended, result = self.defend(case, model, data, poisoned, upstream, log_)
         record = self._record(case, data, attack, poisoned, result, log_)
-        if attack is not None and attack.kind == "clean_label" and poisoned is not None:
+        if case.user_model is not None:
+            record.update(self._user_record(case, poisoned, log_))
+        elif attack is not None and attack.kind == "clean_label" and poisoned is not None:
             record.update(target_class_poisoning(poisoned, data, case.target))
             for warning in record.get("warnings", []):
                 log(f"[{case.case_id}] warning: {warning}")
         if defended is not None:
             with log_.stage("evaluate"):
-                record.update(self.evaluate(defended, data, attack, case.target))
+                record.update(self.evaluate(defended, data, attack, case.target, triggered))
                 if defended is not model:  # the same metrics before the defense: what the defense changed
-                    record["undefended"] = self.evaluate(model, data, attack, case.target)
+                    record["undefended"] = self.evaluate(model, data, attack, case.target, triggered)
         record["stage_seconds"] = dict(log_.seconds)
         record["total_seconds"] = round(time.perf_counter() - started, 3)
         log(f"[{case.case_id}] c_acc={record['c_acc']} asr={record['asr']} r_acc={record['r_acc']}")
         return record
 
-    def evaluate(self, model: Classifier, data: Dataset, attack: Attack | None, target: int) -> dict:
+    def evaluate(self, model: Classifier, data: Dataset, attack: Attack | None, target: int,
+                 poisoned_test: Split | None = None) -> dict:
+        """C-Acc on the clean test set; with a trigger (``attack``, or a given ``poisoned_test`` of triggered
+        non-target images with their true labels) ASR, R-Acc and the target-class figures."""
         clean_pred = predict(model, data.test.x, device=self.device)
-        if attack is None:
+        if attack is None and poisoned_test is None:
             return {"c_acc": float((clean_pred == data.test.y).float().mean()), "asr": None, "r_acc": None}
-        poisoned_test = attack.poison_test(data.test)
+        if poisoned_test is None:
+            poisoned_test = attack.poison_test(data.test)
         m = backdoor_metrics(clean_pred, data.test.y, predict(model, poisoned_test.x, device=self.device),
                              poisoned_test.y, target)
         return {**m.to_dict(), **target_class_figures(clean_pred, data.test.y, target)}
@@ -365,6 +403,15 @@ class Runner:
                                  for stage, build in log_.builds.items()},
             "provenance": self.provenance(case),
         }
+
+    @staticmethod
+    def _user_record(case: Case, poisoned: PoisonedSet | None, log_: StageLog) -> dict:
+        """A user-model case's own fields: ``model`` is the user's label (``arch`` its architecture), ``source``
+        is ``user``, ``user_model`` says what was read (checkpoint, digest, trigger, training set)."""
+        um = case.user_model
+        return {"model": um.label, "arch": case.model, "source": "user", "user_model": um.describe(),
+                "poison_ratio": 0.0,
+                "effective_ratio": poisoned.effective_ratio if poisoned is not None else None, **log_.notes}
 
     @cached_property
     def _static_provenance(self) -> dict:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from backdoor import user_models
 from backdoor.attacks import create_attack
 from backdoor.cache import ArtifactCache
 from backdoor.defenses import create_defense
@@ -31,7 +32,9 @@ STAGE_ARTIFACTS = {"dataset": "dataset", "clean_model": "clean_model", "poison":
 def case_artifacts(runner: Runner, case: Case) -> dict[str, tuple[str, dict]]:
     """Stage -> (cache kind, spec) of every artifact the case needs; computed without building anything."""
     out = {"dataset": ("dataset", runner.dataset_spec(case))}
-    if case.attack == CLEAN:
+    if case.user_model is not None:  # pure defense: the checkpoint is read, not built
+        out_upstream = user_models.upstream_spec(case.user_model, runner.dataset_spec(case), case.model_params)
+    elif case.attack == CLEAN:
         upstream = {**runner.model_spec(case), "seed": case.seed}
         out["clean_model"] = ("clean_model", upstream)
         out_upstream = {"clean_model": upstream}

@@ -26,7 +26,8 @@ DEFENSE_ORDER = ["none", "ft", "fp", "nad", "nc", "anp", "ac", "spectral", "abl"
 DEFENSE_TITLES = {"none": "No defense", "ft": "FT", "fp": "FP", "nad": "NAD", "nc": "NC", "anp": "ANP",
                   "ac": "AC", "spectral": "Spectral", "abl": "ABL", "dbd": "DBD"}
 ATTACK_TITLES = {"clean": "clean (reference)", "badnets": "BadNets", "blended": "Blended", "lc": "LC",
-                 "sig": "SIG", "lf": "LF", "ssba": "SSBA", "inputaware": "Input-aware", "wanet": "WaNet"}
+                 "sig": "SIG", "lf": "LF", "ssba": "SSBA", "inputaware": "Input-aware", "wanet": "WaNet",
+                 "images": "given triggered images", "notrigger": "no trigger given"}
 METRIC_TITLES = {"c_acc": "C-Acc", "asr": "ASR", "r_acc": "R-Acc"}
 
 
@@ -276,7 +277,7 @@ def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFram
     for _, row in _row_keys(df).iterrows():
         columns[("", "Dataset")].append(row.dataset)
         columns[("", "Model")].append(row.model)
-        columns[("", "Ratio")].append("-" if row.attack == "clean" else f"{row.poison_ratio:g}")
+        columns[("", "Ratio")].append("-" if row.attack == "clean" or row.poison_ratio == 0 else f"{row.poison_ratio:g}")
         columns[("", "Attack")].append(ATTACK_TITLES.get(row.attack, row.attack))
         undefended = summaries.get((row.dataset, row.model, row.poison_ratio, row.attack, "none"))
         for defense in defenses:
@@ -407,6 +408,11 @@ LEGEND = (f"C-Acc, ASR and R-Acc in percent: the mean over seeds ± the half-wid
 def render_markdown(records: list[dict], title: str, folder: Path | None = None) -> str:
     parts = [f"# Leaderboard: {title}", "", LEGEND, "",
              _flat(leaderboard_frame(records)).to_markdown(index=False, disable_numparse=True)]
+    users = {r["model"]: r["user_model"] for r in records if r.get("source") == "user" and r.get("user_model")}
+    if users:
+        parts += ["", "User models (pure defense: a checkpoint you brought, defended here; Attack names how its test "
+                  "set was triggered): " + "; ".join(f"{label} = {u.get('arch')} from {u.get('checkpoint')}"
+                                                     for label, u in sorted(users.items())) + "."]
     if retrained_on_fixed_poison(records):
         parts += ["", "‡: a data-side defense against a training-controllable attack (WaNet, Input-aware) retrains on "
                   "the poisoned training set as stored, with the attacker no longer in control of training: a "

@@ -63,6 +63,9 @@ def find_record(results_dir: str | Path, case_id: str) -> dict:
 
 def case_from_record(record: dict) -> Case:
     """Rebuild the ``Case`` a record was made from (its parameters are the resolved ones the run used)."""
+    if record.get("source") == "user":
+        raise ValueError(f"{record['case_id']} is a user-model case (pure defense): its model is the checkpoint "
+                         f"{(record.get('user_model') or {}).get('checkpoint')}, not an artifact of the cache")
     attack_params = {k: v for k, v in (record.get("attack_params") or {}).items() if k != "target"}
     return Case(matrix=record["matrix"], dataset=record["dataset"], model=record["model"], attack=record["attack"],
                 defense=record["defense"], ratio=record["poison_ratio"], seed=record["seed"],

@@ -1,0 +1,500 @@
+"""The paper's pure-defense mode: a model (and optionally data) the user brings, defended by the grid's defenses.
+
+A matrix names it under ``models`` with a ``checkpoint`` instead of a registered model's parameters::
+
+    models:
+      mine:                                  # a label of your choice (a registered name sets ``arch`` itself)
+        checkpoint: mine.safetensors         # .safetensors, a .pt/.pth state dict, a `backdoor export` folder,
+                                             # or BackdoorBench's attack_result.pt (relative to the matrix file)
+        arch: cnn_small                      # the registered architecture (from the checkpoint where it says)
+        arch_params: {}                      # its parameters
+        normalize: dataset                   # dataset | none | checkpoint | {mean: [...], std: [...]}
+        target: 0                            # the backdoor's target (default: the matrix's)
+        trigger: {attack: badnets, params: {}}   # or {images: triggered.safetensors | folder}, or checkpoint
+        poisoned_train: poisoned_train.safetensors   # x, y and (for detection figures) mask; or checkpoint
+        dataset: digits                      # which of the matrix's datasets (needed when it has several)
+
+Each user model is crossed with the matrix's seeds and defenses (no attack runs, no poison ratio). The defenses
+get exactly what ``DefenseInputs`` grants: the model, the defender's clean subset of the dataset's training set
+(``clean_fraction``, seeded), and for data-side defenses the poisoned training set without its mask. C-Acc is
+measured on the dataset's test set; ASR and R-Acc on the triggered test set (target-class images dropped, as
+the paper's poisoned test set); detection figures against the mask.
+
+``normalize``: what the harness puts in front of the network (every model here normalises inside and takes
+images in [0, 1]): ``checkpoint`` the ``mean``/``std`` buffers of a ``Classifier`` state dict (the default for
+one, such as an export); ``dataset`` the dataset's statistics (the default otherwise); ``none`` nothing (the
+network takes [0, 1] images); or explicit per-channel lists. BackdoorBench normalises CIFAR-10 with mean
+(0.4914, 0.4822, 0.4465) and std (0.247, 0.243, 0.261): give those for its models.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from backdoor._checks import ParameterError, is_int, is_number
+from backdoor.checkpoints import (BACKDOORBENCH_ARCHS, CheckpointError, checkpoint_format, file_digest,
+                                  map_names, read_backdoorbench, read_state_dict,
+                                  safetensors_shapes)
+
+KEYS = {
+    "checkpoint": "the model's weights: .safetensors, a .pt/.pth state dict, a backdoor export folder, or "
+                  "BackdoorBench's attack_result.pt",
+    "arch": "the registered architecture",
+    "arch_params": "the architecture's parameters",
+    "normalize": "dataset, none, checkpoint, or {mean: [...], std: [...]}",
+    "target": "the backdoor's target class",
+    "trigger": "{attack: NAME, params: {...}}, {images: FILE.safetensors or FOLDER}, checkpoint, or false",
+    "poisoned_train": "FILE.safetensors (x, y, optional mask), checkpoint, or false",
+    "dataset": "which of the matrix's datasets the model belongs to",
+}
+NO_TRIGGER = "notrigger"  # the case id's attack token when no trigger is given
+IMAGES = "images"  # ... when the trigger is a set of triggered test images
+CHECKPOINT = "checkpoint"
+
+Fail = Callable[[str, str], Exception]
+
+
+@dataclass(frozen=True)
+class UserModel:
+    """A validated user-model entry (paths resolved). ``trigger``: ``("attack", name, params)``,
+    ``("images", path)``, ``("checkpoint",)`` or None; ``poisoned_train``: a path, ``"checkpoint"`` or None;
+    ``normalize``: ``"dataset"`` or ``(mean, std)``."""
+
+    label: str
+    checkpoint: Path
+    format: str
+    arch: str
+    arch_params: dict = field(default_factory=dict)
+    normalize: Any = "dataset"
+    target: int = 0
+    trigger: tuple | None = None
+    poisoned_train: Any = None
+    dataset: str | None = None
+
+    @property
+    def trigger_token(self) -> str:
+        """The case id's attack token: the trigger attack's name, ``images``, or ``notrigger``."""
+        if self.trigger is None:
+            return NO_TRIGGER
+        return self.trigger[1] if self.trigger[0] == "attack" else IMAGES
+
+    def describe(self) -> dict:
+        """What a record says about the model and its data (JSON)."""
+        trigger = None
+        if self.trigger is not None and self.trigger[0] == "attack":
+            trigger = {"attack": self.trigger[1], "params": self.trigger[2]}
+        elif self.trigger is not None:
+            trigger = {"images": str(self.trigger[1]) if self.trigger[0] == "images" else f"{self.checkpoint} (bd_test)"}
+        return {"label": self.label, "checkpoint": str(self.checkpoint), "format": self.format,
+                "sha256": digest(self.weights_file), "arch": self.arch, "arch_params": self.arch_params,
+                "normalize": self.normalize if isinstance(self.normalize, str) else
+                {"mean": list(self.normalize[0]), "std": list(self.normalize[1])},
+                "target": self.target, "trigger": trigger,
+                "poisoned_train": None if self.poisoned_train is None else str(self.poisoned_train)}
+
+    @property
+    def weights_file(self) -> Path:
+        return self.checkpoint / "model.safetensors" if self.format == "export" else self.checkpoint
+
+
+@lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime: int) -> str:
+    return file_digest(path)
+
+
+def digest(path: str | Path) -> str:
+    """SHA-256 of a file, memoised per path, size and mtime (a replaced file is a new digest)."""
+    stat = Path(path).stat()
+    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _bb_cached(path: str, size: int, mtime: int):
+    return read_backdoorbench(path)
+
+
+def backdoorbench(path: Path):
+    """``read_backdoorbench``, memoised per path, size and mtime (the file holds data: read it once)."""
+    stat = Path(path).stat()
+    return _bb_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def _export_description(folder: Path) -> dict:
+    from backdoor.export import read_export
+
+    return read_export(folder)
+
+
+# -- parsing (matrix load) -------------------------------------------------------------------------------------------
+def is_user_entry(params: Any) -> bool:
+    return isinstance(params, dict) and "checkpoint" in params
+
+
+def parse_user_model(base: Path, label: str, entry: dict, fail: Fail, registered: Callable[[str], bool],
+                     default_target: Any, datasets: list[str]) -> UserModel:
+    """Check a ``models.<label>`` entry with a ``checkpoint`` (keys, files, formats) and resolve it; ``fail(key,
+    message)`` builds the error. Values that need the dataset or the architecture are checked by
+    ``check_user_model``."""
+    key = f"models.{label}"
+    unknown = sorted(set(entry) - set(KEYS))
+    if unknown:
+        raise fail(key, f"unknown key(s) {unknown}; a user model takes: {', '.join(KEYS)}")
+    checkpoint = _path(base, entry["checkpoint"], fail, f"{key}.checkpoint")
+    try:
+        fmt = checkpoint_format(checkpoint)
+    except CheckpointError as e:
+        raise fail(f"{key}.checkpoint", str(e)) from None
+    described = _export_description(checkpoint) if fmt.kind == "export" else None
+    bb = None
+    if fmt.kind == "backdoorbench":
+        try:
+            bb = backdoorbench(checkpoint)
+        except CheckpointError as e:
+            raise fail(f"{key}.checkpoint", str(e)) from None
+
+    arch = entry.get("arch")
+    arch_params = entry.get("arch_params")
+    if arch is None:
+        if described is not None:
+            arch, arch_params = described["architecture"]["name"], arch_params or described["architecture"]["params"]
+        elif bb is not None and bb.model_name in BACKDOORBENCH_ARCHS:
+            arch = BACKDOORBENCH_ARCHS[bb.model_name]
+        elif registered(label):
+            arch = label
+        else:
+            raise fail(f"{key}.arch", "missing: name the registered architecture of the checkpoint"
+                       + (f" (BackdoorBench's {bb.model_name!r} has no known counterpart)" if bb else ""))
+    if not isinstance(arch, str) or not registered(arch):
+        raise fail(f"{key}.arch", f"{arch!r} is not a registered model")
+    arch_params = {} if arch_params is None else arch_params
+    if not isinstance(arch_params, dict):
+        raise fail(f"{key}.arch_params", f"{arch_params!r} is not allowed; expected a mapping of parameters")
+
+    normalize = _normalize(checkpoint, fmt, entry.get("normalize"), fail, f"{key}.normalize")
+    if "target" in entry:
+        target = entry["target"]
+    elif described is not None:
+        target = described["target"]
+    elif bb is not None and len(bb.test_y.unique()) == 1:  # all-to-one: every bd_test label is the target
+        target = int(bb.test_y[0])
+    else:
+        target = default_target
+    if not is_int(target):
+        raise fail(f"{key}.target", f"{target!r} is not allowed; expected a class index (integer)")
+
+    has_data = fmt.kind == "export" or bb is not None
+    trigger = _trigger(base, entry.get("trigger", CHECKPOINT if has_data else None), fmt, bb, fail, f"{key}.trigger")
+    default_train = CHECKPOINT if (fmt.kind == "export" and (checkpoint / "poisoned_train.safetensors").is_file()) or (
+        bb is not None and bb.train_x is not None) else None
+    poisoned = _poisoned_train(base, entry.get("poisoned_train", default_train), fmt, bb, fail, f"{key}.poisoned_train")
+
+    dataset = entry.get("dataset")
+    if dataset is None and len(datasets) > 1:
+        raise fail(f"{key}.dataset", f"missing: the matrix has several datasets ({', '.join(datasets)}); name the "
+                                     "one this model belongs to")
+    if dataset is not None and dataset not in datasets:
+        raise fail(f"{key}.dataset", f"{dataset!r} is not one of the matrix's datasets ({', '.join(datasets)})")
+    return UserModel(label=label, checkpoint=checkpoint, format=fmt.kind, arch=arch, arch_params=dict(arch_params),
+                     normalize=normalize, target=int(target), trigger=trigger, poisoned_train=poisoned,
+                     dataset=dataset or datasets[0])
+
+
+def _path(base: Path, value: Any, fail: Fail, key: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise fail(key, f"{value!r} is not allowed; expected a path")
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.exists():
+        raise fail(key, f"{path} does not exist (a relative path is taken from the matrix file's folder)")
+    return path.resolve()
+
+
+def _normalize(checkpoint: Path, fmt, value: Any, fail: Fail, key: str):
+    stats = _checkpoint_stats(checkpoint, fmt)
+    if value is None:
+        value = CHECKPOINT if stats is not None else "dataset"
+    if value == "dataset":
+        return "dataset"
+    if value == "none":
+        return ((0.0,), (1.0,))
+    if value == CHECKPOINT:
+        if stats is None:
+            raise fail(key, "checkpoint: the checkpoint has no mean/std buffers (it is not a backdoor-bench "
+                            "Classifier state dict); use dataset, none or {mean: [...], std: [...]}")
+        return stats
+    if isinstance(value, dict) and set(value) == {"mean", "std"}:
+        mean, std = value["mean"], value["std"]
+        if not (isinstance(mean, list) and isinstance(std, list) and mean and len(mean) == len(std)
+                and all(is_number(v) for v in mean + std) and all(v > 0 for v in std)):
+            raise fail(key, f"{value!r} is not allowed; expected mean and std as lists of the same length "
+                            "(one number per channel), std > 0")
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    raise fail(key, f"{value!r} is not allowed; expected dataset, none, checkpoint or {{mean: [...], std: [...]}}")
+
+
+def _checkpoint_stats(checkpoint: Path, fmt) -> tuple | None:
+    """The ``mean``/``std`` buffers of a Classifier state dict, as tuples of floats (None if absent)."""
+    if fmt.kind in ("safetensors", "export"):
+        from safetensors import safe_open
+
+        with safe_open(str(fmt.weights), framework="pt") as f:
+            if not {"mean", "std"} <= set(f.keys()):
+                return None
+            mean, std = f.get_tensor("mean"), f.get_tensor("std")
+    else:
+        state, _ = _state(checkpoint)
+        if not {"mean", "std"} <= set(state):
+            return None
+        mean, std = state["mean"], state["std"]
+    return tuple(mean.flatten().tolist()), tuple(std.flatten().tolist())
+
+
+def _trigger(base: Path, value: Any, fmt, bb, fail: Fail, key: str) -> tuple | None:
+    from backdoor.attacks import ATTACKS
+
+    if value is None or value is False:
+        return None
+    if value == CHECKPOINT:
+        if fmt.kind == "export":
+            if not (fmt.weights.parent / "poisoned_test.safetensors").is_file():
+                raise fail(key, f"checkpoint: the export {fmt.weights.parent} has no poisoned_test.safetensors "
+                                "(a clean model's export)")
+            return ("images", fmt.weights.parent / "poisoned_test.safetensors")
+        if bb is not None:
+            return ("checkpoint",)
+        raise fail(key, "checkpoint: only an export folder or BackdoorBench's attack_result.pt holds a triggered "
+                        "test set; give {attack: NAME} or {images: PATH}")
+    if not isinstance(value, dict) or len(set(value) & {"attack", "images"}) != 1:
+        raise fail(key, f"{value!r} is not allowed; expected {KEYS['trigger']}")
+    if "images" in value:
+        if set(value) != {"images"}:
+            raise fail(key, f"unknown key(s) {sorted(set(value) - {'images'})} beside images")
+        path = _path(base, value["images"], fail, f"{key}.images")
+        if path.is_file():
+            _check_tensor_file(path, {"x": 4, "y": 1}, fail, f"{key}.images")
+        return ("images", path)
+    unknown = sorted(set(value) - {"attack", "params"})
+    if unknown:
+        raise fail(key, f"unknown key(s) {unknown}; allowed: attack, params")
+    name, params = value["attack"], value.get("params") or {}
+    if not isinstance(name, str) or name not in ATTACKS:
+        raise fail(f"{key}.attack", f"{name!r} is not a registered attack; allowed: {', '.join(ATTACKS.names())}")
+    if not isinstance(params, dict):
+        raise fail(f"{key}.params", f"{params!r} is not allowed; expected a mapping of parameters")
+    allowed = set(ATTACKS.get(name).param_names()) - {"target"}
+    if set(params) - allowed:
+        raise fail(f"{key}.params", f"unknown parameter(s) {sorted(set(params) - allowed)}; allowed: {sorted(allowed)}")
+    return ("attack", name, dict(params))
+
+
+def _poisoned_train(base: Path, value: Any, fmt, bb, fail: Fail, key: str):
+    if value is None or value is False:
+        return None
+    if value == CHECKPOINT:
+        if fmt.kind == "export" and (fmt.weights.parent / "poisoned_train.safetensors").is_file():
+            return fmt.weights.parent / "poisoned_train.safetensors"
+        if bb is not None and bb.train_x is not None:
+            return CHECKPOINT
+        raise fail(key, "checkpoint: the checkpoint holds no poisoned training set; give a .safetensors file")
+    path = _path(base, value, fail, key)
+    _check_tensor_file(path, {"x": 4, "y": 1}, fail, key)
+    return path
+
+
+def _check_tensor_file(path: Path, required: dict[str, int], fail: Fail, key: str) -> None:
+    """A .safetensors file with ``required`` tensors (name -> number of axes), uint8 images and one label each."""
+    if path.suffix != ".safetensors":
+        raise fail(key, f"{path}: expected a .safetensors file (x uint8 [N, C, H, W], y [N]"
+                        + (", optional mask [N])" if key.endswith("poisoned_train") else ")"))
+    try:
+        shapes = safetensors_shapes(path)
+    except CheckpointError as e:
+        raise fail(key, str(e)) from None
+    for name, dims in required.items():
+        if name not in shapes or len(shapes[name]) != dims:
+            raise fail(key, f"{path}: needs a tensor {name!r} with {dims} axes; it holds "
+                            f"{ {k: list(v) for k, v in shapes.items()} }")
+    n = shapes["x"][0]
+    for name in ("y", "mask"):
+        if name in shapes and shapes[name] != (n,):
+            raise fail(key, f"{path}: {name} has shape {list(shapes[name])}, expected [{n}] (one per image)")
+
+
+def check_user_model(um: UserModel, num_classes: int | None, image_side: int | None, fail: Fail) -> None:
+    """What needs the dataset: the architecture builds with the dataset's classes and its parameters, the
+    checkpoint's tensors fit it, the target is a class, the trigger attack builds and fits the images."""
+    from backdoor.attacks import ATTACKS
+    from backdoor.models import create_model
+
+    key = f"models.{um.label}"
+    classes = num_classes or 10
+    try:
+        model = create_model(um.arch, classes, **um.arch_params)
+    except ParameterError as e:
+        raise fail(f"{key}.arch_params.{e.param}", e.detail) from None
+    except (ValueError, TypeError) as e:
+        raise fail(f"{key}.arch_params", str(e).removeprefix(f"{um.arch}: ")) from None
+    if num_classes is not None and not 0 <= um.target < num_classes:
+        raise fail(f"{key}.target", f"{um.target} is outside the dataset's classes; allowed: 0..{num_classes - 1}")
+    if um.format in ("safetensors", "export"):
+        shapes = safetensors_shapes(um.weights_file)  # the header only
+    else:
+        shapes = {k: tuple(v.shape) for k, v in _state(um.checkpoint)[0].items()}
+    try:
+        net_mapping(shapes, {k: tuple(v.shape) for k, v in model.net.state_dict().items()}, f"{um.checkpoint}")
+    except CheckpointError as e:
+        raise fail(f"{key}.checkpoint", str(e)) from None
+    if um.trigger is not None and um.trigger[0] == "attack":
+        try:
+            attack = ATTACKS.create(um.trigger[1], target=um.target, **um.trigger[2])
+            if image_side is not None:
+                attack.check_image_shape((3, image_side, image_side))
+        except ParameterError as e:
+            raise fail(f"{key}.trigger.params.{e.param}", e.detail) from None
+        except (ValueError, TypeError) as e:
+            raise fail(f"{key}.trigger.params", str(e).removeprefix(f"{um.trigger[1]}: ")) from None
+
+
+@lru_cache(maxsize=8)
+def _state_cached(path: str, size: int, mtime: int) -> tuple[dict, str]:
+    if checkpoint_format(path).kind == "backdoorbench":
+        return backdoorbench(Path(path)).state_dict, "backdoorbench"
+    state, fmt = read_state_dict(path)
+    return state, fmt.kind
+
+
+def _state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    stat = Path(path).stat() if Path(path).is_file() else (Path(path) / "model.safetensors").stat()
+    return _state_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def classifier_parts(state: dict) -> dict:
+    """The network's part of a state dict: ``net.*`` of a Classifier state dict (with ``mean``/``std``), else all."""
+    if {"mean", "std"} <= set(state) and all(k.startswith("net.") for k in state if k not in ("mean", "std")):
+        return {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    return state
+
+
+def net_mapping(shapes: dict, expected: dict, where: str) -> dict[str, str]:
+    """Our network's tensor names -> the checkpoint's (``checkpoints.map_names`` on the network's part)."""
+    return map_names(classifier_parts(shapes), expected, where)
+
+
+# -- loading (run time) --------------------------------------------------------------------------------------------
+def normalization(um: UserModel, data) -> tuple[tuple, tuple]:
+    if um.normalize == "dataset":
+        return tuple(data.mean), tuple(data.std)
+    mean, std = um.normalize
+    channels = data.image_shape[0]
+    return (tuple(mean) * channels if len(mean) == 1 else tuple(mean)), (tuple(std) * channels if len(std) == 1
+                                                                        else tuple(std))
+
+
+def load_weights(um: UserModel, model) -> None:
+    """Load the checkpoint's network weights into ``model.net`` (names mapped as ``net_mapping``)."""
+    state = classifier_parts(_state(um.checkpoint)[0])
+    mapping = net_mapping({k: tuple(v.shape) for k, v in state.items()},
+                          {k: tuple(v.shape) for k, v in model.net.state_dict().items()}, str(um.checkpoint))
+    model.net.load_state_dict({o: state[t] for o, t in mapping.items()})
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _expect_images(x: torch.Tensor, data, where: str) -> None:
+    if x.dtype != torch.uint8:
+        raise ValueError(f"{where}: images must be uint8, got {x.dtype}")
+    if tuple(x.shape[1:]) != tuple(data.image_shape):
+        raise ValueError(f"{where}: images of shape {list(x.shape[1:])}, the dataset's are {list(data.image_shape)}")
+
+
+def triggered_test(um: UserModel, data) -> tuple:
+    """The triggered test set from images (a file, a folder, or the checkpoint's), target-class images dropped:
+    returns (Split, number dropped)."""
+    from backdoor.data import Split
+
+    kind = um.trigger[0]
+    if kind == "checkpoint":  # BackdoorBench: bd_test are the dataset's non-target test images, in order
+        bb = backdoorbench(um.checkpoint)
+        own = data.test.y[data.test.y != um.target]
+        if len(bb.test_x) != len(own):
+            raise ValueError(f"{um.checkpoint}: bd_test has {len(bb.test_x)} images; the dataset's test set has "
+                             f"{len(own)} non-target images (BackdoorBench's bd_test are those, in order). Give the "
+                             "triggered images with their true labels: trigger: {images: FILE.safetensors}")
+        x, y = bb.test_x, own
+    elif um.trigger[1].is_dir():
+        x, y = read_image_folder(um.trigger[1], data)
+    else:
+        tensors = _read_tensors(um.trigger[1])
+        x, y = tensors["x"], tensors["y"].long()
+    _expect_images(x, data, str(um.trigger[1] if kind == "images" else um.checkpoint))
+    keep = y != um.target
+    return Split(x[keep].contiguous(), y[keep].contiguous()), int((~keep).sum())
+
+
+def read_image_folder(folder: Path, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triggered test images as ``folder/<true class index>/*.png`` (any image type PIL reads), at the dataset's
+    size (not resized: resizing would change the trigger)."""
+    from PIL import Image
+
+    from backdoor.data._files import image_files, read_images
+
+    classes = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+    bad = [d.name for d in classes if not d.name.isdigit() or int(d.name) >= data.num_classes]
+    if bad or not classes:
+        raise ValueError(f"{folder}: expected one sub-folder per true class, named by its index 0..{data.num_classes - 1}"
+                         + (f"; found {bad[:5]}" if bad else "; found none"))
+    paths, labels = [], []
+    for d in sorted(classes, key=lambda d: int(d.name)):
+        files = image_files(d)
+        paths += files
+        labels += [int(d.name)] * len(files)
+    side = data.image_shape[-1]
+    for path in paths:
+        with Image.open(path) as im:
+            if im.size != (data.image_shape[-1], data.image_shape[-2]):
+                raise ValueError(f"{path}: {im.size[0]}x{im.size[1]} pixels, the dataset's images are {side}x{side} "
+                                 "(save triggered images at the dataset's size)")
+    return read_images(paths, side, desc="triggered images"), torch.tensor(labels, dtype=torch.long)
+
+
+def poisoned_train(um: UserModel, data):
+    """The user's poisoned training set as a ``PoisonedSet`` (mask None when not given)."""
+    from backdoor.attacks import PoisonedSet
+
+    if um.poisoned_train == CHECKPOINT:  # BackdoorBench: the clean training set with the poisoned rows replaced
+        bb = backdoorbench(um.checkpoint)
+        if bb.train_index is None:
+            x, y, mask = bb.train_x, bb.train_y, None
+        else:
+            if len(bb.train_index) and int(bb.train_index.max()) >= len(data.train):
+                raise ValueError(f"{um.checkpoint}: bd_train.original_index reaches {int(bb.train_index.max())}; the "
+                                 f"dataset's training set has {len(data.train)} images")
+            x, y = data.train.x.clone(), data.train.y.clone()
+            x[bb.train_index], y[bb.train_index] = bb.train_x, bb.train_y
+            mask = torch.zeros(len(x), dtype=torch.bool)
+            mask[bb.train_index] = True
+    else:
+        tensors = _read_tensors(um.poisoned_train)
+        x, y, mask = tensors["x"], tensors["y"].long(), tensors.get("mask")
+        mask = None if mask is None else mask.bool()
+    _expect_images(x, data, str(um.poisoned_train if um.poisoned_train != CHECKPOINT else um.checkpoint))
+    return PoisonedSet(x, y, mask, None if mask is None else float(mask.float().mean()))
+
+
+def upstream_spec(um: UserModel, dataset_spec: dict, model_params: dict) -> dict:
+    """What determines a defense of this model (its cache key's upstream): the weights, the architecture, the
+    normalisation, the dataset and the poisoned training set (data-side defenses retrain on it)."""
+    train = None if um.poisoned_train is None else digest(um.checkpoint if um.poisoned_train == CHECKPOINT
+                                                          else um.poisoned_train)
+    return {"user_model": {"weights": digest(um.weights_file), "format": um.format, "arch": um.arch,
+                           "arch_params": model_params, "normalize": json.loads(json.dumps(um.normalize)),
+                           "poisoned_train": train, **dataset_spec}}

@@ -10,6 +10,7 @@ matrix there too. Expansion is deterministic
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import inspect
 from dataclasses import dataclass, field, fields
@@ -42,6 +43,8 @@ TOP_LEVEL_KEYS = {
     "target": "target class (all-to-one), default 0",
     "cap_ratio": "clean-label attacks: cap an infeasible ratio to the largest feasible one (default false)",
     "reference": "add a clean reference model row per dataset/model/seed (default true)",
+    "benign": "the benign condition: also run the defenses (true: all of them, or a list) on the clean reference "
+              "model (default false)",
     "training": "attack training budget: " + ", ".join(f.name for f in fields(TrainConfig)),
     "defense_training": "defense budget: the training keys plus clean_fraction",
     "expected": "file (relative to the matrix) of calibrated regression bands (backdoor expect --calibrate)",
@@ -76,6 +79,7 @@ class Matrix:
     digest: str = field(default="")
     regression: Regression = field(default_factory=Regression)
     user_models: dict[str, UserModel] = field(default_factory=dict)
+    benign: tuple[str, ...] = ()  # defenses also run on the clean reference model (the benign condition)
 
     def cases(self) -> list[Case]:
         """Every case of the grid, reference rows first within each dataset/model/seed; then, per dataset, each
@@ -90,6 +94,9 @@ class Matrix:
                                 model_params=mparams)
                     if self.reference:
                         out.append(Case(attack=CLEAN, defense="none", ratio=0.0, training=self.training, **base))
+                        for defense in self.benign:  # the same clean model, defended: what a defense costs
+                            out.append(Case(attack=CLEAN, defense=defense, ratio=0.0, training=self.training,
+                                            defense_params=self.defenses[defense], **base))
                     for ratio in self.poison_ratios:
                         for attack, aparams in self.attacks.items():
                             aparams = self._attack_params(attack, aparams)
@@ -244,6 +251,7 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
     clean_fraction = rest.get("clean_fraction", 0.05)
     if not isinstance(clean_fraction, (int, float)) or not 0 < clean_fraction <= 1:
         raise _fail(path, "defense_training.clean_fraction", f"{clean_fraction!r} is not allowed; expected (0, 1]")
+    benign = _benign(path, raw, defenses)
     expected = raw.get("expected")
     if expected is not None and not isinstance(expected, str):
         raise _fail(path, "expected", f"{expected!r} is not allowed; expected a file name")
@@ -266,7 +274,28 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
         regression=_regression(path, raw.get("regression")),
         user_models=user_models,
+        benign=benign,
     )
+
+
+def _benign(path: Path, raw: dict, defenses: dict[str, dict]) -> tuple[str, ...]:
+    """``benign``: true (every defense but none), false, or a list of the matrix's defenses (wildcards)."""
+    value = raw.get("benign", False)
+    if value is False:
+        return ()
+    if raw.get("reference", True) is False:
+        raise _fail(path, "benign", "needs the clean reference model: remove `reference: false`")
+    if value is True:
+        return tuple(d for d in defenses if d != "none")
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise _fail(path, "benign", f"{value!r} is not allowed; expected true, false or a list of the matrix's defenses")
+    chosen = []
+    for pattern in value:
+        matched = [d for d in defenses if fnmatch.fnmatchcase(d, pattern) and d != "none"]
+        if not matched:
+            raise _fail(path, "benign", f"{pattern!r} names none of the matrix's defenses ({', '.join(defenses)})")
+        chosen += [d for d in matched if d not in chosen]
+    return tuple(chosen)
 
 
 def _split_user_models(value: Any) -> tuple[Any, dict[str, dict]]:

@@ -103,6 +103,17 @@ def target_class_poisoning(poisoned: PoisonedSet, data: Dataset, target: int) ->
     return out
 
 
+def benign_figures(record: dict) -> dict:
+    """A defense on the clean reference model (the benign condition): ``c_acc_cost``, the clean accuracy it
+    loses; ``flagged`` and ``fpr``, the training samples a data-side defense flags when none is poisoned (all of
+    them false positives); ``flagged_classes``, the classes a detector (NC) flags as backdoored."""
+    detection = record.get("detection") or {}
+    info = record.get("defense_info") or {}
+    return {"c_acc_cost": record["undefended"]["c_acc"] - record["c_acc"],
+            "flagged": detection.get("flagged"), "fpr": detection.get("fpr"),
+            "flagged_classes": info.get("flagged_classes") if "detected" in info else None}
+
+
 def numerics_key() -> dict[str, str]:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), **numerics_env()}
 
@@ -341,6 +352,8 @@ class Runner:
         elif case.attack == CLEAN:
             model = self.clean_model(case, data, log_)
             upstream = {"clean_model": {**self.model_spec(case), "seed": case.seed}}
+            if case.defense != "none":  # the benign condition: the clean training set, nothing poisoned
+                poisoned = PoisonedSet(data.train.x, data.train.y, torch.zeros(len(data.train), dtype=torch.bool), 0.0)
         else:
             attack = self.attack(case, data, log_)
             model, poisoned = self.backdoored_model(case, attack, data, log_)
@@ -358,6 +371,8 @@ class Runner:
                 record.update(self.evaluate(defended, data, attack, case.target, triggered))
                 if defended is not model:  # the same metrics before the defense: what the defense changed
                     record["undefended"] = self.evaluate(model, data, attack, case.target, triggered)
+        if case.attack == CLEAN and case.defense != "none" and "undefended" in record:
+            record["benign"] = benign_figures(record)
         record["stage_seconds"] = dict(log_.seconds)
         record["total_seconds"] = round(time.perf_counter() - started, 3)
         log(f"[{case.case_id}] c_acc={record['c_acc']} asr={record['asr']} r_acc={record['r_acc']}")

@@ -194,6 +194,11 @@ def _order(values, preferred: list[str]) -> list:
     return sorted(set(values), key=lambda v: (rank.get(v, len(rank)), v))
 
 
+def _ratio_text(ratio: float) -> str:
+    """A poison ratio as tables show it: ``-`` for no poisoning (the clean reference, a user's model)."""
+    return "-" if ratio == 0 else f"{ratio:g}"
+
+
 def _percent(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -226,8 +231,23 @@ def cell_summaries(records: list[dict]) -> dict[tuple, dict]:
     for key, rs in cells.items():
         ok = [r for r in rs if r.get("status") == "ok"]
         out[key] = {"status": "ok" if ok else "n/a", "n": len(ok),
-                    **{m: summarize(r.get(m) for r in ok) for m in (*METRIC_TITLES, *TARGET_FIGURES)}}
+                    **{m: summarize(r.get(m) for r in ok) for m in (*METRIC_TITLES, *TARGET_FIGURES)},
+                    "seconds": summarize((defense_seconds(r) for r in ok), bounds=None)}
     return out
+
+
+def defense_seconds(record: dict) -> float | None:
+    """What the defense cost to compute, in seconds: its build time (kept with the cached artifact, so a rerun
+    that only loads it still knows), else the stage's time when it was built in this run; None for no defense,
+    or a cache hit whose build time was not kept."""
+    if record.get("defense") == "none":
+        return None
+    built = (record.get("build_seconds") or {}).get("defense")
+    if built is not None:
+        return built
+    if (record.get("cache_hits") or {}).get("defense") is False:
+        return (record.get("stage_seconds") or {}).get("defense")
+    return None
 
 
 TARGET_FIGURES = {"target_base_rate": "Base rate", "target_acc": "Target acc"}
@@ -277,14 +297,14 @@ def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFram
     for _, row in _row_keys(df).iterrows():
         columns[("", "Dataset")].append(row.dataset)
         columns[("", "Model")].append(row.model)
-        columns[("", "Ratio")].append("-" if row.attack == "clean" or row.poison_ratio == 0 else f"{row.poison_ratio:g}")
+        columns[("", "Ratio")].append(_ratio_text(row.poison_ratio))
         columns[("", "Attack")].append(ATTACK_TITLES.get(row.attack, row.attack))
         undefended = summaries.get((row.dataset, row.model, row.poison_ratio, row.attack, "none"))
         for defense in defenses:
             cell = summaries.get((row.dataset, row.model, row.poison_ratio, row.attack, defense))
             title = DEFENSE_TITLES.get(defense, defense)
             flag = degenerate(cell, undefended) if defense != "none" else None
-            for (sub, value) in _cell_columns(cell, numeric):
+            for (sub, value) in _cell_columns(cell, numeric, timed=defense != "none"):
                 if flag and not numeric and sub == "ASR":
                     value += " †"
                 if (row.attack, defense) in fixed_poison and not numeric and sub == "ASR" and value:
@@ -295,7 +315,13 @@ def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFram
     return frame
 
 
-def _cell_columns(cell: dict | None, numeric: bool) -> list[tuple[str, object]]:
+def _seconds_text(summary: Summary | None) -> str:
+    if summary is None:
+        return "-"
+    return f"{summary.mean:.1f}" if summary.mean < 100 else f"{summary.mean:.0f}"
+
+
+def _cell_columns(cell: dict | None, numeric: bool, timed: bool = False) -> list[tuple[str, object]]:
     out = []
     for metric, title in METRIC_TITLES.items():
         summary = cell.get(metric) if cell else None
@@ -308,7 +334,16 @@ def _cell_columns(cell: dict | None, numeric: bool) -> list[tuple[str, object]]:
                 (f"{title} CI low", pct(summary.low) if summary else None),
                 (f"{title} CI high", pct(summary.high) if summary else None)]
     out.append(("n", "" if cell is None else cell["n"]))
+    if timed:  # the defense's compute time beside its metrics (mean over seeds)
+        seconds = cell.get("seconds") if cell else None
+        if numeric:
+            out.append((TIME_TITLE, None if seconds is None else round(seconds.mean, 3)))
+        else:
+            out.append((TIME_TITLE, "" if cell is None else "n/a" if cell["status"] == "n/a" else _seconds_text(seconds)))
     return out
+
+
+TIME_TITLE = "Time (s)"
 
 
 DETECTION_FIGURES = {"flagged": "Flagged", "tpr": "TPR", "fpr": "FPR", "precision": "Precision", "auroc": "AUROC"}
@@ -327,7 +362,7 @@ def detection_frame(records: list[dict]) -> pd.DataFrame | None:
         groups.setdefault((r["dataset"], r["model"], r["poison_ratio"], r["attack"], r["defense"]), []).append(r)
     out = []
     for (dataset, model, ratio, attack, defense), rs in groups.items():
-        row = {"Dataset": dataset, "Model": model, "Ratio": f"{ratio:g}", "Attack": ATTACK_TITLES.get(attack, attack),
+        row = {"Dataset": dataset, "Model": model, "Ratio": _ratio_text(ratio), "Attack": ATTACK_TITLES.get(attack, attack),
                "Defense": DEFENSE_TITLES.get(defense, defense)}
         for key, title in DETECTION_FIGURES.items():
             summary = summarize((r["detection"].get(key) for r in rs), bounds=None if key == "flagged" else (0, 1))
@@ -354,11 +389,45 @@ def target_frame(records: list[dict]) -> pd.DataFrame | None:
             continue
         dataset, model, ratio, attack, defense = key
         flag = degenerate(cell, summaries.get((*key[:4], "none"))) if defense != "none" else None
-        rows.append({"Dataset": dataset, "Model": model, "Ratio": f"{ratio:g}", "Attack": ATTACK_TITLES.get(attack, attack),
+        rows.append({"Dataset": dataset, "Model": model, "Ratio": _ratio_text(ratio), "Attack": ATTACK_TITLES.get(attack, attack),
                      "Defense": DEFENSE_TITLES.get(defense, defense), "ASR": _cell_text(cell["asr"]),
                      "Base rate": _cell_text(cell["target_base_rate"]), "Target acc": _cell_text(cell["target_acc"]),
                      "n": cell["n"], "Marked": flag or ""})
     return pd.DataFrame(rows) if rows else None
+
+
+def benign_frame(records: list[dict]) -> pd.DataFrame | None:
+    """The benign condition: each defense run on the clean reference model (matrix option ``benign``), over
+    seeds: C-Acc before and after, its cost, what it flags when nothing is poisoned (every flag a false
+    positive: data-side defenses' flagged training samples and FPR, a detector's flagged classes), and its
+    compute time."""
+    rows = [r for r in records if r["attack"] == "clean" and r["defense"] != "none" and r.get("status") == "ok"
+            and r.get("benign")]
+    if not rows:
+        return None
+    defenses = _order([r["defense"] for r in rows], DEFENSE_ORDER)
+    groups: dict[tuple, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["model"], defenses.index(r["defense"]), r["seed"])):
+        groups.setdefault((r["dataset"], r["model"], r["defense"]), []).append(r)
+    out = []
+    for (dataset, model, defense), rs in groups.items():
+        before = summarize(r["undefended"]["c_acc"] for r in rs)
+        cost = summarize((r["benign"]["c_acc_cost"] for r in rs), bounds=None)
+        flagged = summarize((r["benign"].get("flagged") for r in rs), bounds=None)
+        fpr = summarize(r["benign"].get("fpr") for r in rs)
+        classes = [r["benign"].get("flagged_classes") for r in rs]
+        flags = "-"
+        if flagged is not None:
+            flags = f"{flagged.mean:.0f} samples (FPR {_cell_text(fpr)}%)" if flagged.n == 1 else \
+                f"{flagged.mean:.1f} ± {flagged.half_width:.1f} samples (FPR {_cell_text(fpr)}%)"
+        elif any(c is not None for c in classes):
+            flags = "; ".join("none" if not c else "classes " + " ".join(map(str, c)) for c in classes if c is not None)
+        out.append({"Dataset": dataset, "Model": model, "Defense": DEFENSE_TITLES.get(defense, defense),
+                    "C-Acc clean": _cell_text(before), "C-Acc defended": _cell_text(summarize(r["c_acc"] for r in rs)),
+                    "Cost": _cell_text(cost), "Flagged (all false positives)": flags,
+                    TIME_TITLE: _seconds_text(summarize((defense_seconds(r) for r in rs), bounds=None)),
+                    "n": len(rs)})
+    return pd.DataFrame(out)
 
 
 def _detail_value(v) -> bool:
@@ -381,7 +450,7 @@ def details_frame(records: list[dict]) -> pd.DataFrame | None:
         if r.get("status") == "not_applicable":
             info = {"not applicable": r.get("reason")}
         if info:
-            rows.append({"Dataset": r["dataset"], "Model": r["model"], "Ratio": f"{r['poison_ratio']:g}",
+            rows.append({"Dataset": r["dataset"], "Model": r["model"], "Ratio": _ratio_text(r["poison_ratio"]),
                          "Attack": ATTACK_TITLES.get(r["attack"], r["attack"]),
                          "Defense": DEFENSE_TITLES.get(r["defense"], r["defense"]), "Seed": r["seed"],
                          "Details": ", ".join(f"{k}={_short(v)}" for k, v in sorted(info.items()))})
@@ -401,7 +470,8 @@ def _flat(board: pd.DataFrame) -> pd.DataFrame:
 
 
 LEGEND = (f"C-Acc, ASR and R-Acc in percent: the mean over seeds ± the half-width of its {INTERVAL_KIND.split(' of ')[0]}"
-          " (no interval when n = 1); n is the number of seeds; `n/a`: the defense does not apply. "
+          " (no interval when n = 1); n is the number of seeds; Time (s): the defense's compute time (mean over "
+          "seeds; `-` where only a cache hit without its build time is recorded); `n/a`: the defense does not apply. "
           "Records stay one per seed in records.jsonl.")
 
 
@@ -417,6 +487,12 @@ def render_markdown(records: list[dict], title: str, folder: Path | None = None)
         parts += ["", "‡: a data-side defense against a training-controllable attack (WaNet, Input-aware) retrains on "
                   "the poisoned training set as stored, with the attacker no longer in control of training: a "
                   "data-poisoning version of the attack, not the attack of its row (README, Attacks and defenses)."]
+    benign = benign_frame(records)
+    if benign is not None:
+        parts += ["", "## Benign condition (defenses on the clean reference model: nothing is poisoned)", "",
+                  "Cost: C-Acc lost to the defense, in points; Flagged: what the defense flags on a clean training "
+                  "set (data-side defenses: samples, all false positives) or model (detectors: classes); seeds per "
+                  "cell as the leaderboard's.", "", benign.to_markdown(index=False, disable_numparse=True)]
     target = target_frame(records)
     if target is not None:
         parts += ["", "## Target class (ASR means something only above the base rate)", "",

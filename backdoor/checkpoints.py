@@ -230,9 +230,10 @@ def read_backdoorbench(path: str | Path) -> BackdoorBenchResult:
     """Read BackdoorBench's ``attack_result.pt`` (the layout of its ``utils/save_load_attack.py`` that stores the
     data as arrays: ``bd_train`` and ``bd_test`` as ``{"x", "y"}`` dicts, ``bd_train["original_index"]`` a
     numpy array) with ``weights_only=True`` and ``NUMPY_SAFE_GLOBALS``. Fields used: ``model`` (the state dict),
-    ``model_name`` (the architecture, ``BACKDOORBENCH_ARCHS``), ``num_classes`` and ``img_size`` (checked against
-    the dataset), ``clean_data`` (recorded), ``bd_train.x``/``.y``/``.original_index`` (the poisoned samples
-    and where they go in the clean training set), ``bd_test.x``/``.y``. Not used: ``data_path``.
+    ``model_name`` (the architecture, ``BACKDOORBENCH_ARCHS``), ``clean_data`` (recorded),
+    ``bd_train.x``/``.y``/``.original_index`` (the poisoned samples and where they go in the clean training set),
+    ``bd_test.x``/``.y``. ``num_classes`` and ``img_size`` are kept but not relied on (the harness checks the
+    tensors' and images' shapes against the dataset); ``data_path`` is not used.
 
     The layout of its later ``prepro_cls_DatasetBD_v2.retrieve_state()`` keeps the poisoned images as PIL
     images inside ``bd_data_container``: PIL objects cannot be read without unpickling them, so such a file is

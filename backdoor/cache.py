@@ -51,12 +51,10 @@ def spec_key(kind: str, spec: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (hex), read in blocks."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def say(message: str) -> None:
@@ -183,7 +181,7 @@ class ArtifactCache:
                       str(tmp / "tensors.safetensors"))
             (tmp / "meta.json").write_text(canonical_json(meta))
             manifest = {"kind": kind, "spec": spec, "format": FORMAT_VERSION, "created": time.time(),
-                        "files": {name: {"sha256": _sha256(tmp / name), "size": (tmp / name).stat().st_size}
+                        "files": {name: {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
                                   for name in _FILES}, "build": build}
             (tmp / "manifest.json").write_text(canonical_json(manifest))
             if final.exists():  # a corrupt entry, found invalid under the lock
@@ -221,7 +219,7 @@ class ArtifactCache:
                 return f"its manifest does not list {', '.join(missing + unlisted)}"
             for name, expected in files.items():
                 path = final / name
-                if path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
+                if path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
                     return f"{name} does not match its manifest"
             return None
         except FileNotFoundError as e:

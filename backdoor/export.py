@@ -25,7 +25,6 @@ A clean reference case exports its model only. ``load_model(out_dir)`` returns t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 import backdoor
 from backdoor.analysis._artifacts import CaseNotFoundError, case_from_record, find_record
-from backdoor.cache import ArtifactCache
+from backdoor.cache import ArtifactCache, file_sha256
 from backdoor.data import DATASETS
 from backdoor.models import MODELS, Classifier, create_model
 from backdoor.pipeline import CLEAN, Runner, StageLog, code_version
@@ -102,14 +101,6 @@ def locate_record(results_dir: str | Path, case_id: str) -> tuple[dict, Path]:
         raise CaseNotFoundError(f"case {case_id!r} is in several matrices under {results_dir} "
                                 f"({', '.join(str(f) for _, f in found)}): name the matrix's folder")
     return found[0]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -196,7 +187,7 @@ def export_case(results_dir: str | Path, case_id: str, out_dir: str | Path, cach
         "code_version": {"package_version": backdoor.__version__, "git_commit": provenance.get("git_commit"),
                          "torch_version": str(torch.__version__), **codes},
         "provenance": provenance,
-        "files": {name: _sha256(out_dir / name) for name in files},
+        "files": {name: file_sha256(out_dir / name) for name in files},
     }
     (out_dir / "model.json").write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
     return ExportReport(out_dir, case.case_id, [*files, "model.json"], rebuilt, metrics, record_metrics)
@@ -221,7 +212,7 @@ def read_export(folder: str | Path) -> dict:
         file = folder / name
         if not file.is_file():
             raise ExportError(f"{folder}: {name} is missing (listed in model.json)")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise ExportError(f"{folder}: {name} does not match its SHA-256 in model.json (changed or damaged)")
     return description
 

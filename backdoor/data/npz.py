@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from backdoor._checks import ParameterError, check_int, is_int
+from backdoor.cache import file_sha256
 from backdoor.data import Dataset, DatasetNotFoundError, Split, register_dataset
 from backdoor.data._files import ROOT_HELP, chunked_channel_stats, resolve_root
 
@@ -270,11 +271,7 @@ def _count_classes(params: dict) -> int | None:
 @lru_cache(maxsize=32)
 def _digest(file: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
     """sha256 of a file; the stat fields are part of the memo key only, so a changed file is hashed again."""
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(file)
 
 
 def _fingerprint(params: dict) -> dict:

@@ -29,12 +29,7 @@ defense_training: {epochs: 1, batch_size: 64, clean_fraction: 0.05}
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write(tmp_path: Path, extra: str = "", name: str = "m.yaml") -> Path:

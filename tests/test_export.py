@@ -19,12 +19,7 @@ TINY = dict(matrix="tiny", dataset="digits", model="cnn_small", ratio=0.1, seed=
             defense_training=TrainConfig(epochs=1, batch_size=64), clean_fraction=0.05)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

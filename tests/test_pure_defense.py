@@ -39,12 +39,7 @@ JOINT = dict(matrix="joint", dataset="digits", model="cnn_small", attack="badnet
 DEFENSES = ("none", "ft", "spectral")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

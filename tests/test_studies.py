@@ -16,12 +16,7 @@ from backdoor.studies.quick_learning import QuickLearningHooks, gradient_statist
 from backdoor.training import TrainConfig, fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_forgetting_counts_on_a_hand_made_sequence():

@@ -40,6 +40,7 @@ from backdoor.data import DATASETS
 from backdoor.models import MODELS, Classifier, create_model
 from backdoor.pipeline import CLEAN, Runner, StageLog, code_version
 from backdoor.results import RECORDS
+from backdoor.targets import triggered_test_keep
 
 FORMAT = "backdoor-bench-export"
 FORMAT_VERSION = 1
@@ -147,7 +148,7 @@ def export_case(results_dir: str | Path, case_id: str, out_dir: str | Path, cach
     if poisoned is not None:
         save_file({"x": poisoned.x.contiguous(), "y": poisoned.y.contiguous(), "mask": poisoned.mask.bool().contiguous()},
                   str(out_dir / "poisoned_train.safetensors"), metadata={"format": FORMAT})
-        keep = torch.nonzero(data.test.y != case.target).flatten()
+        keep = torch.nonzero(triggered_test_keep(case.target, data.test.y)).flatten()
         triggered = attack.poison_test(data.test)
         save_file({"x": triggered.x.contiguous(), "y": triggered.y.contiguous(), "index": keep.contiguous()},
                   str(out_dir / "poisoned_test.safetensors"), metadata={"format": FORMAT})

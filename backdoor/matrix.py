@@ -27,6 +27,7 @@ from backdoor.expectations import Regression, RegressionError, parse_regression
 from backdoor.defenses import DEFENSES
 from backdoor.models import MODELS
 from backdoor.pipeline import CLEAN, Case
+from backdoor.targets import target_problem
 from backdoor.training import TrainConfig
 from backdoor.user_models import UserModel, check_user_model, is_user_entry, parse_user_model
 
@@ -40,7 +41,7 @@ TOP_LEVEL_KEYS = {
     "defenses": "defense names (wildcards allowed), or name -> parameter overrides; 'none' is no defense",
     "poison_ratios": "poison ratios in (0, 1]",
     "seeds": "integer seeds, or a count n meaning seeds 0..n-1",
-    "target": "target class (all-to-one), default 0",
+    "target": "target class (all-to-one), or all-to-all (y -> (y + 1) mod K); default 0",
     "cap_ratio": "clean-label attacks: cap an infeasible ratio to the largest feasible one (default false)",
     "reference": "add a clean reference model row per dataset/model/seed (default true)",
     "benign": "the benign condition: also run the defenses (true: all of them, or a list) on the clean reference "
@@ -68,7 +69,7 @@ class Matrix:
     defenses: dict[str, dict]
     poison_ratios: list[float]
     seeds: list[int]
-    target: int
+    target: int | str  # a class index, or "all-to-all"
     cap_ratio: bool
     reference: bool
     training: TrainConfig
@@ -231,12 +232,12 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
     ratios = _ratios(path, raw["poison_ratios"]) if models else []
     seeds = parse_seeds(raw.get("seeds", [0]), lambda message: _fail(path, "seeds", message))
     target = raw.get("target", 0)
-    if not isinstance(target, int) or isinstance(target, bool):
-        raise _fail(path, "target", f"{target!r} is not allowed; expected a class index (integer)")
+    if target_problem(target) is not None:
+        raise _fail(path, "target", target_problem(target))
     for dataset, params in datasets.items():
-        classes = num_classes_of(dataset, params)
-        if classes is not None and not 0 <= target < classes:
-            raise _fail(path, "target", f"{target} is outside {dataset}'s classes; allowed: 0..{classes - 1}")
+        problem = target_problem(target, num_classes_of(dataset, params), dataset)
+        if problem is not None:
+            raise _fail(path, "target", problem)
     for flag in ("cap_ratio", "reference"):
         if flag in raw and not isinstance(raw[flag], bool):
             raise _fail(path, flag, f"{raw[flag]!r} is not allowed; expected true or false")

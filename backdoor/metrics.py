@@ -1,14 +1,17 @@
 """The paper's three metrics (BackdoorBench section 3.2), as fractions in [0, 1].
 
 C-Acc: accuracy on the whole clean test set. ASR: fraction of the poisoned test set (every non-target test
-sample with the trigger) predicted as the target. R-Acc: fraction of the poisoned test set predicted as its
-true label. Since a non-target sample cannot be both, ASR + R-Acc <= 1.
+sample with the trigger; all-to-all: every test sample) predicted as its attack label (the target; all-to-all:
+(y + 1) mod K). R-Acc: fraction of the poisoned test set predicted as its true label. Since no poisoned sample's
+attack label is its true label, ASR + R-Acc <= 1.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import torch
+
+from backdoor.targets import Target, attack_labels, is_all_to_all
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,8 @@ def clean_accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def attack_success_rate(pred: torch.Tensor, target: int | torch.Tensor) -> float:
-    """Fraction of poisoned (non-target) test samples predicted as the target."""
+    """Fraction of poisoned test samples predicted as their attack label (``target``: one class, or one per
+    sample)."""
     if len(pred) == 0:
         raise ValueError("attack success rate of an empty poisoned test set")
     return float((pred == target).float().mean())
@@ -42,10 +46,12 @@ def robust_accuracy(pred: torch.Tensor, y_true: torch.Tensor) -> float:
 
 
 def backdoor_metrics(clean_pred: torch.Tensor, clean_y: torch.Tensor, poisoned_pred: torch.Tensor,
-                     poisoned_y: torch.Tensor, target: int) -> Metrics:
-    """``poisoned_y`` are the true labels of the poisoned test set, which must hold no target-class sample."""
+                     poisoned_y: torch.Tensor, target: int | torch.Tensor) -> Metrics:
+    """``poisoned_y`` are the true labels of the poisoned test set and ``target`` its attack labels (one class,
+    or one per sample); no sample's attack label may be its true label (all-to-one: no target-class sample)."""
     if bool((poisoned_y == target).any()):
-        raise ValueError("the poisoned test set must exclude target-class samples")
+        raise ValueError("the poisoned test set must exclude target-class samples: none may have its attack label "
+                         "as its true label")
     return Metrics(
         c_acc=clean_accuracy(clean_pred, clean_y),
         asr=attack_success_rate(poisoned_pred, target),
@@ -53,11 +59,16 @@ def backdoor_metrics(clean_pred: torch.Tensor, clean_y: torch.Tensor, poisoned_p
     )
 
 
-def target_class_figures(clean_pred: torch.Tensor, clean_y: torch.Tensor, target: int) -> dict[str, float | None]:
-    """What ASR must be read against (all-to-one): ``target_base_rate``, the share of clean non-target test images
-    the model predicts as the target (a model biased to the target scores that much ASR with no trigger), and
+def target_class_figures(clean_pred: torch.Tensor, clean_y: torch.Tensor, target: Target,
+                         num_classes: int | None = None) -> dict[str, float | None]:
+    """What ASR must be read against: ``target_base_rate``, the share of clean non-target test images the model
+    predicts as the target (a model biased to the target scores that much ASR with no trigger), and
     ``target_acc``, its clean accuracy on the target class (near 0: the defense erased the class, so ASR 0
-    means nothing)."""
+    means nothing). All-to-all has no target class: the base rate is the share of clean test images predicted
+    as (y + 1) mod K, and ``target_acc`` is None."""
+    if is_all_to_all(target):
+        base = (clean_pred == attack_labels(target, clean_y, num_classes)).float().mean()
+        return {"target_base_rate": float(base) if len(clean_y) else None, "target_acc": None}
     others, own = clean_y != target, clean_y == target
     return {"target_base_rate": float((clean_pred[others] == target).float().mean()) if others.any() else None,
             "target_acc": float((clean_pred[own] == target).float().mean()) if own.any() else None}

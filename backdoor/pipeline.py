@@ -27,6 +27,7 @@ from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
 from backdoor.metrics import backdoor_metrics, detection_metrics, target_class_figures
 from backdoor.models import MODELS, Classifier, create_model
 from backdoor.progress import log
+from backdoor.targets import Target, attack_labels, target_problem
 from backdoor.training import TrainConfig, fit, predict
 from backdoor import user_models
 from backdoor.user_models import UserModel
@@ -45,7 +46,7 @@ class Case:
     defense: str
     ratio: float
     seed: int
-    target: int = 0
+    target: Target = 0  # a class index, or "all-to-all"
     dataset_params: dict = field(default_factory=dict)
     model_params: dict = field(default_factory=dict)
     attack_params: dict = field(default_factory=dict)
@@ -223,9 +224,11 @@ class Runner:
         return self._load_model(case, data, tensors)
 
     def attack(self, case: Case, data: Dataset, log_: StageLog) -> Attack:
-        if not 0 <= case.target < data.num_classes:
-            raise ValueError(f"target class {case.target} is outside {case.dataset}'s classes 0..{data.num_classes - 1}")
+        problem = target_problem(case.target, data.num_classes, case.dataset)
+        if problem is not None:
+            raise ValueError(f"target: {problem}")
         attack = create_attack(case.attack, target=case.target, **case.attack_params)
+        attack.num_classes = data.num_classes
         ctx = AttackContext(
             dataset=data, device=self.device, seed=derive_seed(case.seed, "attack-material"),
             training=self.train_config(case, data), model_name=case.model,
@@ -378,18 +381,19 @@ class Runner:
         log(f"[{case.case_id}] c_acc={record['c_acc']} asr={record['asr']} r_acc={record['r_acc']}")
         return record
 
-    def evaluate(self, model: Classifier, data: Dataset, attack: Attack | None, target: int,
+    def evaluate(self, model: Classifier, data: Dataset, attack: Attack | None, target: Target,
                  poisoned_test: Split | None = None) -> dict:
         """C-Acc on the clean test set; with a trigger (``attack``, or a given ``poisoned_test`` of triggered
-        non-target images with their true labels) ASR, R-Acc and the target-class figures."""
+        images with their true labels: the non-target ones, or all for all-to-all) ASR, R-Acc and the
+        target-class figures."""
         clean_pred = predict(model, data.test.x, device=self.device)
         if attack is None and poisoned_test is None:
             return {"c_acc": float((clean_pred == data.test.y).float().mean()), "asr": None, "r_acc": None}
         if poisoned_test is None:
             poisoned_test = attack.poison_test(data.test)
         m = backdoor_metrics(clean_pred, data.test.y, predict(model, poisoned_test.x, device=self.device),
-                             poisoned_test.y, target)
-        return {**m.to_dict(), **target_class_figures(clean_pred, data.test.y, target)}
+                             poisoned_test.y, attack_labels(target, poisoned_test.y, data.num_classes))
+        return {**m.to_dict(), **target_class_figures(clean_pred, data.test.y, target, data.num_classes)}
 
     def _record(self, case: Case, data: Dataset, attack: Attack | None, poisoned: PoisonedSet | None,
                 result: dict, log_: StageLog) -> dict:

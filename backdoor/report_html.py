@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 from backdoor.figures import FIGURES, figure_entries
-from backdoor.results import (ATTACK_ORDER, ATTACK_TITLES, DEFENSE_ORDER, DEFENSE_TITLES, METRIC_TITLES,
-                              cell_summaries, detection_frame, read_records)
+from backdoor.results import (ATTACK_ORDER, DEFENSE_ORDER, DEFENSE_TITLES, METRIC_TITLES,
+                              attack_titles, cell_summaries, detection_frame, read_records)
 from backdoor.stats import INTERVAL_KIND
 
 CSS = """
@@ -73,6 +73,7 @@ def _rows(records: list[dict]) -> list[tuple]:
 def table_html(records: list[dict]) -> str:
     """The leaderboard table: two header rows (defense groups, metrics), one body row per model and attack."""
     cells = cell_summaries(records)
+    titles = attack_titles(records)
     rank = {d: i for i, d in enumerate(DEFENSE_ORDER)}
     defenses = sorted({r["defense"] for r in records}, key=lambda d: (rank.get(d, len(rank)), d))
     metrics = list(METRIC_TITLES)
@@ -86,7 +87,7 @@ def table_html(records: list[dict]) -> str:
         head2.append('<th title="seeds">n</th>')
     body = []
     for dataset, model, ratio, attack in _rows(records):
-        tds = [f'<td class="key sticky">{html.escape(ATTACK_TITLES.get(attack, attack))}</td>',
+        tds = [f'<td class="key sticky">{html.escape(titles[attack])}</td>',
                f'<td class="key">{html.escape(dataset)}</td>', f'<td class="key">{html.escape(model)}</td>',
                f'<td>{"-" if attack == "clean" else f"{ratio:g}"}</td>']
         for d in defenses:

@@ -19,6 +19,7 @@ import pandas as pd
 from filelock import FileLock
 
 from backdoor.stats import INTERVAL_KIND, Summary, summarize
+from backdoor.targets import ALL_TO_ALL
 
 RECORDS = "records.jsonl"
 ATTACK_ORDER = ["clean", "badnets", "blended", "lc", "sig", "lf", "ssba", "inputaware", "wanet"]
@@ -29,6 +30,14 @@ ATTACK_TITLES = {"clean": "clean (reference)", "badnets": "BadNets", "blended": 
                  "sig": "SIG", "lf": "LF", "ssba": "SSBA", "inputaware": "Input-aware", "wanet": "WaNet",
                  "images": "given triggered images", "notrigger": "no trigger given"}
 METRIC_TITLES = {"c_acc": "C-Acc", "asr": "ASR", "r_acc": "R-Acc"}
+ALL_TO_ALL_MARK = " (all-to-all)"
+
+
+def attack_titles(records: list[dict]) -> dict[str, str]:
+    """Each attack's title in tables; an attack whose records have ``target: all-to-all`` is marked as such."""
+    all_to_all = {r["attack"] for r in records if r.get("target") == ALL_TO_ALL}
+    return {r["attack"]: ATTACK_TITLES.get(r["attack"], r["attack"]) + (ALL_TO_ALL_MARK if r["attack"] in all_to_all else "")
+            for r in records}
 
 
 DAMAGED = "records.damaged.jsonl"
@@ -292,13 +301,14 @@ def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFram
     df = pd.DataFrame(records)
     summaries = cell_summaries(records)
     fixed_poison = retrained_on_fixed_poison(records)
+    titles = attack_titles(records)
     defenses = _order(df.defense, DEFENSE_ORDER)
     columns: dict[tuple, list] = {("", title): [] for title in ("Dataset", "Model", "Ratio", "Attack")}
     for _, row in _row_keys(df).iterrows():
         columns[("", "Dataset")].append(row.dataset)
         columns[("", "Model")].append(row.model)
         columns[("", "Ratio")].append(_ratio_text(row.poison_ratio))
-        columns[("", "Attack")].append(ATTACK_TITLES.get(row.attack, row.attack))
+        columns[("", "Attack")].append(titles[row.attack])
         undefended = summaries.get((row.dataset, row.model, row.poison_ratio, row.attack, "none"))
         for defense in defenses:
             cell = summaries.get((row.dataset, row.model, row.poison_ratio, row.attack, defense))
@@ -360,9 +370,9 @@ def detection_frame(records: list[dict]) -> pd.DataFrame | None:
     groups: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: _row_key(r, attacks, defenses)):
         groups.setdefault((r["dataset"], r["model"], r["poison_ratio"], r["attack"], r["defense"]), []).append(r)
-    out = []
+    out, titles = [], attack_titles(rows)
     for (dataset, model, ratio, attack, defense), rs in groups.items():
-        row = {"Dataset": dataset, "Model": model, "Ratio": _ratio_text(ratio), "Attack": ATTACK_TITLES.get(attack, attack),
+        row = {"Dataset": dataset, "Model": model, "Ratio": _ratio_text(ratio), "Attack": titles[attack],
                "Defense": DEFENSE_TITLES.get(defense, defense)}
         for key, title in DETECTION_FIGURES.items():
             summary = summarize((r["detection"].get(key) for r in rs), bounds=None if key == "flagged" else (0, 1))
@@ -378,18 +388,19 @@ def detection_frame(records: list[dict]) -> pd.DataFrame | None:
 
 def target_frame(records: list[dict]) -> pd.DataFrame | None:
     """Per cell: the clean base rate of target predictions and the target class's clean accuracy (percent, over
-    seeds), next to ASR, with the reason a defended cell is marked † in the leaderboard."""
+    seeds), next to ASR, with the reason a defended cell is marked † in the leaderboard. All-to-all cells have
+    a base rate (clean images predicted as their next class) and no target class."""
     summaries = cell_summaries(records)
-    rows = []
+    rows, titles = [], attack_titles(records)
     attacks = _order([r["attack"] for r in records], ATTACK_ORDER)
     defenses = _order([r["defense"] for r in records], DEFENSE_ORDER)
     for key in sorted(summaries, key=lambda k: (k[0], k[1], k[2], attacks.index(k[3]), defenses.index(k[4]))):
         cell = summaries[key]
-        if cell.get("target_acc") is None:
+        if cell.get("target_acc") is None and cell.get("target_base_rate") is None:
             continue
         dataset, model, ratio, attack, defense = key
         flag = degenerate(cell, summaries.get((*key[:4], "none"))) if defense != "none" else None
-        rows.append({"Dataset": dataset, "Model": model, "Ratio": _ratio_text(ratio), "Attack": ATTACK_TITLES.get(attack, attack),
+        rows.append({"Dataset": dataset, "Model": model, "Ratio": _ratio_text(ratio), "Attack": titles[attack],
                      "Defense": DEFENSE_TITLES.get(defense, defense), "ASR": _cell_text(cell["asr"]),
                      "Base rate": _cell_text(cell["target_base_rate"]), "Target acc": _cell_text(cell["target_acc"]),
                      "n": cell["n"], "Marked": flag or ""})
@@ -444,14 +455,14 @@ def details_frame(records: list[dict]) -> pd.DataFrame | None:
     values) and not-applicable reasons: a log of what each run did, not a result table."""
     attacks = _order([r["attack"] for r in records], ATTACK_ORDER)
     defenses = _order([r["defense"] for r in records], DEFENSE_ORDER)
-    rows = []
+    rows, titles = [], attack_titles(records)
     for r in sorted(records, key=lambda r: _row_key(r, attacks, defenses)):
         info = {k: v for k, v in (r.get("defense_info") or {}).items() if _detail_value(v)}
         if r.get("status") == "not_applicable":
             info = {"not applicable": r.get("reason")}
         if info:
             rows.append({"Dataset": r["dataset"], "Model": r["model"], "Ratio": _ratio_text(r["poison_ratio"]),
-                         "Attack": ATTACK_TITLES.get(r["attack"], r["attack"]),
+                         "Attack": titles[r["attack"]],
                          "Defense": DEFENSE_TITLES.get(r["defense"], r["defense"]), "Seed": r["seed"],
                          "Details": ", ".join(f"{k}={_short(v)}" for k, v in sorted(info.items()))})
     return pd.DataFrame(rows) if rows else None
@@ -483,6 +494,9 @@ def render_markdown(records: list[dict], title: str, folder: Path | None = None)
         parts += ["", "User models (pure defense: a checkpoint you brought, defended here; Attack names how its test "
                   "set was triggered): " + "; ".join(f"{label} = {u.get('arch')} from {u.get('checkpoint')}"
                                                      for label, u in sorted(users.items())) + "."]
+    if any(r.get("target") == ALL_TO_ALL for r in records):
+        parts += ["", "(all-to-all): the trigger sends an image of class y to (y + 1) mod K; the poisoned test set is "
+                  "the whole test set, ASR the share predicted as (y + 1) mod K, R-Acc the share predicted as y."]
     if retrained_on_fixed_poison(records):
         parts += ["", "‡: a data-side defense against a training-controllable attack (WaNet, Input-aware) retrains on "
                   "the poisoned training set as stored, with the attacker no longer in control of training: a "

@@ -36,7 +36,8 @@ from typing import Any, Callable
 
 import torch
 
-from backdoor._checks import ParameterError, is_int, is_number
+from backdoor._checks import ParameterError, is_number
+from backdoor.targets import is_all_to_all, target_problem, triggered_test_keep
 from backdoor.checkpoints import (BACKDOORBENCH_ARCHS, CheckpointError, checkpoint_format, file_digest,
                                   map_names, read_backdoorbench, read_state_dict,
                                   safetensors_shapes)
@@ -47,7 +48,7 @@ KEYS = {
     "arch": "the registered architecture",
     "arch_params": "the architecture's parameters",
     "normalize": "dataset, none, checkpoint, or {mean: [...], std: [...]}",
-    "target": "the backdoor's target class",
+    "target": "the backdoor's target class, or all-to-all",
     "trigger": "{attack: NAME, params: {...}}, {images: FILE.safetensors or FOLDER}, checkpoint, or false",
     "poisoned_train": "FILE.safetensors (x, y, optional mask), checkpoint, or false",
     "dataset": "which of the matrix's datasets the model belongs to",
@@ -71,7 +72,7 @@ class UserModel:
     arch: str
     arch_params: dict = field(default_factory=dict)
     normalize: Any = "dataset"
-    target: int = 0
+    target: int | str = 0  # a class index, or "all-to-all"
     trigger: tuple | None = None
     poisoned_train: Any = None
     dataset: str | None = None
@@ -184,8 +185,8 @@ def parse_user_model(base: Path, label: str, entry: dict, fail: Fail, registered
         target = int(bb.test_y[0])
     else:
         target = default_target
-    if not is_int(target):
-        raise fail(f"{key}.target", f"{target!r} is not allowed; expected a class index (integer)")
+    if target_problem(target) is not None:
+        raise fail(f"{key}.target", target_problem(target))
 
     has_data = fmt.kind == "export" or bb is not None
     trigger = _trigger(base, entry.get("trigger", CHECKPOINT if has_data else None), fmt, bb, fail, f"{key}.trigger")
@@ -200,7 +201,7 @@ def parse_user_model(base: Path, label: str, entry: dict, fail: Fail, registered
     if dataset is not None and dataset not in datasets:
         raise fail(f"{key}.dataset", f"{dataset!r} is not one of the matrix's datasets ({', '.join(datasets)})")
     return UserModel(label=label, checkpoint=checkpoint, format=fmt.kind, arch=arch, arch_params=dict(arch_params),
-                     normalize=normalize, target=int(target), trigger=trigger, poisoned_train=poisoned,
+                     normalize=normalize, target=target if is_all_to_all(target) else int(target), trigger=trigger, poisoned_train=poisoned,
                      dataset=dataset or datasets[0])
 
 
@@ -339,8 +340,8 @@ def check_user_model(um: UserModel, num_classes: int | None, image_side: int | N
         raise fail(f"{key}.arch_params.{e.param}", e.detail) from None
     except (ValueError, TypeError) as e:
         raise fail(f"{key}.arch_params", str(e).removeprefix(f"{um.arch}: ")) from None
-    if num_classes is not None and not 0 <= um.target < num_classes:
-        raise fail(f"{key}.target", f"{um.target} is outside the dataset's classes; allowed: 0..{num_classes - 1}")
+    if target_problem(um.target, num_classes) is not None:
+        raise fail(f"{key}.target", target_problem(um.target, num_classes))
     if um.format in ("safetensors", "export"):
         shapes = safetensors_shapes(um.weights_file)  # the header only
     else:
@@ -417,14 +418,14 @@ def _expect_images(x: torch.Tensor, data, where: str) -> None:
 
 
 def triggered_test(um: UserModel, data) -> tuple:
-    """The triggered test set from images (a file, a folder, or the checkpoint's), target-class images dropped:
-    returns (Split, number dropped)."""
+    """The triggered test set from images (a file, a folder, or the checkpoint's), target-class images dropped
+    (all-to-all: none): returns (Split, number dropped)."""
     from backdoor.data import Split
 
     kind = um.trigger[0]
     if kind == "checkpoint":  # BackdoorBench: bd_test are the dataset's non-target test images, in order
         bb = backdoorbench(um.checkpoint)
-        own = data.test.y[data.test.y != um.target]
+        own = data.test.y[triggered_test_keep(um.target, data.test.y)]
         if len(bb.test_x) != len(own):
             raise ValueError(f"{um.checkpoint}: bd_test has {len(bb.test_x)} images; the dataset's test set has "
                              f"{len(own)} non-target images (BackdoorBench's bd_test are those, in order). Give the "
@@ -436,7 +437,7 @@ def triggered_test(um: UserModel, data) -> tuple:
         tensors = _read_tensors(um.trigger[1])
         x, y = tensors["x"], tensors["y"].long()
     _expect_images(x, data, str(um.trigger[1] if kind == "images" else um.checkpoint))
-    keep = y != um.target
+    keep = triggered_test_keep(um.target, y)
     return Split(x[keep].contiguous(), y[keep].contiguous()), int((~keep).sum())
 
 

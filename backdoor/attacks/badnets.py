@@ -23,7 +23,7 @@ class BadNets(Attack):
 
     kind = "dirty_label"
 
-    def __init__(self, target: int = 0, size: int | None = None, value: int = 255, **kwargs):
+    def __init__(self, target: int | str = 0, size: int | None = None, value: int = 255, **kwargs):
         super().__init__(target=target, **kwargs)
         check_int("badnets", "size", size, minimum=1, optional=True)
         if not 0 <= value <= 255:

@@ -12,8 +12,10 @@ from typing import Callable, ClassVar
 
 import torch
 
+from backdoor._checks import ParameterError
 from backdoor._registry import Method
 from backdoor.data import Dataset, Split
+from backdoor.targets import ALL_TO_ALL, ALLOWED, attack_labels, is_all_to_all, target_problem, triggered_test_keep
 from backdoor.training import TrainConfig, TrainHooks
 
 KINDS = ("dirty_label", "clean_label", "training_controllable")
@@ -69,9 +71,24 @@ class Attack(Method):
     name: ClassVar[str]
     kind: ClassVar[str]
 
-    def __init__(self, target: int = 0, cap_ratio: bool = False):
-        self.target = int(target)
+    def __init__(self, target: int | str = 0, cap_ratio: bool = False):
+        problem = target_problem(target)
+        if problem is not None:
+            raise ParameterError(self.name, "target", target, ALLOWED)
+        if is_all_to_all(target) and self.kind == "clean_label":
+            raise ParameterError(self.name, "target", target, "a class index: a clean-label attack keeps every "
+                                 f"sample's own label, so it cannot relabel y to (y + 1) mod K ({ALL_TO_ALL})")
+        self.target = target if is_all_to_all(target) else int(target)
         self.cap_ratio = bool(cap_ratio)
+        self.num_classes: int | None = None  # the dataset's class count, set by the runner (all-to-all needs it)
+
+    @property
+    def all_to_all(self) -> bool:
+        return is_all_to_all(self.target)
+
+    def relabel(self, y: torch.Tensor) -> torch.Tensor:
+        """The attack's label for samples whose true labels are ``y``: the target, or (y + 1) mod K."""
+        return attack_labels(self.target, y, self.num_classes)
 
     def check_image_shape(self, shape: tuple[int, int, int]) -> None:
         """Raise ``ParameterError`` when a parameter does not fit images of ``shape`` (C, H, W); called by the
@@ -127,20 +144,21 @@ class Attack(Method):
 
     def poison_train(self, train: Split, ratio: float, seed: int) -> PoisonedSet:
         """Poison ``ratio`` of the training set: selected images get the trigger, dirty-label attacks also
-        relabel them to the target."""
+        relabel them (to the target, or each to its next class for all-to-all)."""
         index = self.select_poison_indices(train, ratio, seed)
         x, y = train.x.clone(), train.y.clone()
         if len(index):
             x[index] = self.poison_images(train.x[index], index)
             if self.kind != "clean_label":
-                y[index] = self.target
+                y[index] = self.relabel(y[index])
         mask = torch.zeros(len(train), dtype=torch.bool)
         mask[index] = True
         return PoisonedSet(x, y, mask, effective_ratio=len(index) / len(train))
 
     def poison_test(self, test: Split) -> Split:
-        """The poisoned test set: every non-target test sample with the trigger, keeping its true label."""
-        keep = test.y != self.target
+        """The poisoned test set with the trigger, keeping true labels: every non-target test sample (all-to-one),
+        or the whole test set (all-to-all)."""
+        keep = triggered_test_keep(self.target, test.y)
         return Split(self.apply_trigger(test.x[keep]), test.y[keep])
 
     def train_hooks(self, dataset: Dataset, ratio: float, seed: int) -> TrainHooks | None:

@@ -59,7 +59,7 @@ class Blended(Attack):
 
     kind = "dirty_label"
 
-    def __init__(self, target: int = 0, alpha: float = 0.2, pattern: str = "noise", pattern_seed: int = 0,
+    def __init__(self, target: int | str = 0, alpha: float = 0.2, pattern: str = "noise", pattern_seed: int = 0,
                  **kwargs):
         super().__init__(target=target, **kwargs)
         if not 0.0 < alpha <= 1.0:

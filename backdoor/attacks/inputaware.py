@@ -164,7 +164,7 @@ class InputAware(Attack):
 
     kind = "training_controllable"
 
-    def __init__(self, target: int = 0, channels: tuple[int, ...] | list[int] = (32, 64, 128),
+    def __init__(self, target: int | str = 0, channels: tuple[int, ...] | list[int] = (32, 64, 128),
                  mask_density: float = 0.032, lambda_norm: float = 100.0, lambda_div: float = 1.0,
                  lr_G: float = 0.01, lr_M: float = 0.01, mask_epochs: int = 25, mask_batch_size: int = 128,
                  cross_ratio: float = 1.0, crop_padding: int = 5, rotation: float = 10.0, **kwargs):
@@ -281,7 +281,7 @@ class InputAware(Attack):
         x, y = train.x.clone(), train.y.clone()
         if len(index):
             x[index] = self._apply(train.x[index])
-            y[index] = self.target
+            y[index] = self.relabel(y[index])
         if n_cross:
             x[cross] = self._apply(train.x[cross], source=train.x[partner])
         mask = torch.zeros(len(train), dtype=torch.bool)
@@ -374,7 +374,7 @@ class InputAwareHooks(TrainHooks):
             d_pat = rms_distance(gen.normalise(pattern_bd[:pairs]), gen.normalise(pattern_cross[:pairs]))
             self._extra = a.lambda_div * (d_img / (d_pat + _EPS)).mean()
         y = y.clone()
-        y[:n_bd] = a.target
+        y[:n_bd] = a.relabel(y[:n_bd])
         return torch.cat(parts), y
 
     def augment(self, x, default):

@@ -99,7 +99,7 @@ class LabelConsistent(Attack):
 
     kind = "clean_label"
 
-    def __init__(self, target: int = 0, eps: float = 8.0, step_size: float = 1.5, steps: int = 100,
+    def __init__(self, target: int | str = 0, eps: float = 8.0, step_size: float = 1.5, steps: int = 100,
                  reference: str = "clean", adv_epochs: int | None = None, adv_steps: int = 7,
                  size: int | None = None, amplitude: float = 255.0, **kwargs):
         super().__init__(target=target, **kwargs)

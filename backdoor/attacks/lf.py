@@ -143,10 +143,13 @@ class LowFrequency(Attack):
 
     kind = "dirty_label"
 
-    def __init__(self, target: int = 0, samples: int = 100, max_passes: int = 50, overshoot: float = 0.02,
+    def __init__(self, target: int | str = 0, samples: int = 100, max_passes: int = 50, overshoot: float = 0.02,
                  max_iter: int = 200, fooling_rate: float = 0.2, bound: float = 0.2, kernel_size: int = 31,
                  sigma: float = 6.0, deepfool_batch: int = 10, **kwargs):
         super().__init__(target=target, **kwargs)
+        if self.all_to_all:
+            raise ParameterError("lf", "target", target, "a class index: LF's trigger is a universal adversarial "
+                                 "perturbation towards one target class, and all-to-all has none")
         checks = [
             ("samples", samples, samples >= 1, ">= 1"), ("max_passes", max_passes, max_passes >= 1, ">= 1"),
             ("overshoot", overshoot, overshoot >= 0, ">= 0"), ("max_iter", max_iter, max_iter >= 1, ">= 1"),

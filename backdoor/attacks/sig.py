@@ -49,7 +49,7 @@ class SIG(Attack):
 
     kind = "clean_label"
 
-    def __init__(self, target: int = 0, delta: float = 40.0, frequency: float = 6.0,
+    def __init__(self, target: int | str = 0, delta: float = 40.0, frequency: float = 6.0,
                  test_delta: float | None = None, **kwargs):
         super().__init__(target=target, **kwargs)
         for name, value in (("delta", delta), ("test_delta", delta if test_delta is None else test_delta)):

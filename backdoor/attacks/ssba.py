@@ -137,7 +137,7 @@ class SSBA(Attack):
     _ENCODER_PARAMS = ("code_length", "width", "steps", "batch_size", "lr", "max_residual", "image_weight",
                        "code_weight", "clean_weight", "texture_floor")
 
-    def __init__(self, target: int = 0, code_length: int = 1, code_seed: int = 0, steps: int = 140000,
+    def __init__(self, target: int | str = 0, code_length: int = 1, code_seed: int = 0, steps: int = 140000,
                  batch_size: int = 32, lr: float = 1e-3, width: int = 32, max_residual: float = 0.1,
                  image_weight: float = 1.0, code_weight: float = 1.0, clean_weight: float = 1.0,
                  texture_floor: float = 0.05, **kwargs):

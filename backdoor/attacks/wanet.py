@@ -88,7 +88,7 @@ class WaNet(Attack):
 
     kind = "training_controllable"
 
-    def __init__(self, target: int = 0, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0,
+    def __init__(self, target: int | str = 0, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0,
                  cross_ratio: float = 2.0, field_seed: int = 0, crop_padding: int = 5, p_crop: float = 0.8,
                  rotation: float = 10.0, p_rotation: float = 0.5, **kwargs):
         super().__init__(target=target, **kwargs)
@@ -164,7 +164,7 @@ class WaNet(Attack):
         h, w = train.x.shape[-2:]
         if len(index):
             x[index] = self.apply_trigger(train.x[index])
-            y[index] = self.target
+            y[index] = self.relabel(y[index])
         if len(cross):
             grids = self.noisy_grids(len(cross), h, w, g)
             x[cross] = apply_to_float(train.x[cross], lambda xf: warp(xf, grids))
@@ -199,7 +199,7 @@ class WaNetHooks(TrainHooks):
             parts.append(warp(x[n_bd:n_bd + n_cross], grids))
         parts.append(x[n_bd + n_cross:])
         y = y.clone()
-        y[:n_bd] = self.attack.target
+        y[:n_bd] = self.attack.relabel(y[:n_bd])
         self.counts["poisoned"] += n_bd
         self.counts["cross"] += n_cross
         self.counts["seen"] += n

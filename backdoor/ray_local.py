@@ -10,10 +10,12 @@ into their own groups), never another Ray on the machine, as ``ray stop`` would.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +62,8 @@ def command_line(pid: int) -> str:
 
 class LocalCluster:
     """``with LocalCluster(folder) as cluster: cluster.add_node(cpus=1)``: a head (started on entry) and extra
-    nodes; ``address`` is the head's host:port; ``kill_node(i)`` ends node i's processes; exit stops them all."""
+    nodes (logs in ``folder``, Ray's temp dirs under a short ``/tmp/bbray-*``, removed on exit); ``address`` is
+    the head's host:port; ``kill_node(i)`` ends node i's processes; exit stops them all."""
 
     def __init__(self, folder: Path, head_cpus: float = 1, timeout: float = 60.0):
         self.folder = Path(folder)
@@ -68,6 +71,7 @@ class LocalCluster:
         self.timeout = timeout
         self.port = free_port()
         self.address = f"{LOOPBACK}:{self.port}"
+        self.temp = Path(tempfile.mkdtemp(prefix="bbray-"))  # short: Ray's socket paths must fit in 107 bytes
         self.sessions: list[int] = []  # the pid (= session and group id) of each node's `ray start`
         self.ray = str(Path(sys.executable).with_name("ray"))
 
@@ -87,8 +91,8 @@ class LocalCluster:
         return self._start(f"node{len(self.sessions)}", [f"--address={self.address}"], cpus)
 
     def _start(self, name: str, args: list[str], cpus: float) -> int:
-        temp = self.folder / name
-        temp.mkdir(parents=True, exist_ok=True)
+        temp = self.temp / name
+        self.folder.mkdir(parents=True, exist_ok=True)
         command = [self.ray, "start", *args, f"--node-ip-address={LOOPBACK}", f"--num-cpus={cpus}", "--num-gpus=0",
                    f"--temp-dir={temp}", "--disable-usage-stats"]
         with open(self.folder / f"{name}.log", "w") as log:
@@ -138,6 +142,7 @@ class LocalCluster:
                 pids = [pid for pid in pids if _alive(pid)]
                 if not pids:
                     break
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

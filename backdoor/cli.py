@@ -34,6 +34,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         value = getattr(args, option[2:].replace("-", "_"))
         if value is not None:
             forwarded += [option, str(Path(value).resolve()) if option.endswith("-dir") else str(value)]
+    if args.ray is not None:
+        forwarded.append(f"--ray={args.ray}" if args.ray else "--ray")
     regression = "off" if args.no_regression else "strict" if args.strict else "report"
     command = grid_command(matrix, [*forwarded, "--regression", regression, *extra])
     print(f"backdoor run: results in {Path(args.results_dir).resolve()}, cache in {Path(args.cache_dir).resolve()}",
@@ -209,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fail cases that drift outside their calibrated bands or claims (else: print a drift "
                           "summary and exit 0; the test suite and CI are strict)")
     run.add_argument("--no-regression", action="store_true", help="skip the regression comparison")
+    run.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="run the cases on a Ray cluster (pip install -e .[ray]): ADDRESS host:port, else "
+                          "$RAY_ADDRESS or a cluster started here, else a new local one; --ray-cpus, --ray-gpus, "
+                          "--ray-retries, --ray-cache shared|object-store, --ray-node-cache and --ray-node-ip go "
+                          "to pytest (see README)")
     run.add_argument("--plan", action="store_true",
                      help="list the cases, what is cached and what will be built, and a time estimate; run nothing")
     sub.add_parser("list", help="list registered datasets, models, attacks and defenses")

@@ -34,8 +34,9 @@ ALL_TO_ALL_MARK = " (all-to-all)"
 
 
 def attack_titles(records: list[dict]) -> dict[str, str]:
-    """Each attack's title in tables; an attack whose records have ``target: all-to-all`` is marked as such."""
-    all_to_all = {r["attack"] for r in records if r.get("target") == ALL_TO_ALL}
+    """Each attack's title in tables; an attack whose records have ``target: all-to-all`` is marked as such (not
+    the clean reference, which no trigger reaches)."""
+    all_to_all = {r["attack"] for r in records if r.get("target") == ALL_TO_ALL and r["attack"] != "clean"}
     return {r["attack"]: ATTACK_TITLES.get(r["attack"], r["attack"]) + (ALL_TO_ALL_MARK if r["attack"] in all_to_all else "")
             for r in records}
 

@@ -159,7 +159,7 @@ def test_all_to_all_badnets_implants_on_digits(digits_runs):
 
 def test_leaderboard_marks_all_to_all(digits_runs):
     text = render_markdown(list(digits_runs[:2]), "a2a")
-    assert "BadNets (all-to-all)" in text and "(all-to-all): the trigger sends an image of class y to (y + 1) mod K" in text
+    assert "BadNets (all-to-all)" in text and "clean (reference) (all-to-all)" not in text and "(all-to-all): the trigger sends an image of class y to (y + 1) mod K" in text
 
 
 def test_an_exported_all_to_all_model_defends_through_the_pure_defense_path(digits_runs):

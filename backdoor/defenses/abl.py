@@ -48,6 +48,13 @@ Departures, and why:
 - The original's fine-tuning uses a step schedule (0.01 for 40 epochs, then 0.001); we use the budget's
   cosine schedule. No nesterov momentum (the one trainer's SGD).
 - Ties in the loss are broken by sample index (stable sort).
+
+What the unlearning can do is measured on real photographs (GTSRB, cnn_small, BadNets at 10%: the 251 isolated
+samples are all poisoned; ``benchmarks/abl_unlearning.py``): from the fine-tuned model (C-Acc 0.958, ASR 0.939)
+no learning rate gives a step where the ASR is low and C-Acc kept. After 40 epochs at 1e-4, 0.928 / 0.947; at
+5e-4, 0.941 / 0.928; at 2e-3, 0.895 / 0.894 at epoch 20 and 0.061 / 0.000 at 30; with batch norm frozen in eval
+mode the collapse only comes sooner. The ascent either leaves the backdoor or takes the model with it, so a
+"no effect" or a "target erased" cell for ABL is the method's behaviour here, not an unlearning budget.
 """
 from __future__ import annotations
 

@@ -17,24 +17,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 from backdoor.ray_local import LOOPBACK, LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
-MATRIX = """
-name: tiny
-datasets: [digits]
-models: [cnn_small]
-attacks: {badnets: {}, blended: {alpha: 0.2}}
-defenses: {none: {}, ft: {epochs: 3, lr: 0.05}}
-poison_ratios: [0.1]
-seeds: [0, 1]
-training: {epochs: 3, batch_size: 128, lr: 0.05}
-defense_training: {epochs: 3, batch_size: 256, lr: 0.01, clean_fraction: 0.05}
-"""
+MATRIX = ROOT / "matrices" / "cluster_drill.yaml"  # the tiny grid (name: tiny)
 TASKS = 6  # groups: 2 seeds x (clean reference, badnets, blended); 10 cases
 
 
@@ -57,7 +46,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ray-overhead-") as folder:
         tmp = Path(folder)
-        (tmp / "tiny.yaml").write_text(textwrap.dedent(MATRIX))
+        (tmp / "tiny.yaml").write_text(MATRIX.read_text())
         start = time.perf_counter()
         with LocalCluster(tmp / "nodes", head_cpus=1) as cluster:
             print(f"cluster start (ray start --head, one CPU): {time.perf_counter() - start:.1f} s")

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,17 +21,7 @@ if os.environ.get("BACKDOOR_RAY_TEST") != "required":
 from backdoor.ray_local import LOOPBACK, LocalCluster, command_line  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-MATRIX = """
-name: tiny
-datasets: [digits]
-models: [cnn_small]
-attacks: {badnets: {}, blended: {alpha: 0.2}}
-defenses: {none: {}, ft: {epochs: 3, lr: 0.05}}
-poison_ratios: [0.1]
-seeds: [0, 1]
-training: {epochs: 3, batch_size: 128, lr: 0.05}
-defense_training: {epochs: 3, batch_size: 256, lr: 0.01, clean_fraction: 0.05}
-"""
+MATRIX = ROOT / "matrices" / "cluster_drill.yaml"  # the tiny grid (name: tiny)
 CASES = 10  # 2 seeds x (clean reference + 2 attacks x 2 defenses): 6 groups, so 6 Ray tasks
 METRICS = ("c_acc", "asr", "r_acc", "detection", "undefended", "target_base_rate", "target_acc", "defense_info",
            "effective_ratio")
@@ -76,7 +65,7 @@ def kill_when_a_record_is_in(process, cluster: LocalCluster, records: Path) -> t
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, one_thread):
     tmp = tmp_path_factory.mktemp("ray")
-    (tmp / "tiny.yaml").write_text(textwrap.dedent(MATRIX))
+    (tmp / "tiny.yaml").write_text(MATRIX.read_text())
     serial = subprocess.run(grid_command(tmp, "serial"), capture_output=True, text=True, cwd=ROOT, timeout=RUN_SECONDS,
                             env=ENV)
     assert serial.returncode == 0, serial.stdout + serial.stderr

@@ -27,6 +27,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -55,6 +56,18 @@ def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes (hex), read in blocks."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def memo_file_sha256(path: str | os.PathLike) -> str:
+    """``file_sha256`` memoised per path and stat (size, mtime, ctime, inode): a file changed or replaced under
+    its name is hashed again."""
+    st = os.stat(path)
+    return _memo_sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+@lru_cache(maxsize=64)
+def _memo_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    return file_sha256(path)  # the stat fields are part of the memo key only
 
 
 def say(message: str) -> None:

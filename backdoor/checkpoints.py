@@ -15,7 +15,6 @@ which may run code) is refused with ``CheckpointError`` saying which global it n
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +45,6 @@ CONVERT_HINT = (
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read safely, or does not fit the architecture; the message says why and what to do."""
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def torch_load_safely(path: str | Path, numpy: bool = False):

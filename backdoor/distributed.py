@@ -20,7 +20,6 @@ Ray is imported lazily: the core install works without it, and ``require_ray`` n
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import tempfile
 import traceback

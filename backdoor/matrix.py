@@ -224,7 +224,7 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         for key in ("attacks", "poison_ratios"):
             if key in raw:
                 raise _fail(path, key, f"not used: every model of this matrix is a user model (a checkpoint), which "
-                                       f"no attack trains; give each its trigger as models.<label>.trigger")
+                                       "no attack trains; give each its trigger as models.<label>.trigger")
     attack_entries, training_overrides = _split_attack_training(path, raw.get("attacks", {}))
     attacks = _named_axis(path, "attacks", attack_entries, ATTACKS, glob=True, reserved=frozenset({"target"})) \
         if models else {}
@@ -232,10 +232,8 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
     ratios = _ratios(path, raw["poison_ratios"]) if models else []
     seeds = parse_seeds(raw.get("seeds", [0]), lambda message: _fail(path, "seeds", message))
     target = raw.get("target", 0)
-    if target_problem(target) is not None:
-        raise _fail(path, "target", target_problem(target))
-    for dataset, params in datasets.items():
-        problem = target_problem(target, num_classes_of(dataset, params), dataset)
+    for dataset, params in datasets.items():  # the type first (no class count), then each dataset's classes
+        problem = target_problem(target) or target_problem(target, num_classes_of(dataset, params), dataset)
         if problem is not None:
             raise _fail(path, "target", problem)
     for flag in ("cap_ratio", "reference"):

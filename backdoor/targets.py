@@ -5,6 +5,8 @@ non-target test images (a target image already carries the target label). All-to
 an input of class ``y`` should go to ``(y + 1) mod K``, as in BadNets' all-to-all experiment (Gu et al. 2017,
 section 4.2); no class is the target, so the poisoned test set is the whole test set. In both modes ASR is the
 share of the poisoned test set classified as its attack label and R-Acc the share classified as its true label.
+Clean-label attacks (SIG, LC) cannot relabel, and LF's trigger is a perturbation built towards one class, so
+they refuse all-to-all (their papers are all-to-one).
 """
 from __future__ import annotations
 

@@ -37,10 +37,11 @@ from typing import Any, Callable
 import torch
 
 from backdoor._checks import ParameterError, is_number
-from backdoor.targets import is_all_to_all, target_problem, triggered_test_keep
-from backdoor.checkpoints import (BACKDOORBENCH_ARCHS, CheckpointError, checkpoint_format, file_digest,
+from backdoor.cache import memo_file_sha256
+from backdoor.checkpoints import (BACKDOORBENCH_ARCHS, CheckpointError, checkpoint_format,
                                   map_names, read_backdoorbench, read_state_dict,
                                   safetensors_shapes)
+from backdoor.targets import is_all_to_all, target_problem, triggered_test_keep
 
 KEYS = {
     "checkpoint": "the model's weights: .safetensors, a .pt/.pth state dict, a backdoor export folder, or "
@@ -103,15 +104,9 @@ class UserModel:
         return self.checkpoint / "model.safetensors" if self.format == "export" else self.checkpoint
 
 
-@lru_cache(maxsize=64)
-def _digest(path: str, size: int, mtime: int) -> str:
-    return file_digest(path)
-
-
 def digest(path: str | Path) -> str:
-    """SHA-256 of a file, memoised per path, size and mtime (a replaced file is a new digest)."""
-    stat = Path(path).stat()
-    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
+    """SHA-256 of a file, memoised per path and stat (a replaced file is a new digest)."""
+    return memo_file_sha256(path)
 
 
 @lru_cache(maxsize=2)

@@ -36,16 +36,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import zipfile
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from backdoor._checks import ParameterError, check_int, is_int
-from backdoor.cache import file_sha256
+from backdoor.cache import memo_file_sha256
 from backdoor.data import Dataset, DatasetNotFoundError, Split, register_dataset
 from backdoor.data._files import ROOT_HELP, chunked_channel_stats, resolve_root
 
@@ -268,20 +266,12 @@ def _count_classes(params: dict) -> int | None:
 
 
 # -- cache fingerprint ----------------------------------------------------------------------------------------
-@lru_cache(maxsize=32)
-def _digest(file: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
-    """sha256 of a file; the stat fields are part of the memo key only, so a changed file is hashed again."""
-    return file_sha256(file)
-
-
 def _fingerprint(params: dict) -> dict:
     """What keys cached artifacts beyond the parameters: the file's content digest (None while it is missing)."""
     try:
-        file = _locate(params.get("path"), params.get("root")).resolve()
-        st = os.stat(file)
+        return {"sha256": memo_file_sha256(_locate(params.get("path"), params.get("root")).resolve())}
     except OSError:
         return {"sha256": None}
-    return {"sha256": _digest(str(file), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)}
 
 
 # -- the dataset ----------------------------------------------------------------------------------------------

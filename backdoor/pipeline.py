@@ -74,12 +74,13 @@ class Case:
 @lru_cache(maxsize=None)
 def code_version(module_name: str) -> str:
     """Digest of the source that builds an artifact: the module of a method (or dataset/model), plus its
-    family's shared modules (``base.py``, ``_*.py``, ``__init__.py``) and the trainer. Part of every cache
-    key, so changing a method's code never serves artifacts built by the old code."""
+    family's shared modules (``base.py``, ``_*.py``, ``__init__.py``), the trainer and the target rule
+    (``targets.py``, which relabels poisoned samples). Part of every cache key, so changing a method's code
+    never serves artifacts built by the old code."""
     path = Path(sys.modules[module_name].__file__)
     shared = sorted(p for p in path.parent.glob("*.py") if p.name == "base.py" or p.name.startswith("_"))
     digest = hashlib.sha256()
-    for file in [path, *shared, Path(__file__).with_name("training.py")]:
+    for file in [path, *shared, Path(__file__).with_name("training.py"), Path(__file__).with_name("targets.py")]:
         digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
 

@@ -37,7 +37,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "sse41": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE"},
 }
 #: The band: the calibrated runs' range, widened on each side by the range itself and at least the floor.
-#: Floors: 0.05 (about 17 of the ~350 digits test images) for metrics, 0.02 for differences. Chosen by
+#: Floors: 0.08 (about 28 of digits' 359 test images) for metrics, 0.05 for differences. Chosen by
 #: leave-one-out over the smoke calibration: narrower rules failed held-out runs (see README).
 WIDEN = 1.0
 FLOOR = {"c_acc": 0.08, "asr": 0.08, "r_acc": 0.08, "d_c_acc": 0.05, "d_asr": 0.05, "d_r_acc": 0.05}
@@ -287,10 +287,18 @@ def leave_one_out_coverage(runs: dict[str, list[dict]], skip: set | None = None)
     return out
 
 
+def floors_text() -> str:
+    """The band floors in words, from ``FLOOR`` itself (so the expectations header cannot state other floors)."""
+    by_value: dict[float, list[str]] = {}
+    for metric, floor in FLOOR.items():
+        by_value.setdefault(floor, []).append(metric)
+    return ", ".join(f"{floor:g} for {'/'.join(metrics)}" for floor, metrics in by_value.items())
+
+
 def write_expected(path: Path, bands: dict[str, dict], calibration: dict) -> None:
     header = ("# Calibrated regression bands per case (seed left out of the key) and metric (d_*: the defense's change\n"
               "# of that metric on the same backdoored model): centre = mean of the calibrated values, band = their\n"
-              "# range widened on each side by the range itself (at least 0.05 for metrics, 0.02 for changes),\n"
+              f"# range widened on each side by the range itself (at least {floors_text()}),\n"
               "# n = values (seeds x numerics variants). Written by `backdoor expect MATRIX --calibrate`; never edit by hand.\n")
     body = {"calibration": calibration, "cases": bands}
     text = header + yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=120)

@@ -172,6 +172,9 @@ PAPER_AND_REFERENCE: dict[str, dict[str, tuple]] = {  # (paper, reference, why[,
                                 "matrices pin 10)", 25),
         "epochs_unlearn": ("100", NOT_STATED, f"None: {_DEF}"),
         "lr_unlearn": (NONE, NOT_STATED, f"None: {_DEF}"),
+        "reset_cost_to_zero": (NONE, "False (starts at init_cost)", "True: the NC authors' visualizer "
+                               "(RESET_COST_TO_ZERO = True) starts every class's cost at 0 and sets init_cost "
+                               "after `patience` successful epochs", True),
     },
     "anp": {
         "iterations": ("2000", NOT_STATED, "Table 2 (e_i)"),

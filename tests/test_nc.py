@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from backdoor.cache import ArtifactCache
+from backdoor.data import Split
 from backdoor.defenses import DefenseInputs, create_defense
 from backdoor.defenses.nc import anomaly_index, flag_classes, reverse_triggers, stamp_uint8
 from backdoor.models import create_model
@@ -57,7 +58,6 @@ def test_stamp_blends_mask_and_pattern():
 def test_classes_optimised_together_or_one_per_pass_agree(tmp_path):
     torch.manual_seed(0)
     model = create_model("cnn_small", 4).eval()
-    from backdoor.data import Split
     g = torch.Generator().manual_seed(1)
     clean = Split(torch.randint(0, 256, (24, 3, 16, 16), generator=g, dtype=torch.uint8), torch.arange(24) % 4)
     together = reverse_triggers(model, clean, 4, device=CPU, seed=3, epochs=4, batch_size=8, max_batch=4096)
@@ -66,6 +66,23 @@ def test_classes_optimised_together_or_one_per_pass_agree(tmp_path):
     torch.testing.assert_close(together["patterns"], one_by_one["patterns"], rtol=0, atol=1e-4)
     torch.testing.assert_close(together["l1"], one_by_one["l1"], rtol=1e-4, atol=1e-3)
     assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_cost_starts_at_zero_and_is_set_after_patience_successes():
+    """A model that predicts class 0 for every input: class 0's trigger succeeds from the first epoch, so its cost
+    stays 0 for ``patience - 1`` epochs and is init_cost after ``patience``; every other class never succeeds and
+    stays at 0. Without the reset, every cost starts at init_cost."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([5.0, -5.0, -5.0]))
+    clean = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    split = Split(clean, torch.zeros(16, dtype=torch.long))
+    run = lambda epochs, **kw: reverse_triggers(model, split, 3, device=CPU, seed=0, epochs=epochs, patience=3,  # noqa: E731
+                                                init_cost=1e-3, batch_size=16, early_stop=False, **kw)["cost"]
+    assert run(2).tolist() == [0.0, 0.0, 0.0]
+    assert run(3).tolist() == [1e-3, 0.0, 0.0]
+    assert run(1, reset_cost_to_zero=False).tolist() == [1e-3, 1e-3, 1e-3]
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,12 @@ Ben Y. Zhao, "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neu
 Steps: (1) for every class k, reverse-engineer the smallest trigger that sends clean images to k: a mask
 m_k [1, H, W] and a pattern p_k [C, H, W] in pixel space, ``x' = (1 - m_k) x + m_k p_k``, both through the tanh
 parametrisation ``(tanh(w) / (2 - 1e-7)) + 0.5``; minimise ``CE(f(x'), k) + cost_k * |m_k|_1`` with Adam
-(lr 0.1, betas 0.5/0.9); cost_k adapts per class (starts at ``init_cost``; after ``patience`` epochs with
+(lr 0.1, betas 0.5/0.9); cost_k adapts per class: it starts at 0, as the NC authors' code does
+(``RESET_COST_TO_ZERO = True`` in their visualizer), and is set to ``init_cost`` once the class's trigger has
+reached the success threshold for ``patience`` epochs in a row; from then on, after ``patience`` epochs with
 attack success >= ``threshold`` it is multiplied by ``cost_up``, after ``patience`` epochs below it divided by
-``cost_down``); the smallest-L1 mask whose epoch success reached the threshold is kept; a class stops early once
+``cost_down``. BackdoorBench f02e353 starts at ``init_cost`` instead (``reset_cost_to_zero: false`` here).
+The smallest-L1 mask whose epoch success reached the threshold is kept; a class stops early once
 its cost has moved both ways and its best L1 has not improved by 1% for ``early_stop_patience`` epochs.
 (2) anomaly index of each class = |L1_k - median| / (1.4826 * MAD); a class whose L1 is below the median,
 whose index exceeds ``anomaly_threshold`` and whose trigger reached the success threshold is flagged.
@@ -85,12 +88,17 @@ def flag_classes(l1: torch.Tensor, reached: torch.Tensor, threshold: float = 2.0
 def reverse_triggers(model: nn.Module, clean: Split, num_classes: int, *, device: torch.device, seed: int,
                      epochs: int = 80, init_cost: float = 1e-3, cost_up: float = 2.0, cost_down: float = 2 ** 1.5,
                      patience: int = 5, threshold: float = 0.98, lr: float = 0.1, batch_size: int = 256,
-                     max_batch: int = 2048, early_stop: bool = True, early_stop_patience: int = 25) -> dict:
+                     max_batch: int = 2048, early_stop: bool = True, early_stop_patience: int = 25,
+                     reset_cost_to_zero: bool = True) -> dict:
     """Reverse-engineer one trigger per class, all classes at once.
 
+    With ``reset_cost_to_zero`` (the NC authors' default) every class's cost starts at 0 and is set to
+    ``init_cost`` once its trigger has reached the success threshold for ``patience`` epochs in a row (the
+    up/down counters and their flags start afresh then); without it the cost starts at ``init_cost``.
+
     Returns masks [K, 1, H, W], patterns [K, C, H, W] (best per class; the last one where the threshold was
-    never reached), ``l1`` [K], ``success`` [K] (the epoch success of the kept mask), ``reached`` bool [K] and
-    ``epochs_run``.
+    never reached), ``l1`` [K], ``success`` [K] (the epoch success of the kept mask), ``reached`` bool [K],
+    ``epochs_run`` and ``cost`` [K] (each class's cost after the last epoch).
     """
     model.to(device).eval()
     params_state = [p.requires_grad for p in model.parameters()]
@@ -106,7 +114,8 @@ def reverse_triggers(model: nn.Module, clean: Split, num_classes: int, *, device
     optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9))
 
     x_all = clean.x.to(device)
-    cost = torch.full((K,), init_cost, dtype=torch.float64)
+    cost = torch.full((K,), 0.0 if reset_cost_to_zero else init_cost, dtype=torch.float64)
+    set_count = torch.zeros(K, dtype=torch.long)
     up_count, down_count = torch.zeros(K, dtype=torch.long), torch.zeros(K, dtype=torch.long)
     moved_up, moved_down = torch.zeros(K, dtype=torch.bool), torch.zeros(K, dtype=torch.bool)
     best_l1 = torch.full((K,), math.inf, dtype=torch.float64)
@@ -159,6 +168,14 @@ def reverse_triggers(model: nn.Module, clean: Split, num_classes: int, *, device
         never = active & torch.isinf(best_l1)
         best_mask[never], best_pattern[never] = cur_mask[never], cur_pattern[never]
 
+        # At cost 0, ``patience`` successful epochs set the cost to init_cost and restart the schedule.
+        at_zero = active & (cost == 0) & ok
+        set_count = torch.where(at_zero, set_count + 1, torch.zeros_like(set_count))
+        start = set_count >= patience
+        cost[start] = init_cost
+        set_count[start], up_count[start], down_count[start] = 0, 0, 0
+        moved_up[start], moved_down[start] = False, False
+
         up_count = torch.where(active & ok, up_count + 1, torch.zeros_like(up_count))
         down_count = torch.where(active & ~ok, down_count + 1, torch.zeros_like(down_count))
         go_up, go_down = up_count >= patience, down_count >= patience
@@ -179,7 +196,8 @@ def reverse_triggers(model: nn.Module, clean: Split, num_classes: int, *, device
     reached = torch.isfinite(best_l1)
     l1_final = torch.where(reached, best_l1, best_mask.flatten(1).sum(1).double())
     return {"masks": best_mask, "patterns": best_pattern, "l1": l1_final, "reached": reached,
-            "success": torch.where(reached, best_success, last_success), "epochs_run": epochs_run}
+            "success": torch.where(reached, best_success, last_success), "epochs_run": epochs_run,
+            "cost": cost.clone()}
 
 
 @register_defense("nc")
@@ -192,7 +210,7 @@ class NeuralCleanse(Defense):
                  patience: int = 5, threshold: float = 0.98, lr: float = 0.1, batch_size: int = 256,
                  anomaly_threshold: float = 2.0, unlearn_ratio: float = 0.2, max_batch: int = 2048,
                  early_stop: bool = True, early_stop_patience: int = 25, epochs_unlearn: int | None = None,
-                 lr_unlearn: float | None = None):
+                 lr_unlearn: float | None = None, reset_cost_to_zero: bool = True):
         checks = [("epochs", epochs >= 1, ">= 1"), ("init_cost", init_cost > 0, "> 0"),
                   ("cost_up", cost_up > 1, "> 1"), ("cost_down", cost_down > 1, "> 1"),
                   ("patience", patience >= 1, ">= 1"), ("early_stop_patience", early_stop_patience >= 1, ">= 1"),
@@ -210,13 +228,15 @@ class NeuralCleanse(Defense):
         self.anomaly_threshold, self.unlearn_ratio, self.max_batch = anomaly_threshold, unlearn_ratio, max_batch
         self.early_stop, self.early_stop_patience = early_stop, early_stop_patience
         self.epochs_unlearn, self.lr_unlearn = epochs_unlearn, lr_unlearn
+        self.reset_cost_to_zero = reset_cost_to_zero
 
     def detect(self, model: nn.Module, clean: Split, num_classes: int, device: torch.device, seed: int) -> dict:
         rev = reverse_triggers(model, clean, num_classes, device=device, seed=seed, epochs=self.epochs,
                                init_cost=self.init_cost, cost_up=self.cost_up, cost_down=self.cost_down,
                                patience=self.patience, threshold=self.threshold, lr=self.lr,
                                batch_size=self.batch_size, max_batch=self.max_batch, early_stop=self.early_stop,
-                               early_stop_patience=self.early_stop_patience)
+                               early_stop_patience=self.early_stop_patience,
+                               reset_cost_to_zero=self.reset_cost_to_zero)
         rev["anomaly_index"] = anomaly_index(rev["l1"])
         rev["flagged"] = flag_classes(rev["l1"], rev["reached"], self.anomaly_threshold)
         return rev

@@ -43,8 +43,13 @@ WIDEN = 1.0
 FLOOR = {"c_acc": 0.08, "asr": 0.08, "r_acc": 0.08, "d_c_acc": 0.05, "d_asr": 0.05, "d_r_acc": 0.05}
 #: A band wider than this says the metric is chaotic at the budget: check a claim (or nothing) instead.
 CHAOTIC_WIDTH = {"c_acc": 0.2, "asr": 0.25, "r_acc": 0.25, "d_c_acc": 0.15, "d_asr": 0.25, "d_r_acc": 0.25}
-CLAIM = re.compile(r"^\s*(<=|>=|<|>)\s*(-?[0-9]*\.?[0-9]+)\s*$")
-OPERATORS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+CLAIM = re.compile(r"^\s*(<=|>=|==|!=|<|>)\s*(-?[0-9]*\.?[0-9]+)\s*$")
+OPERATORS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt,
+             ">": operator.gt}
+#: A record figure a claim may name besides the metrics: what a defense detected (``detection.tpr``) or reported
+#: (``defense_info.most_anomalous_class``). Such figures are claims only (never calibrated into bands): they state
+#: what the method's mechanism must produce, which a defense that does nothing never does.
+FIELD = re.compile(r"^(detection|defense_info)\.[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class RegressionError(ValueError):
@@ -69,6 +74,14 @@ class Regression:
 
     checks: tuple[tuple[str, dict[str, Check]], ...] = ()
     calibrate: dict[str, list[int]] = field(default_factory=lambda: {"native": [0, 1, 2]})
+
+    def field_checks(self, attack: str, defense: str) -> dict[str, Check]:
+        """Claims on record figures (``detection.*``, ``defense_info.*``) for one attack/defense; later entries win."""
+        found: dict[str, Check] = {}
+        for pattern, metrics in self.checks:
+            if fnmatch.fnmatchcase(f"{attack}/{defense}", pattern):
+                found.update({name: check for name, check in metrics.items() if FIELD.match(name)})
+        return {name: check for name, check in found.items() if check.kind == "claim"}
 
     def check_for(self, attack: str, defense: str, metric: str) -> Check:
         """The check of one metric: the last ``checks`` entry whose ``attack/defense`` pattern matches, else band."""
@@ -115,9 +128,13 @@ def parse_regression(path: Path, raw: Any) -> Regression:
             raise RegressionError(f"{path}: {key}: expected metric -> check, got {metrics!r}")
         parsed = {}
         for metric, check in metrics.items():
-            if metric not in ALL_METRICS:
-                raise RegressionError(f"{path}: {key}: {metric!r} is not a metric; allowed: {', '.join(ALL_METRICS)}")
+            if metric not in ALL_METRICS and not (isinstance(metric, str) and FIELD.match(metric)):
+                raise RegressionError(f"{path}: {key}: {metric!r} is not a metric; allowed: {', '.join(ALL_METRICS)}, "
+                                      "or a record figure detection.<name> / defense_info.<name> (claims only)")
             parsed[metric] = _parse_check(path, f"{key}.{metric}", check)
+            if metric not in ALL_METRICS and parsed[metric].kind == "band":
+                raise RegressionError(f"{path}: {key}.{metric}: a record figure is checked by a claim such as "
+                                      "'>= 0.5' or '== 0' (or off), never by a band")
         checks.append((pattern, parsed))
     return Regression(tuple(checks), {v: list(s) for v, s in calibrate.items()})
 
@@ -129,7 +146,8 @@ def _parse_check(path: Path, key: str, check: Any) -> Check:
         return BAND
     if isinstance(check, str) and CLAIM.match(check):
         return Check("claim", " ".join(CLAIM.match(check).groups()))
-    raise RegressionError(f"{path}: {key}: {check!r} is not allowed; expected band, off, or a claim such as '<= 0.3'")
+    raise RegressionError(f"{path}: {key}: {check!r} is not allowed; expected band, off, or a claim such as '<= 0.3' "
+                          "(operators <=, >=, <, >, ==, !=)")
 
 
 def case_key(case_id: str) -> str:
@@ -198,7 +216,22 @@ def drift(record: dict, expected: dict | None, regression: Regression, bands: bo
         elif got is None or not band["low"] <= got <= band["high"]:
             problems.append(f"{metric} = {_fmt(got)} outside its band [{band['low']}, {band['high']}] "
                             f"(centre {band['centre']}, n {band['n']})")
+    for name, check in regression.field_checks(record["attack"], record["defense"]).items():
+        got = record_figure(record, name)
+        op, bound = check.claim.split()
+        if got is None or not OPERATORS[op](got, float(bound)):
+            problems.append(f"{name} = {_fmt(got)} breaks the claim {name} {check.claim}")
     return problems
+
+
+def record_figure(record: dict, name: str) -> float | None:
+    """A record figure named ``detection.<name>`` or ``defense_info.<name>`` as a number (bools as 0/1); None
+    when absent or not a number."""
+    section, key = name.split(".", 1)
+    value = (record.get(section) or {}).get(key)
+    if isinstance(value, bool):
+        return float(value)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def metric_values(record: dict) -> dict[str, float | None]:

@@ -1,0 +1,94 @@
+"""Regression checks: claims on metrics and on record figures, the expectations header, and the CI grid's coverage:
+every attacked cell of the smoke matrix checks its ASR (or the defense's change of it) by a band no wider than
+0.25, or by stated claims that a method doing nothing breaks."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from backdoor.expectations import (CHAOTIC_WIDTH, FLOOR, RegressionError, case_key, drift, load_expected,
+                                   parse_regression, write_expected)
+from backdoor.matrix import load_matrix
+from backdoor.pipeline import CLEAN
+
+SMOKE = Path(__file__).resolve().parent.parent / "matrices" / "smoke.yaml"
+ASR_CHECKS = ("asr", "d_asr")
+
+
+def _record(**fields) -> dict:
+    return {"attack": "badnets", "defense": "nc", "status": "ok", "c_acc": 0.9, "asr": 0.5, "r_acc": 0.4, **fields}
+
+
+def test_a_claim_on_a_record_figure_holds_or_names_the_figure():
+    regression = parse_regression(Path("m.yaml"), {"checks": {"badnets/nc": {"defense_info.most_anomalous_class": "== 0",
+                                                                             "detection.tpr": ">= 0.5"}}})
+    assert drift(_record(defense_info={"most_anomalous_class": 0}, detection={"tpr": 0.75}), None, regression,
+                 bands=False) == []
+    problems = drift(_record(defense_info={}, detection={"tpr": 0.25}), None, regression, bands=False)
+    assert problems == ["defense_info.most_anomalous_class = None breaks the claim defense_info.most_anomalous_class == 0",
+                        "detection.tpr = 0.2500 breaks the claim detection.tpr >= 0.5"]
+    # Another attack/defense pair is not concerned; a bool figure counts as 0/1.
+    assert drift(_record(attack="blended"), None, regression, bands=False) == []
+    flag = parse_regression(Path("m.yaml"), {"checks": {"*/nc": {"defense_info.detected": "== 1"}}})
+    assert drift(_record(defense_info={"detected": True}), None, flag, bands=False) == []
+    assert drift(_record(defense_info={"detected": False}), None, flag, bands=False) != []
+
+
+@pytest.mark.parametrize("checks, message", [
+    ({"badnets/nc": {"defense_info.x": "band"}}, "never by a band"),
+    ({"badnets/nc": {"test.asr": "<= 0.1"}}, "is not a metric"),
+    ({"badnets/nc": {"asr": "=< 0.1"}}, "operators"),
+])
+def test_bad_claims_are_refused_naming_the_key(checks, message):
+    with pytest.raises(RegressionError, match=message):
+        parse_regression(Path("m.yaml"), {"checks": checks})
+
+
+def test_expectations_header_states_the_floors_in_force(tmp_path):
+    path = tmp_path / "x.expected.yaml"
+    write_expected(path, {}, {})
+    header = path.read_text().split("calibration:")[0]
+    for metric, floor in FLOOR.items():
+        assert f"{floor:g} for" in header and metric in header
+
+
+def _do_nothing_record(case, expected: dict) -> dict:
+    """What a method that does nothing would record in this cell: a defense that returns the backdoored model
+    (every metric as before the defense, nothing flagged, no figures), or an attack whose trigger changes nothing
+    (ASR at the clean model's base rate, about 0 for digits)."""
+    none = {m: expected[case_key(case.case_id.rsplit("-", 1)[0] + "-none")][m]["centre"]
+            for m in ("c_acc", "asr", "r_acc")}
+    if case.defense == "none":
+        return {"attack": case.attack, "defense": "none", "status": "ok", **none, "asr": 0.0, "r_acc": none["c_acc"]}
+    return {"attack": case.attack, "defense": case.defense, "status": "ok", **none, "undefended": dict(none),
+            "detection": {"flagged": 0, "tpr": 0.0, "fpr": 0.0}, "defense_info": {}}
+
+
+def _banded_width(regression, expected: dict, case, metric: str) -> float | None:
+    band = expected.get(case_key(case.case_id), {}).get(metric)
+    if regression.check_for(case.attack, case.defense, metric).kind != "band" or band is None:
+        return None
+    return band["high"] - band["low"]
+
+
+def test_every_attacked_smoke_cell_checks_its_asr_or_a_claim_that_doing_nothing_breaks():
+    matrix = load_matrix(SMOKE, check_data=False)
+    expected = load_expected(matrix.expected_path)
+    unchecked = []
+    for case in matrix.cases():
+        if case.attack == CLEAN:
+            continue
+        widths = [_banded_width(matrix.regression, expected, case, m) for m in ASR_CHECKS]
+        if any(w is not None and w <= CHAOTIC_WIDTH[m] for w, m in zip(widths, ASR_CHECKS)):
+            continue
+        claims = drift(_do_nothing_record(case, expected), None, matrix.regression, bands=False)
+        if not claims:
+            unchecked.append(f"{case.attack}/{case.defense} (ASR band widths {widths})")
+    assert not unchecked, f"{len(unchecked)} cells check neither ASR by a narrow band nor a claim that doing " \
+                          f"nothing breaks: {', '.join(unchecked)}"
+
+
+def test_the_smoke_expectations_cover_every_case():
+    matrix = load_matrix(SMOKE, check_data=False)
+    expected = yaml.safe_load(matrix.expected_path.read_text())["cases"]
+    assert {case_key(c.case_id) for c in matrix.cases()} == set(expected)

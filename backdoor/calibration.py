@@ -5,19 +5,27 @@ Each variant runs as its own pytest process with that variant's environment vari
 PyTorch loads, so a process cannot switch) and its own results folder ``<results>/_calibration/<variant>/``.
 They share the cache: its keys carry the CPU kernels in use. Reruns reuse both, so an interrupted calibration
 resumes where it stopped.
+
+``--cells PATTERN`` recalibrates only the cells an ``attack/defense`` wildcard selects (after a change to one
+method, say): only their cases run, their bands are replaced, and every other cell keeps its band, with the
+calibration that wrote it kept in the file's ``calibration.earlier``.
 """
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+import yaml
+
 from backdoor.expectations import (ALL_METRICS, FLOOR, VARIANTS, WIDEN, calibrate_bands, case_key,
-                                   chaotic, leave_one_out_coverage, write_expected)
+                                   chaotic, leave_one_out_coverage, load_expected, write_expected)
 from backdoor.launch import grid_command
 from backdoor.matrix import Matrix
 from backdoor.results import RECORDS, read_records
@@ -41,9 +49,21 @@ def run_variant(matrix: Matrix, variant: str, seeds: list[int], results_root: Pa
     return subprocess.call(command, env=env)
 
 
-def collect_runs(matrix: Matrix, plan: dict[str, list[int]], results_root: Path) -> dict[str, list[dict]]:
+def selected_cases(matrix: Matrix, cells: str | None) -> list:
+    """The matrix's cases whose ``attack/defense`` matches ``cells`` (all of them when None)."""
+    return [c for c in matrix.cases() if cells is None or fnmatch.fnmatchcase(f"{c.attack}/{c.defense}", cells)]
+
+
+def selection_args(cases: list, seeds: list[int]) -> list[str]:
+    """pytest's ``-k`` selecting exactly these cases at these seeds (case ids are unique in a matrix)."""
+    ids = sorted({re.sub(r"-s\d+-(?=[^-]+$)", f"-s{seed}-", c.case_id) for c in cases for seed in seeds})
+    return ["-k", " or ".join(ids)]
+
+
+def collect_runs(matrix: Matrix, plan: dict[str, list[int]], results_root: Path,
+                 cells: str | None = None) -> dict[str, list[dict]]:
     """Records of every (variant, seed) run of the plan, keyed ``"variant/s<seed>"``; missing ones are absent."""
-    wanted = {case_key(c.case_id) for c in matrix.cases()}
+    wanted = {case_key(c.case_id) for c in selected_cases(matrix, cells)}
     runs: dict[str, list[dict]] = {}
     for variant, seeds in plan.items():
         folder = variant_results(results_root, variant) / matrix.name
@@ -56,10 +76,16 @@ def collect_runs(matrix: Matrix, plan: dict[str, list[int]], results_root: Path)
 
 
 def calibrate(matrix: Matrix, results_root: Path, cache_root: Path, workers: int,
-              run: bool = True, command: str = "", only: list[str] | None = None) -> dict:
-    """Run (unless ``run`` is false; only the variants in ``only`` when given) and aggregate the calibration plan
-    of ``matrix``; write its expectations file. Returns a summary: runs, chaotic bands and leave-one-out coverage."""
+              run: bool = True, command: str = "", only: list[str] | None = None, cells: str | None = None) -> dict:
+    """Run (unless ``run`` is false; only the variants in ``only`` when given; only the cells ``cells`` selects)
+    and aggregate the calibration plan of ``matrix``; write its expectations file. Returns a summary: runs,
+    chaotic bands and leave-one-out coverage."""
     plan = matrix.regression.calibrate
+    cases = selected_cases(matrix, cells)
+    if not cases:
+        raise RuntimeError(f"--cells {cells}: no attack/defense of {matrix.path} matches")
+    if cells is not None and not (matrix.expected_path and matrix.expected_path.exists()):
+        raise RuntimeError(f"--cells {cells}: {matrix.expected_path} does not exist yet: calibrate every cell first")
     unknown = sorted(set(only or ()) - set(plan))
     if unknown:
         raise RuntimeError(f"--only {', '.join(unknown)}: not in the plan's variants ({', '.join(plan)})")
@@ -67,15 +93,16 @@ def calibrate(matrix: Matrix, results_root: Path, cache_root: Path, workers: int
         for variant, seeds in plan.items():
             if only and variant not in only:
                 continue
-            code = run_variant(matrix, variant, seeds, results_root, cache_root, workers)
+            extra = selection_args(cases, seeds) if cells is not None else ()
+            code = run_variant(matrix, variant, seeds, results_root, cache_root, workers, extra)
             if code not in (0, 1):  # 1: some case failed; its siblings still count, and it is reported below
                 raise RuntimeError(f"calibration run {variant} stopped with pytest exit code {code}")
-    runs = collect_runs(matrix, plan, results_root)
+    runs = collect_runs(matrix, plan, results_root, cells)
     expected_runs = [f"{v}/s{s}" for v, seeds in plan.items() for s in seeds]
     missing = [name for name in expected_runs if name not in runs]
     if missing:
         raise RuntimeError(f"no records for calibration run(s) {', '.join(missing)}: run without --no-run first")
-    keys = {case_key(c.case_id) for c in matrix.cases()}
+    keys = {case_key(c.case_id) for c in cases}
     incomplete = sorted(name for name, rs in runs.items() if {case_key(r["case_id"]) for r in rs} != keys)
     if incomplete:
         raise RuntimeError(f"calibration run(s) {', '.join(incomplete)} lack some cases of {matrix.path}; rerun them")
@@ -89,8 +116,22 @@ def calibrate(matrix: Matrix, results_root: Path, cache_root: Path, workers: int
         "leave_one_out_coverage": leave_one_out_coverage(runs, skip=not_banded(matrix, bands)),
         "chaotic": [f"{key} {metric} width {width}" for key, metric, width in chaotic(bands)],
     }
+    if cells is not None:
+        bands, summary = _keep_other_cells(matrix, bands, summary, cells)
     write_expected(matrix.expected_path, bands, summary)
     return summary
+
+
+def _keep_other_cells(matrix: Matrix, bands: dict, summary: dict, cells: str) -> tuple[dict, dict]:
+    """A partial calibration's bands and summary merged into the existing file: the other cells keep their bands
+    (in the matrix's case order) and their chaotic entries; the calibration that wrote them moves to ``earlier``."""
+    existing = load_expected(matrix.expected_path)
+    previous = (yaml.safe_load(matrix.expected_path.read_text()) or {}).get("calibration") or {}
+    ordered = [case_key(c.case_id) for c in matrix.cases()]
+    merged = {key: bands.get(key, existing.get(key)) for key in ordered if key in bands or key in existing}
+    earlier = [{k: v for k, v in previous.items() if k not in ("earlier", "chaotic")}, *previous.get("earlier", [])]
+    kept_chaotic = [line for line in previous.get("chaotic", []) if line.split()[0] not in bands]
+    return merged, {**summary, "cells": cells, "chaotic": kept_chaotic + summary["chaotic"], "earlier": earlier}
 
 
 def not_banded(matrix: Matrix, bands: dict[str, dict]) -> set[tuple[str, str]]:

@@ -6,8 +6,8 @@ PyTorch loads, so a process cannot switch) and its own results folder ``<results
 They share the cache: its keys carry the CPU kernels in use. Reruns reuse both, so an interrupted calibration
 resumes where it stopped.
 
-``--cells PATTERN`` recalibrates only the cells an ``attack/defense`` wildcard selects (after a change to one
-method, say): only their cases run, their bands are replaced, and every other cell keeps its band, with the
+``--cells PATTERN`` (repeatable) recalibrates only the cells its ``attack/defense`` wildcards select (after a
+change to one method, or for a cell that drifted on a new machine): only their cases run, their bands are replaced, and every other cell keeps its band, with the
 calibration that wrote it kept in the file's ``calibration.earlier``.
 """
 from __future__ import annotations
@@ -49,9 +49,10 @@ def run_variant(matrix: Matrix, variant: str, seeds: list[int], results_root: Pa
     return subprocess.call(command, env=env)
 
 
-def selected_cases(matrix: Matrix, cells: str | None) -> list:
-    """The matrix's cases whose ``attack/defense`` matches ``cells`` (all of them when None)."""
-    return [c for c in matrix.cases() if cells is None or fnmatch.fnmatchcase(f"{c.attack}/{c.defense}", cells)]
+def selected_cases(matrix: Matrix, cells: list[str] | None) -> list:
+    """The matrix's cases whose ``attack/defense`` matches one of ``cells`` (all of them when None)."""
+    return [c for c in matrix.cases()
+            if cells is None or any(fnmatch.fnmatchcase(f"{c.attack}/{c.defense}", p) for p in cells)]
 
 
 def selection_args(cases: list, seeds: list[int]) -> list[str]:
@@ -61,7 +62,7 @@ def selection_args(cases: list, seeds: list[int]) -> list[str]:
 
 
 def collect_runs(matrix: Matrix, plan: dict[str, list[int]], results_root: Path,
-                 cells: str | None = None) -> dict[str, list[dict]]:
+                 cells: list[str] | None = None) -> dict[str, list[dict]]:
     """Records of every (variant, seed) run of the plan, keyed ``"variant/s<seed>"``; missing ones are absent."""
     wanted = {case_key(c.case_id) for c in selected_cases(matrix, cells)}
     runs: dict[str, list[dict]] = {}
@@ -76,16 +77,17 @@ def collect_runs(matrix: Matrix, plan: dict[str, list[int]], results_root: Path,
 
 
 def calibrate(matrix: Matrix, results_root: Path, cache_root: Path, workers: int,
-              run: bool = True, command: str = "", only: list[str] | None = None, cells: str | None = None) -> dict:
+              run: bool = True, command: str = "", only: list[str] | None = None,
+              cells: list[str] | None = None) -> dict:
     """Run (unless ``run`` is false; only the variants in ``only`` when given; only the cells ``cells`` selects)
     and aggregate the calibration plan of ``matrix``; write its expectations file. Returns a summary: runs,
     chaotic bands and leave-one-out coverage."""
     plan = matrix.regression.calibrate
     cases = selected_cases(matrix, cells)
     if not cases:
-        raise RuntimeError(f"--cells {cells}: no attack/defense of {matrix.path} matches")
+        raise RuntimeError(f"--cells {' '.join(cells or ())}: no attack/defense of {matrix.path} matches")
     if cells is not None and not (matrix.expected_path and matrix.expected_path.exists()):
-        raise RuntimeError(f"--cells {cells}: {matrix.expected_path} does not exist yet: calibrate every cell first")
+        raise RuntimeError(f"--cells: {matrix.expected_path} does not exist yet: calibrate every cell first")
     unknown = sorted(set(only or ()) - set(plan))
     if unknown:
         raise RuntimeError(f"--only {', '.join(unknown)}: not in the plan's variants ({', '.join(plan)})")
@@ -122,7 +124,7 @@ def calibrate(matrix: Matrix, results_root: Path, cache_root: Path, workers: int
     return summary
 
 
-def _keep_other_cells(matrix: Matrix, bands: dict, summary: dict, cells: str) -> tuple[dict, dict]:
+def _keep_other_cells(matrix: Matrix, bands: dict, summary: dict, cells: list[str]) -> tuple[dict, dict]:
     """A partial calibration's bands and summary merged into the existing file: the other cells keep their bands
     (in the matrix's case order) and their chaotic entries; the calibration that wrote them moves to ``earlier``."""
     existing = load_expected(matrix.expected_path)

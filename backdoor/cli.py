@@ -102,7 +102,7 @@ def cmd_expect(args: argparse.Namespace) -> int:
               f"`backdoor expect {args.matrix} --calibrate` (runs the plan in the matrix's regression.calibrate: "
               f"{matrix.regression.calibrate})", file=sys.stderr)
         return 4
-    command = f"backdoor expect {args.matrix} --calibrate" + (f" --cells '{args.cells}'" if args.cells else "")
+    command = f"backdoor expect {args.matrix} --calibrate" + "".join(f" --cells '{c}'" for c in args.cells or ())
     try:
         summary = calibrate(matrix, Path(args.results_dir).resolve(), Path(args.cache_dir).resolve(), args.workers,
                             run=not args.no_run, command=command, only=args.only, cells=args.cells)
@@ -228,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     expect.add_argument("--no-run", action="store_true", help="only aggregate the calibration runs already recorded")
     expect.add_argument("--only", action="append", metavar="VARIANT",
                         help="run only this variant of the plan (repeatable), then aggregate every recorded run")
-    expect.add_argument("--cells", metavar="ATTACK/DEFENSE",
-                        help="recalibrate only the cells this wildcard selects (e.g. '*/nc' after a change to NC); "
+    expect.add_argument("--cells", metavar="ATTACK/DEFENSE", action="append",
+                        help="recalibrate only the cells this wildcard selects (repeatable) (e.g. '*/nc' after a change to NC); "
                              "every other cell keeps its band and the calibration that wrote it")
     expect.add_argument("-n", "--workers", type=int, default=2, help="pytest-xdist workers per run (default 2)")
     expect.add_argument("--results-dir", default=os.environ.get("BACKDOOR_RESULTS", "results"),

@@ -92,3 +92,28 @@ def test_the_smoke_expectations_cover_every_case():
     matrix = load_matrix(SMOKE, check_data=False)
     expected = yaml.safe_load(matrix.expected_path.read_text())["cases"]
     assert {case_key(c.case_id) for c in matrix.cases()} == set(expected)
+
+
+def test_a_partial_calibration_selects_its_cells_at_every_seed_and_keeps_the_other_bands(tmp_path):
+    from backdoor.calibration import _keep_other_cells, selected_cases, selection_args
+
+    for name in ("smoke.yaml", "smoke.expected.yaml"):
+        (tmp_path / name).write_text((SMOKE.parent / name).read_text())
+    matrix = load_matrix(tmp_path / "smoke.yaml", check_data=False)
+    cases = selected_cases(matrix, ["*/nc", "lf/dbd"])
+    assert sorted({(c.attack, c.defense) for c in cases}) == sorted(
+        [(a, "nc") for a in matrix.attacks] + [("lf", "dbd")])
+    flag, expression = selection_args(cases, [0, 2])
+    ids = expression.split(" or ")
+    assert flag == "-k" and len(ids) == 2 * len(cases)
+    assert "digits-cnn_small-lf-p0.1-s2-dbd" in ids and not any("-s1-" in i for i in ids)
+
+    before = load_expected(matrix.expected_path)
+    new = {case_key(c.case_id): {"asr": {"centre": 0.5, "low": 0.4, "high": 0.6, "n": 2}} for c in cases}
+    previous = yaml.safe_load(matrix.expected_path.read_text())["calibration"]
+    merged, summary = _keep_other_cells(matrix, new, {"runs": ["native/s0"], "chaotic": []}, ["*/nc", "lf/dbd"])
+    assert list(merged) == [case_key(c.case_id) for c in matrix.cases()]  # the matrix's order, nothing lost
+    for key, entry in merged.items():
+        assert entry == (new[key] if key in new else before[key])
+    assert summary["cells"] == ["*/nc", "lf/dbd"] and summary["earlier"][0]["runs"] == previous["runs"]
+    assert not any(line.split()[0] in new for line in summary["chaotic"])

@@ -45,5 +45,5 @@ def test_pipeline_hands_data_side_defenses_no_mask():
 
     from backdoor.pipeline import Runner
 
-    source = inspect.getsource(Runner.defend)
-    assert "poisoned.split" in source and "poisoned.mask" not in source.split("DefenseInputs(")[1].split(")")[0]
+    handed = inspect.getsource(Runner.defend).split("poisoned_train = ")[1].splitlines()[0]
+    assert "poisoned.split" in handed and "mask" not in handed

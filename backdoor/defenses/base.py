@@ -4,14 +4,15 @@ Model-repair defenses get the backdoored model and the defender's clean subset; 
 the poisoned training set (images and labels, without its mask). Both can build fresh models of the same
 architecture (``new_model``) and train them (``fit``).
 
-The threat model holds by construction of the values, not only of the field names: ``DefenseInputs`` has no
-field for the test sets, the poison mask or the attack's target, and its two callables are small frozen objects
-that hold plain values, not closures: ``ModelRecipe`` the architecture's name, parameters, class count,
-normalisation and init seed; ``FitOnDevice`` the device. So nothing a defense is given refers to the case, its
-data, the attack or the runner. ``Runner.defense_inputs`` builds them; tests/test_threat_model.py checks it with
-a spy defense that walks everything reachable from its inputs (attributes, closures, globals, containers).
-What no object graph can stop, importing the data loaders or the pipeline, the same file's AST test forbids to
-the defense modules.
+How the threat model is enforced. ``DefenseInputs`` has no field for the test sets, the poison mask or the
+attack's target, and ``Runner.defense_inputs`` (the one place the pipeline builds it) fills its two callables
+with small frozen objects that hold plain values, not closures: ``ModelRecipe`` the architecture's name,
+parameters, class count, normalisation and init seed; ``FitOnDevice`` the device. So no object a defense is
+given refers to the case, its data, the attack or the runner: tests/test_threat_model.py runs a spy defense
+through the pipeline that walks everything reachable from its inputs (attributes, closure cells, ``__self__``,
+globals, containers) and finds none of them. Python cannot stop code from importing: through any function's
+globals, as through an import, a defense reaches the library's modules and could load a dataset itself; that
+the same file's AST test forbids to the defense modules (no data loader, pipeline, cache or attack imports).
 """
 from __future__ import annotations
 

@@ -24,8 +24,9 @@ from backdoor.attacks import Attack, AttackContext, PoisonedSet, create_attack
 from backdoor.cache import ArtifactCache, module_to_tensors, tensors_with_prefix
 from backdoor.data import DATASETS, Dataset, Split, dataset_from_tensors, dataset_to_tensors, load_dataset
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
+from backdoor.defenses.base import FitOnDevice, ModelRecipe
 from backdoor.metrics import backdoor_metrics, detection_metrics, target_class_figures
-from backdoor.models import MODELS, Classifier, create_model
+from backdoor.models import MODELS, Classifier
 from backdoor.progress import log
 from backdoor.targets import Target, attack_labels, target_problem
 from backdoor.training import TrainConfig, fit, predict
@@ -200,10 +201,15 @@ class Runner:
         tensors, meta = self._cached(log_, "dataset", "dataset", self.dataset_spec(case), build)
         return dataset_from_tensors(tensors, meta)
 
-    def new_model(self, case: Case, data: Dataset) -> Classifier:
+    @staticmethod
+    def model_recipe(case: Case, data: Dataset) -> ModelRecipe:
+        """The case's architecture as plain values: its model and parameters, the dataset's class count, the
+        normalisation (the dataset's, or a user model's own) and the init seed."""
         mean, std = (data.mean, data.std) if case.user_model is None else user_models.normalization(case.user_model, data)
-        return create_model(case.model, data.num_classes, mean, std, seed=derive_seed(case.seed, "init"),
-                            **case.model_params)
+        return ModelRecipe(case.model, data.num_classes, mean, std, derive_seed(case.seed, "init"), case.model_params)
+
+    def new_model(self, case: Case, data: Dataset) -> Classifier:
+        return self.model_recipe(case, data)()
 
     def train_config(self, case: Case, data: Dataset) -> TrainConfig:
         return case.training.with_(hflip=case.training.hflip and data.hflip)
@@ -301,6 +307,22 @@ class Runner:
         n = max(1, int(round(case.clean_fraction * len(data.train))))
         return data.train.subset(torch.randperm(len(data.train), generator=g)[:n].sort().values)
 
+    def defense_inputs(self, case: Case, data: Dataset, model: Classifier,
+                       poisoned_train: Split | None) -> DefenseInputs:
+        """What a defense of ``case`` is given: a private copy of ``model``, the defender's clean subset, the
+        budgets, ``new_model`` and ``fit`` as plain-value objects (``ModelRecipe``, ``FitOnDevice``) and, for a
+        data-side defense, ``poisoned_train``. Nothing in it refers to the case, its test sets, the poison mask
+        or this runner (tests/test_threat_model.py walks it)."""
+        private = self.new_model(case, data).to(self.device).eval()
+        private.load_state_dict(model.state_dict())
+        return DefenseInputs(
+            model=private, clean=self.defender_clean_subset(case, data), num_classes=data.num_classes,
+            device=self.device, seed=derive_seed(case.seed, "defense"),
+            training=case.defense_training.with_(hflip=case.defense_training.hflip and data.hflip),
+            retraining=self.train_config(case, data), new_model=self.model_recipe(case, data),
+            fit=FitOnDevice(self.device), poisoned_train=poisoned_train,
+        )
+
     def defend(self, case: Case, model: Classifier, data: Dataset, poisoned: PoisonedSet | None, upstream: dict,
                log_: StageLog) -> tuple[Classifier, dict]:
         defense = create_defense(case.defense, **case.defense_params)
@@ -310,18 +332,10 @@ class Runner:
             return None, {"defense_params": defense.params(), "defense_kind": defense.kind, "info": {},
                           "not_applicable": "a data-side defense needs the poisoned training set: give the user "
                                             "model's poisoned_train"}
-        train_config = self.train_config(case, data)
+        poisoned_train = poisoned.split if defense.kind == "data_side" and poisoned is not None else None
 
         def build():
-            inputs = DefenseInputs(
-                model=self.new_model(case, data).to(self.device).eval(), clean=self.defender_clean_subset(case, data),
-                num_classes=data.num_classes, device=self.device, seed=derive_seed(case.seed, "defense"),
-                training=case.defense_training.with_(hflip=case.defense_training.hflip and data.hflip),
-                retraining=train_config, new_model=lambda: self.new_model(case, data),
-                fit=lambda m, split, config, **kw: fit(m, split, config, device=self.device, **kw),
-                poisoned_train=poisoned.split if defense.kind == "data_side" and poisoned is not None else None,
-            )
-            inputs.model.load_state_dict(model.state_dict())
+            inputs = self.defense_inputs(case, data, model, poisoned_train)
             try:
                 outcome = defense.run(inputs)
             except NotApplicable as reason:

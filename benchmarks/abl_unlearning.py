@@ -18,10 +18,9 @@ import time
 import torch
 
 from backdoor.cache import ArtifactCache
-from backdoor.defenses import DefenseInputs
 from backdoor.defenses.abl import AntiBackdoorLearning, ascent_loss
 from backdoor.matrix import load_matrix
-from backdoor.pipeline import Runner, StageLog, derive_seed
+from backdoor.pipeline import Runner, StageLog
 from backdoor.training import fit
 
 MARKS = (1, 2, 4, 8, 12, 20, 30, 40)
@@ -54,13 +53,8 @@ def main() -> None:
     data = runner.dataset(case, log_)
     attack = runner.attack(case, data, log_)
     poisoned = runner.poisoned(case, attack, data, log_, runner.attack_spec(case, attack))
-    retraining = runner.train_config(case, data)
-    inputs = DefenseInputs(
-        model=runner.new_model(case, data).eval(), clean=runner.defender_clean_subset(case, data),
-        num_classes=data.num_classes, device=runner.device, seed=derive_seed(case.seed, "defense"),
-        training=case.defense_training, retraining=retraining, new_model=lambda: runner.new_model(case, data),
-        fit=lambda m, split, config, **kw: fit(m, split, config, device=runner.device, **kw),
-        poisoned_train=poisoned.split)
+    # ABL trains from scratch: the model it is handed (here an untrained one) is not used.
+    inputs = runner.defense_inputs(case, data, runner.new_model(case, data), poisoned.split)
 
     started = time.perf_counter()
     abl = AntiBackdoorLearning(**case.defense_params)
@@ -75,7 +69,7 @@ def main() -> None:
 
     print(f"before unlearning: {scores(before.model)}")
     isolated = poisoned.split.subset(torch.nonzero(before.flagged).flatten())
-    budget = retraining.with_(lr=abl.lr)
+    budget = inputs.retraining.with_(lr=abl.lr)
     variants = [(lr, False) for lr in args.lrs] + ([(lr, True) for lr in args.lrs] if args.frozen_bn else [])
     for lr, frozen in variants:
         model = copy.deepcopy(before.model)

@@ -1,11 +1,32 @@
-"""A defense can reach only what its threat model grants: never the test sets, the poison mask or the target."""
+"""A defense can reach only what its threat model grants: never the test sets, the poison mask or the target.
+
+Two guards: the defense modules' source names nothing that reaches test data (an AST check), and a spy defense,
+run through the real pipeline, walks everything reachable from what it is given and finds none of the case's
+objects.
+"""
 import ast
+import collections
 import dataclasses
+import functools
+import inspect
+import json
+import types
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from backdoor.defenses import DEFENSES, DefenseInputs
+from backdoor import pipeline, training
+from backdoor.attacks import Attack, AttackContext, PoisonedSet
+from backdoor.cache import ArtifactCache
+from backdoor.data import Dataset, Split
+from backdoor.defenses import DEFENSES, Defense, DefenseInputs, DefenseOutcome
+from backdoor.matrix import load_matrix
+from backdoor.models import create_model
+from backdoor.pipeline import Case, Runner, StageLog, derive_seed
+from backdoor.training import TrainConfig
+from backdoor.user_models import UserModel
 
 GRANTED = {"model", "clean", "num_classes", "device", "seed", "training", "retraining", "new_model", "fit",
            "poisoned_train"}
@@ -41,9 +62,247 @@ def test_defense_module_cannot_reach_test_data_or_masks(name):
 
 
 def test_pipeline_hands_data_side_defenses_no_mask():
-    import inspect
+    handed = inspect.getsource(Runner.defend).split("poisoned_train = ")[1].splitlines()[0]
+    assert "poisoned.split" in handed and "mask" not in handed
 
-    from backdoor.pipeline import Runner
 
-    source = inspect.getsource(Runner.defend)
-    assert "poisoned.split" in source and "poisoned.mask" not in source.split("DefenseInputs(")[1].split(")")[0]
+# -- the spy: everything reachable from what a defense is given ------------------------------------------------
+
+MAX_DEPTH = 100  # far beyond the walk's real depth (asserted: nothing is left unexpanded at the bound)
+# Objects tied to the case: none may be reachable from a defense's inputs.
+CASE_TYPES = (Case, Runner, StageLog, ArtifactCache, Dataset, Attack, AttackContext, PoisonedSet, UserModel)
+
+
+class MarkedTarget(int):
+    """A target class that is one object of its own, so that reaching it is told apart from any other 1."""
+
+
+TARGET = MarkedTarget(1)
+
+
+def is_library_code(obj) -> bool:
+    """A function or class of the library: its globals or class attributes are walked. Third-party code's are
+    not (it holds nothing the pipeline built), which keeps the walk to the library's own namespaces."""
+    return (getattr(obj, "__module__", None) or "").startswith("backdoor")
+
+
+def cell_contents(function: types.FunctionType) -> list:
+    contents = []
+    for cell in function.__closure__ or ():
+        try:
+            contents.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    return contents
+
+
+def callable_links(obj) -> list:
+    """What a function, method or other callable wrapper holds: closure cells, defaults, globals, ``__self__``."""
+    if isinstance(obj, types.FunctionType):
+        return [*cell_contents(obj), obj.__defaults__, obj.__kwdefaults__,
+                *([obj.__globals__] if is_library_code(obj) else [])]
+    if isinstance(obj, types.MethodType):
+        return [obj.__self__, obj.__func__]
+    if isinstance(obj, (types.BuiltinMethodType, types.MethodWrapperType)):
+        return [obj.__self__]
+    if isinstance(obj, functools.partial):
+        return [obj.func, obj.args, obj.keywords]
+    if isinstance(obj, property):
+        return [obj.fget, obj.fset, obj.fdel]
+    if isinstance(obj, (staticmethod, classmethod)):
+        return [obj.__func__]
+    if isinstance(obj, functools.cached_property):
+        return [obj.func]
+    return []
+
+
+def attributes(obj) -> list:
+    """The instance's ``__dict__`` and ``__slots__`` values."""
+    values = [obj.__dict__] if isinstance(getattr(obj, "__dict__", None), dict) else []
+    for klass in type(obj).__mro__:
+        slots = getattr(klass, "__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
+                values.append(getattr(obj, slot))
+    return values
+
+
+def links(obj) -> list:
+    """Everything one step from ``obj``. A module is a leaf: through it everything is reachable, as through an
+    import, which the AST test above polices."""
+    if isinstance(obj, types.ModuleType):
+        return []
+    out = callable_links(obj)
+    if isinstance(obj, (dict, types.MappingProxyType)):
+        out += [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
+        out += list(obj)
+    if isinstance(obj, type):  # a class: its own and its library bases' attributes
+        return out + [vars(k) for k in obj.__mro__ if is_library_code(k)] if is_library_code(obj) else out
+    out += attributes(obj)
+    if is_library_code(type(obj)):
+        out.append(type(obj))
+    return out
+
+
+def reachable(root) -> dict[int, object]:
+    """Every object reachable from ``root`` (by id), breadth first so each is expanded at its least depth."""
+    seen, queue, cut = {id(root): root}, collections.deque([(root, 0)]), []
+    while queue:
+        obj, depth = queue.popleft()
+        if depth == MAX_DEPTH:
+            cut.append(obj)
+            continue
+        for child in links(obj):
+            if child is not None and id(child) not in seen:
+                seen[id(child)] = child
+                queue.append((child, depth + 1))
+    assert not cut, f"the walk stopped at depth {MAX_DEPTH} with {len(cut)} objects unexpanded"
+    return seen
+
+
+class Spy(Defense):
+    """A data-side defense that calls what it is given (a fresh model, one epoch of ``fit``) and then walks
+    everything reachable from its inputs."""
+
+    name = "spy"
+    kind = "data_side"
+
+    def __init__(self):
+        self.reached: dict[int, object] = {}
+        self.inputs: DefenseInputs | None = None
+        self.fresh: dict[str, torch.Tensor] = {}
+
+    def run(self, inputs: DefenseInputs) -> DefenseOutcome:
+        fresh = inputs.new_model()
+        self.fresh = {k: v.clone() for k, v in fresh.state_dict().items()}
+        inputs.fit(fresh, inputs.clean, inputs.training.with_(epochs=1), seed=inputs.seed, desc="spy")
+        self.inputs, self.reached = inputs, reachable(inputs)
+        return DefenseOutcome(model=inputs.model)
+
+
+class RepairSpy(Spy):
+    """The same spy as a model-repair defense: it must not get even the poisoned training set."""
+
+    name = "repair_spy"
+    kind = "model_repair"
+
+
+class WatchedRunner(Runner):
+    """The real runner, keeping the case's objects that a defense must not reach: the dataset (its test split),
+    the attack and its poisoned test set, the poisoned training set (its mask), a user model's triggered test
+    images."""
+
+    def __init__(self, cache: ArtifactCache):
+        super().__init__(cache)
+        self.kept: list = []
+
+    def attack(self, case, data, log_):
+        attack = super().attack(case, data, log_)
+        self.kept += [attack, attack.poison_test(data.test)]
+        return attack
+
+    def user_inputs(self, case, data, log_):
+        model, poisoned, triggered, upstream = super().user_inputs(case, data, log_)
+        self.kept += [case.user_model, triggered]
+        return model, poisoned, triggered, upstream
+
+    def defend(self, case, model, data, poisoned, upstream, log_):
+        self.kept += [case, data, poisoned]
+        return super().defend(case, model, data, poisoned, upstream, log_)
+
+    def forbidden_tensors(self) -> list[torch.Tensor]:
+        """The test images and labels (clean, poisoned, triggered) and the poison mask."""
+        tensors = []
+        for obj in self.kept:
+            if isinstance(obj, Dataset):
+                tensors += [obj.test.x, obj.test.y]
+            elif isinstance(obj, Split):
+                tensors += [obj.x, obj.y]
+            elif isinstance(obj, PoisonedSet) and obj.mask is not None:
+                tensors.append(obj.mask)
+        return tensors
+
+
+def storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def case_objects_reached(spy: Spy, runner: WatchedRunner) -> list[str]:
+    """What the spy reached of the case: its objects by type, its test tensors and mask by storage (so a view
+    of them counts), the target by identity."""
+    forbidden = {storage(t) for t in runner.forbidden_tensors() if t.numel()}
+    found = [type(obj).__name__ for obj in spy.reached.values() if isinstance(obj, CASE_TYPES)]
+    found += [f"tensor {tuple(obj.shape)}" for obj in spy.reached.values()
+              if isinstance(obj, torch.Tensor) and obj.numel() and storage(obj) in forbidden]
+    found += ["the target"] * any(obj is TARGET for obj in spy.reached.values())
+    return found
+
+
+@pytest.fixture
+def spies(monkeypatch) -> dict[str, Spy]:
+    """The pipeline creates the spies for the defense names ``spy`` and ``repair_spy`` (the registry is left as it
+    is); returns them by name once made."""
+    made, create = {}, pipeline.create_defense
+
+    def create_or_spy(name: str, **params):
+        if name in (Spy.name, RepairSpy.name):
+            made[name] = {Spy.name: Spy, RepairSpy.name: RepairSpy}[name]()
+            return made[name]
+        return create(name, **params)
+
+    monkeypatch.setattr(pipeline, "create_defense", create_or_spy)
+    return made
+
+
+TINY = dict(matrix="threat", dataset="digits", model="cnn_small", seed=3, ratio=0.1, target=TARGET,
+            model_params={"width": 8}, training=TrainConfig(epochs=1, batch_size=128, lr=0.05),
+            defense_training=TrainConfig(epochs=1, batch_size=256, lr=0.01))
+
+
+def user_model_case(folder: Path) -> Case:
+    """A pure-defense case: a user's checkpoint with its own normalisation, triggered test images and a poisoned
+    training set with its mask (the files are random images: only what reaches the defense matters)."""
+    g = torch.Generator().manual_seed(0)
+    model = create_model("cnn_small", 10, seed=0, width=8)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    images = lambda n: torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)  # noqa: E731
+    labels = lambda n: torch.randint(0, 10, (n,), generator=g)  # noqa: E731
+    save_file({"x": images(40), "y": labels(40)}, str(folder / "triggered.safetensors"))
+    save_file({"x": images(300), "y": labels(300), "mask": torch.arange(300) < 30}, str(folder / "train.safetensors"))
+    (folder / "user.yaml").write_text(json.dumps({
+        "name": "threat-user", "datasets": ["digits"], "defenses": ["none"], "seeds": [3],
+        "models": {"mine": {"checkpoint": "model.safetensors", "arch": "cnn_small", "arch_params": {"width": 8},
+                            "normalize": {"mean": [0.25], "std": [0.5]}, "target": 1,
+                            "trigger": {"images": "triggered.safetensors"}, "poisoned_train": "train.safetensors"}},
+        "training": {"epochs": 1, "batch_size": 128, "lr": 0.05},
+        "defense_training": {"epochs": 1, "batch_size": 256, "lr": 0.01, "clean_fraction": 0.05}}))
+    return load_matrix(folder / "user.yaml").cases()[0]
+
+
+def fresh_model_expected(case: Case, mean, std) -> dict[str, torch.Tensor]:
+    """The case's untrained model as the grid defines it: its architecture and parameters, the init seed."""
+    model = create_model(case.model, 10, mean, std, seed=derive_seed(case.seed, "init"), **case.model_params)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("kind", ["badnets", "clean", "user", "repair"])
+def test_a_spy_defense_reaches_nothing_of_the_case(kind, spies, tmp_path):
+    if kind == "user":
+        case = dataclasses.replace(user_model_case(tmp_path), defense=Spy.name)
+        mean, std = (0.25,) * 3, (0.5,) * 3
+    else:
+        case = Case(attack="clean" if kind == "clean" else "badnets",
+                    defense=RepairSpy.name if kind == "repair" else Spy.name, **TINY)
+        mean, std = (0.3057,) * 3, (0.3237,) * 3  # digits' statistics
+    runner = WatchedRunner(ArtifactCache(tmp_path / "cache"))
+    record = runner.run(case)
+    spy = spies[case.defense]
+    assert record["status"] == "ok" and spy.reached, "the spy ran inside the pipeline"
+    assert (spy.inputs.poisoned_train is None) == (kind == "repair")
+    # The walk went through the callables' code: it reached the trainer and the model factory they call.
+    assert {id(training.fit), id(create_model)} <= spy.reached.keys()
+    reached = case_objects_reached(spy, runner)
+    assert not reached, f"the defense reaches the case's {dict(collections.Counter(reached))}"
+    expected = fresh_model_expected(case, mean, std)
+    assert spy.fresh.keys() == expected.keys() and all(torch.equal(spy.fresh[k], expected[k]) for k in expected)

@@ -1,9 +1,18 @@
 """What every defense is given and what it returns.
 
-The threat model is enforced by construction: ``DefenseInputs`` has no field for the test sets, the poison
-mask or the attack's target, so a defense cannot reach them. Model-repair defenses get the backdoored model
-and the defender's clean subset; data-side defenses also get the poisoned training set (images and labels,
-without its mask) and can build and train fresh models of the same architecture.
+Model-repair defenses get the backdoored model and the defender's clean subset; data-side defenses also get
+the poisoned training set (images and labels, without its mask). Both can build fresh models of the same
+architecture (``new_model``) and train them (``fit``).
+
+How the threat model is enforced. ``DefenseInputs`` has no field for the test sets, the poison mask or the
+attack's target, and ``Runner.defense_inputs`` (the one place the pipeline builds it) fills its two callables
+with small frozen objects that hold plain values, not closures: ``ModelRecipe`` the architecture's name,
+parameters, class count, normalisation and init seed; ``FitOnDevice`` the device. So no object a defense is
+given refers to the case, its data, the attack or the runner: tests/test_threat_model.py runs a spy defense
+through the pipeline that walks everything reachable from its inputs (attributes, closure cells, ``__self__``,
+globals, containers) and finds none of them. Python cannot stop code from importing: through any function's
+globals, as through an import, a defense reaches the library's modules and could load a dataset itself; that
+the same file's AST test forbids to the defense modules (no data loader, pipeline, cache or attack imports).
 """
 from __future__ import annotations
 
@@ -16,13 +25,48 @@ from torch import nn
 
 from backdoor._registry import Method
 from backdoor.data import Split
-from backdoor.training import TrainConfig
+from backdoor.models import Classifier, create_model
+from backdoor.training import TrainConfig, fit
 
 KINDS = ("none", "model_repair", "data_side")
 
 
 class NotApplicable(Exception):
     """Raised by a defense that does not apply to the given model (e.g. ANP without batch norm)."""
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """A fresh, untrained model of one architecture: calling it builds the registered model ``arch`` with
+    ``params`` for ``num_classes`` classes, normalising with ``mean``/``std``, its initial weights drawn from
+    ``seed`` (the same weights at every call). It holds only these values (``params`` a private copy)."""
+
+    arch: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    seed: int
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(self.mean))
+        object.__setattr__(self, "std", tuple(self.std))
+        # A copy: changing it must not change the case's parameters (part of its cache keys).
+        object.__setattr__(self, "params", copy.deepcopy(dict(self.params)))
+
+    def __call__(self) -> Classifier:
+        return create_model(self.arch, self.num_classes, self.mean, self.std, seed=self.seed, **self.params)
+
+
+@dataclass(frozen=True)
+class FitOnDevice:
+    """``backdoor.training.fit`` bound to ``device``, the one value it holds: ``fit(model, split, config,
+    seed=..., ...)`` takes every other argument of ``fit``."""
+
+    device: torch.device
+
+    def __call__(self, model: nn.Module, data: Split, config: TrainConfig, **kwargs) -> dict:
+        return fit(model, data, config, device=self.device, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -34,8 +78,8 @@ class DefenseInputs:
     seed: int
     training: TrainConfig  # the defense budget (paper: batch 256, lr 0.01, cosine, 100 epochs)
     retraining: TrainConfig  # the attack's training budget, for defenses that retrain from scratch
-    new_model: Callable[[], nn.Module]  # a fresh, untrained model of the same architecture
-    fit: Callable[..., dict]  # backdoor.training.fit bound to device: fit(model, split, config, seed=..., ...)
+    new_model: Callable[[], nn.Module]  # a fresh, untrained model of the same architecture (a ModelRecipe)
+    fit: Callable[..., dict]  # training.fit bound to device (a FitOnDevice): fit(model, split, config, seed=..., ...)
     poisoned_train: Split | None = None  # data-side defenses only: images and labels, no mask
 
 

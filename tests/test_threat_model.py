@@ -96,11 +96,18 @@ def cell_contents(function: types.FunctionType) -> list:
     return contents
 
 
+def module_namespace(module_globals: dict) -> dict:
+    """A module's own names, without the import machinery's (``__loader__``, ``__spec__``, ``__builtins__``):
+    under pytest the loader is its assertion-rewriting hook, through which the whole session (every collected
+    grid case) is reachable, which no defense is handed."""
+    return {k: v for k, v in module_globals.items() if not (k.startswith("__") and k.endswith("__"))}
+
+
 def callable_links(obj) -> list:
     """What a function, method or other callable wrapper holds: closure cells, defaults, globals, ``__self__``."""
     if isinstance(obj, types.FunctionType):
         return [*cell_contents(obj), obj.__defaults__, obj.__kwdefaults__,
-                *([obj.__globals__] if is_library_code(obj) else [])]
+                *([module_namespace(obj.__globals__)] if is_library_code(obj) else [])]
     if isinstance(obj, types.MethodType):
         return [obj.__self__, obj.__func__]
     if isinstance(obj, (types.BuiltinMethodType, types.MethodWrapperType)):

@@ -214,8 +214,12 @@ def cmd_mutate(args: argparse.Namespace) -> int:
     def progress_line(r) -> None:
         print(f"  {r.method}/{r.mutant}: {r.caught_by} ({r.seconds:.0f} s)", file=sys.stderr, flush=True)
 
-    results = run_jobs(jobs, root, workers=args.workers, timeout=args.timeout or DEFAULT_TIMEOUT,
-                       on_result=progress_line)
+    try:
+        results = run_jobs(jobs, root, workers=args.workers, timeout=args.timeout or DEFAULT_TIMEOUT,
+                           on_result=progress_line)
+    except RuntimeError as e:  # not a git checkout
+        print(f"backdoor mutate: {e}", file=sys.stderr)
+        return 4
     print(markdown_table(results), end="")
     if args.out:
         write_report(results, Path(args.out))

@@ -105,8 +105,12 @@ def repo_root() -> Path:
 
 def checkout_files(root: Path) -> list[str]:
     """Tracked and untracked, not ignored, files of the checkout, relative to ``root``."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, check=True,
-                            capture_output=True).stdout.decode()
+    try:
+        listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, check=True,
+                                capture_output=True).stdout.decode()
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise RuntimeError(f"mutants run in copies of a git checkout; {root} is not one (or git is missing): "
+                           f"{getattr(e, 'stderr', b'').decode(errors='replace').strip() or e}") from None
     return sorted({name for name in listed.split("\0") if name})
 
 
@@ -190,7 +194,9 @@ def run_tests(target: Target, copy: Path, scratch: Path, timeout: float) -> tupl
 
 def child_environment(copy: Path, scratch: Path) -> dict[str, str]:
     """This process's environment with the copy first on the path and the cache and results in ``scratch``."""
-    env = dict(os.environ)
+    # A runner started inside a pytest-xdist worker (the suite's own mutation test) must not pass on the
+    # worker's identity: the children are standalone pytest runs.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST") and k != "PYTEST_CURRENT_TEST"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(copy), env.get("PYTHONPATH", "")) if p)
     env["BACKDOOR_CACHE"] = str(scratch / "cache")
     env["BACKDOOR_RESULTS"] = str(scratch / "results")

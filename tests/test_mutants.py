@@ -93,6 +93,11 @@ def test_checkout_files_are_tracked_and_untracked_but_not_ignored(toy_repo):
     assert checkout_files(toy_repo) == [".gitignore", "test_empty.py", "test_toy.py", "toy.py"]
 
 
+def test_a_folder_outside_git_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="git checkout"):
+        checkout_files(tmp_path)
+
+
 def test_a_mutant_a_test_fails_on_is_caught_by_that_test(toy_repo, no_autoload):
     result = run_job(toy_job("\n    return 2 * x", "\n    return 3 * x"), toy_repo, timeout=120)
     assert (result.status, result.detail) == (CAUGHT, "test_toy.py::test_three")

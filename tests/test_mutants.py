@@ -3,8 +3,6 @@
 do-nothing mutant of every method is caught by its tests (the CI mutation run)."""
 import json
 import subprocess
-import textwrap
-from pathlib import Path
 
 import pytest
 

@@ -1,5 +1,5 @@
 """The ``backdoor`` command: run a matrix (through pytest), list the registries, render leaderboards,
-refresh regression expectations, and print speed benchmarks."""
+refresh regression expectations, print speed benchmarks, and run the methods' mutants against their tests."""
 from __future__ import annotations
 
 import argparse
@@ -196,6 +196,37 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mutate(args: argparse.Namespace) -> int:
+    """Apply each selected mutant to a copy of the checkout and run its method's tests; table of verdicts."""
+    from backdoor._registry import UnknownNameError
+    from backdoor.mutate import (DEFAULT_TIMEOUT, exit_status, markdown_table, registered_methods, repo_root,
+                                 run_jobs, select_jobs, write_report)
+
+    root = repo_root()
+    try:
+        jobs = select_jobs(registered_methods(args.methods), root, args.mutant, args.do_nothing_only)
+    except (UnknownNameError, ValueError) as e:
+        print(f"backdoor mutate: {e}", file=sys.stderr)
+        return 4
+    print(f"backdoor mutate: {len(jobs)} mutant(s) of {len({j.target.method for j in jobs})} method(s), "
+          f"{args.workers} at a time, in copies of {root}", file=sys.stderr, flush=True)
+
+    def progress_line(r) -> None:
+        print(f"  {r.method}/{r.mutant}: {r.caught_by} ({r.seconds:.0f} s)", file=sys.stderr, flush=True)
+
+    try:
+        results = run_jobs(jobs, root, workers=args.workers, timeout=args.timeout or DEFAULT_TIMEOUT,
+                           on_result=progress_line)
+    except RuntimeError as e:  # not a git checkout
+        print(f"backdoor mutate: {e}", file=sys.stderr)
+        return 4
+    print(markdown_table(results), end="")
+    if args.out:
+        write_report(results, Path(args.out))
+        print(f"backdoor mutate: wrote {args.out}", file=sys.stderr)
+    return exit_status(results)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backdoor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--check", metavar="FILE", help="exit 1, naming the difference, if FILE's block between "
                        "<!-- parameters:start --> and <!-- parameters:end --> is not the generated table")
     where.add_argument("--write", metavar="FILE", help="rewrite FILE's block with the generated table")
+    mutate = sub.add_parser("mutate", help="apply each method's mutants (deliberately broken versions) to a copy of "
+                                           "the checkout and run its tests: every mutant must be caught",
+                            epilog="Exit status 1 when a mutant survived (its tests all passed) or errored (did "
+                                   "not apply, did not import, collection error, timeout).")
+    mutate.add_argument("methods", nargs="*", metavar="METHOD",
+                        help="attack or defense names (default: every registered one but none)")
+    mutate.add_argument("--mutant", action="append", metavar="NAME", help="only this mutant (repeatable)")
+    mutate.add_argument("--do-nothing-only", action="store_true", help="only the family's do-nothing mutant")
+    mutate.add_argument("-n", "--workers", type=int, default=1, help="mutants run at once (default 1)")
+    mutate.add_argument("--out", metavar="FILE", help="also write the table: markdown, or JSON if FILE ends in .json")
+    mutate.add_argument("--timeout", type=float, default=None,
+                        help="seconds per mutant before it is an ERROR (default 1800)")
     add_analysis_commands(sub)
     return parser
 
@@ -285,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args, extra)
     args = parser.parse_args(argv)
     handlers = {"list": cmd_list, "leaderboard": cmd_leaderboard, "expect": cmd_expect, "bench": cmd_bench,
-                "params": cmd_params, "export": cmd_export}
+                "params": cmd_params, "export": cmd_export, "mutate": cmd_mutate}
     if args.command not in handlers:
         return args.func(args)
     return handlers[args.command](args)

@@ -1,4 +1,5 @@
-"""ANP: the masked/perturbed batch norm computes what the paper says; on a BadNets model the masks fall on the
+"""ANP: the defense zeroes the batch-norm weight of exactly the channels its learned masks put below the threshold;
+the masked/perturbed batch norm computes what the paper says; on a BadNets model the masks fall on the
 channels the trigger drives and pruning zeroes those below 0.2; models without batch norm are n/a."""
 import copy
 
@@ -15,6 +16,27 @@ from backdoor.pipeline import Case, Runner, StageLog
 from backdoor.training import TrainConfig, fit
 
 CPU = torch.device("cpu")
+
+
+def test_run_prunes_exactly_the_channels_whose_masks_fall_below_the_threshold():
+    """The masks the defense learns are ``optimize_masks``' with its seed and budget; with the threshold at
+    their median, the channels below it (and only they) get a zero batch-norm weight, the rest keep theirs."""
+    model = create_model("cnn_small", 10, seed=0)
+    g = torch.Generator().manual_seed(0)
+    clean = Split(torch.randint(0, 256, (32, 3, 16, 16), generator=g, dtype=torch.uint8), torch.arange(32) % 10)
+    inputs = _inputs(copy.deepcopy(model), clean)
+    masks = optimize_masks(copy.deepcopy(model), clean, device=CPU, seed=inputs.seed, iterations=5, batch_size=16,
+                           crop_padding=inputs.training.crop_padding, hflip=inputs.training.hflip)
+    threshold = float(torch.cat(list(masks.values())).median())
+    below = {name: m < threshold for name, m in masks.items()}
+    count = sum(int(b.sum()) for b in below.values())
+    assert 0 < count < 112
+    outcome = create_defense("anp", iterations=5, batch_size=16, threshold=threshold).run(inputs)
+    assert outcome.info["pruned_channels"] == count and outcome.info["total_channels"] == 112
+    original = dict(roles.batchnorm_layers(model))
+    for name, bn in roles.batchnorm_layers(outcome.model):
+        expected = torch.where(below[name], 0.0, original[name].weight.detach())
+        assert torch.equal(bn.weight.detach(), expected), name
 
 
 def test_masked_and_perturbed_batch_norm_on_known_values():

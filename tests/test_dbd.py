@@ -1,4 +1,5 @@
-"""DBD: NT-Xent, SCE and sharpening on known answers; the batched SimCLR views are seeded, in range and reduce to
+"""DBD: the defense trains one fresh model in three stages (SimCLR on its backbone, the head alone, MixMatch on
+the lowest-SCE half as labelled data); NT-Xent, SCE and sharpening on known answers; the batched SimCLR views are seeded, in range and reduce to
 the identity / a flip when switched off; the frozen warm-up changes only the head; after a few epochs of
 SimCLR the warm-up puts most BadNets samples in the high-loss (unlabelled) half, while the same warm-up on an
 untrained backbone learns the trigger and keeps them labelled; the whole defense runs end to end."""
@@ -11,6 +12,7 @@ import torch
 
 from backdoor.attacks import create_attack
 from backdoor.data import load_dataset
+from backdoor.defenses._data_side import per_sample_loss
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
 from backdoor.defenses.dbd import _MixMatchHooks, nt_xent, sharpen, simclr_view, symmetric_cross_entropy
 from backdoor.metrics import detection_metrics
@@ -18,6 +20,38 @@ from backdoor.models import Classifier, create_model, roles
 from backdoor.training import TrainConfig, fit
 
 CPU = torch.device("cpu")
+
+
+def test_run_pretrains_the_backbone_warms_up_the_head_and_keeps_the_lowest_loss_half_labelled():
+    """Recorded: 1. SimCLR trains a network around the fresh model's backbone (every parameter but the head's);
+    2. the warm-up trains the head alone; 3. MixMatch trains the model with the lowest-SCE half (under the
+    warmed-up model) as its labelled data. The model is what comes back; scores are the SCE losses."""
+    data = load_dataset("synthetic", num_classes=4, train_size=64, test_size=8, image_size=16)
+    calls = []
+
+    def recording_fit(m, split, config, **kw):
+        calls.append({"model": m, "split": split, "config": config, "snapshot": copy.deepcopy(m), **kw})
+        return fit(m, split, config, device=CPU, **kw)
+
+    inputs = dataclasses.replace(_inputs(data, data.train), fit=recording_fit)
+    dbd = create_defense("dbd", simclr_epochs=1, simclr_batch_size=32, warmup_epochs=1, mixmatch_epochs=1,
+                         mixmatch_batch_size=16)
+    outcome = dbd.run(inputs)
+    simclr, warmup, mixmatch = calls
+    model = outcome.model
+    head = {id(p) for p in roles.head(model).parameters()}
+    backbone = {id(p) for p in model.parameters()} - head
+    assert simclr["model"].classifier is model and simclr["config"].epochs == 1
+    trained = {id(p) for p in simclr["params"]}
+    assert backbone <= trained and not head & trained  # the backbone (and the projector), never the head
+    assert warmup["model"] is model and {id(p) for p in warmup["params"]} == head
+    assert mixmatch["model"] is model and mixmatch.get("params") is None
+    losses = per_sample_loss(mixmatch["snapshot"], data.train, device=CPU,
+                             loss=lambda logits, y: symmetric_cross_entropy(logits, y, 0.1, 1.0))
+    torch.testing.assert_close(outcome.scores, losses)
+    labelled = ~outcome.flagged
+    assert int(labelled.sum()) == 32 and losses[labelled].max() <= losses[~labelled].min()
+    assert torch.equal(mixmatch["split"].x, data.train.x[labelled])
 
 
 def test_nt_xent_known_value():

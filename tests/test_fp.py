@@ -1,19 +1,80 @@
-"""FP: the channel silencer is exact on every registered model; the search keeps a copy under the accuracy
-limit (one more channel would break it); the pruning survives fine-tuning and the state-dict round trip."""
+"""FP: on a hand-built model whose backdoor channel is dormant on clean data, FP prunes exactly that channel and
+the backdoor is gone; the channel silencer is exact on every registered model; the search keeps a copy under
+the accuracy limit (one more channel would break it); the pruning survives fine-tuning and the state-dict round
+trip."""
 import copy
 
 import pytest
 import torch
+from torch import nn
 
 from backdoor.cache import ArtifactCache
-from backdoor.defenses import create_defense
+from backdoor.data import Split
+from backdoor.defenses import DefenseInputs, create_defense
 from backdoor.defenses.base import split_validation
 from backdoor.defenses.fp import ChannelSilencer, accuracy, mean_channel_activation, prune_search
-from backdoor.models import MODELS, create_model, roles
+from backdoor.models import MODELS, Classifier, LayerRoles, create_model, roles
 from backdoor.pipeline import Case, Runner, StageLog
-from backdoor.training import TrainConfig
+from backdoor.training import TrainConfig, fit, predict
 
 CPU = torch.device("cpu")
+
+
+def dormant_backdoor_model() -> Classifier:
+    """1x1 conv -> ReLU (the last block) -> mean pool -> linear. Channel 0 = R - G votes class 0, channel 1 =
+    G - R votes class 1, channel 2 = 4B - 2 fires only where blue is above 0.5 (the trigger) and votes class 0
+    ten times harder: clean images have no blue, so it is the least active channel on clean data. A third
+    class, at a constant logit of 1, takes the images whose class channel is silenced."""
+    net = nn.Sequential()
+    net.add_module("conv", nn.Conv2d(3, 3, 1))
+    net.add_module("relu", nn.ReLU())
+    net.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    net.add_module("flat", nn.Flatten())
+    net.add_module("fc", nn.Linear(3, 3))
+    with torch.no_grad():
+        net.conv.weight.copy_(torch.tensor([[1.0, -1, 0], [-1, 1, 0], [0, 0, 4]])[:, :, None, None])
+        net.conv.bias.copy_(torch.tensor([0.0, 0, -2]))
+        net.fc.weight.copy_(torch.tensor([[10.0, 0, 100], [0, 10, 0], [0, 0, 0]]))
+        net.fc.bias.copy_(torch.tensor([0.0, 0, 1]))
+    return Classifier(net, (0.0,) * 3, (1.0,) * 3, LayerRoles(("conv", "conv", "conv"), "relu", "fc"), arch="toy")
+
+
+def red_green_images(n: int = 40) -> Split:
+    """Class 0 reddish, class 1 greenish, no blue; 4x4."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 2
+    x = torch.zeros(n, 3, 4, 4)
+    x[:, :2] = 0.2 + 0.1 * torch.rand(n, 2, 4, 4, generator=g)
+    x[y == 0, 0] += 0.5
+    x[y == 1, 1] += 0.5
+    return Split((x * 255).round().to(torch.uint8), y)
+
+
+def with_trigger(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[:, 2, -2:, -2:] = 255
+    return x
+
+
+def test_fp_prunes_exactly_the_dormant_backdoor_channel():
+    """Pruning channel 2 keeps validation accuracy at 1; pruning either class channel next loses that class's
+    validation images (accuracy below 0.9 of 1), so the search stops after one channel. With no fine-tuning the
+    returned model is that pruning."""
+    model, clean = dormant_backdoor_model(), red_green_images()
+    triggered = with_trigger(clean.x[clean.y == 1])
+    assert torch.equal(predict(model, clean.x, device=CPU), clean.y)
+    assert (predict(model, triggered, device=CPU) == 0).all()  # the backdoor works
+    budget = TrainConfig(epochs=1, batch_size=64, crop_padding=0, hflip=False)
+    inputs = DefenseInputs(model=model, clean=clean, num_classes=3, device=CPU, seed=0, training=budget,
+                           retraining=budget, new_model=dormant_backdoor_model,
+                           fit=lambda m, split, config, **kw: fit(m, split, config, device=CPU, **kw))
+    outcome = create_defense("fp", epochs=0).run(inputs)
+    assert outcome.info["pruned_channel_ids"] == [2] and outcome.info["total_channels"] == 3
+    assert outcome.info["val_acc_before"] == outcome.info["val_acc_pruned"] == 1.0
+    assert outcome.info["val_acc_next"] < 0.9  # one class's images all go to class 2
+    assert (predict(outcome.model, triggered, device=CPU) == 1).all()  # the backdoor is gone
+    assert torch.equal(predict(outcome.model, clean.x, device=CPU), clean.y)
+    assert torch.equal(outcome.model.net.fc.weight[:, 2], torch.zeros(3))
 
 
 def _logits_with_block_offset(model, x, channels, offset):

@@ -1,9 +1,11 @@
-"""NAD: attention maps and losses on hand-made maps; the three losses are non-zero between a backdoored student
+"""NAD: the defense fine-tunes a teacher copy and trains the model itself on CE plus the weighted attention losses
+against it; attention maps and losses on hand-made maps; the three losses are non-zero between a backdoored student
 and its fine-tuned teacher at the start of training, and distillation shrinks them; 1x1 maps are refused."""
 import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from backdoor.cache import ArtifactCache
 from backdoor.data import Split
@@ -14,6 +16,33 @@ from backdoor.pipeline import Case, Runner, StageLog
 from backdoor.training import TrainConfig, cross_entropy_loss, fit
 
 CPU = torch.device("cpu")
+
+
+def test_run_distils_a_fine_tuned_teacher_copy_into_the_model_itself():
+    """Recorded: the first training is a copy of the backdoored model (the teacher, teacher budget, plain CE);
+    the second is the model itself (the student, its own epochs and lr), whose objective is CE plus
+    sum_i beta_i * AT_i against the trained teacher; the student is what comes back."""
+    model = create_model("cnn_small", 10, seed=0)
+    g = torch.Generator().manual_seed(0)
+    clean = Split(torch.randint(0, 256, (16, 3, 16, 16), generator=g, dtype=torch.uint8), torch.arange(16) % 10)
+    calls = []
+    nad = create_defense("nad", betas=[1.0, 2.0, 3.0], teacher_epochs=2, epochs=1, lr=0.01)
+    outcome = nad.run(_inputs(model, clean, calls, epochs=3))
+    teacher_call, student_call = calls
+    teacher, student = teacher_call["model"], student_call["snapshot"].eval()
+    assert teacher is not model and student_call["model"] is model and outcome.model is model
+    assert teacher_call["loss_fn"] is None and teacher_call["config"].epochs == 2
+    assert (student_call["config"].epochs, student_call["config"].lr) == (1, 0.01)
+    start = teacher_call["snapshot"].state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())  # a copy of the model
+    assert any(not torch.equal(v, start[k]) for k, v in teacher.state_dict().items())  # then fine-tuned
+    x, y = clean.x.float() / 255, clean.y
+    with torch.no_grad():
+        logits, student_maps = roles.forward_with_maps(student, x)
+        _, teacher_maps = roles.forward_with_maps(teacher, x)
+        distillation = sum(b * attention_loss(s, t, 2.0) for b, s, t in zip((1, 2, 3), student_maps, teacher_maps))
+        assert float(distillation) > 0
+        torch.testing.assert_close(student_call["loss_fn"](student, x, y), F.cross_entropy(logits, y) + distillation)
 
 
 def test_attention_map_is_normalised_channel_energy():

@@ -1,4 +1,6 @@
-"""NC: the anomaly index on known numbers; batching the classes does not change the optimisation; on digits it
+"""NC: a model that sends every image to class 0 needs no trigger for it, and NC flags and unlearns exactly that
+class; unlearning stamps the flagged classes' reversed triggers on its share of the subset, true labels kept;
+the anomaly index on known numbers; batching the classes does not change the optimisation; on digits it
 flags the BadNets target (with a reversed mask in the trigger's corner), unlearning removes the backdoor, and
 a clean model gets no flag and comes back unchanged."""
 import copy
@@ -27,6 +29,63 @@ NC_PARAMS = {"epochs": 40, "batch_size": 16, "early_stop_patience": 10, "epochs_
 # clean class's index (3.5), a clean model gets no flag and comes back unchanged.
 SEED = 12
 CLEAN_THRESHOLD = 3.5
+
+
+def always_class_0(num_classes: int = 4) -> torch.nn.Module:
+    """A linear model whose bias sends every image to class 0 (its weights are 0: the input does not matter)."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, num_classes))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([5.0] + [-5.0] * (num_classes - 1)))
+    return model
+
+
+def recording_inputs(model, clean, calls, num_classes=4):
+    def recording_fit(m, split, config, **kw):
+        calls.append({"model": m, "split": split, "config": config})
+        return fit(m, split, config, device=CPU, **kw)
+
+    training = TrainConfig(epochs=2, batch_size=16, lr=0.01, crop_padding=0, hflip=False)
+    return DefenseInputs(model=model, clean=clean, num_classes=num_classes, device=CPU, seed=0, training=training,
+                         retraining=training, new_model=always_class_0, fit=recording_fit)
+
+
+def test_flags_and_unlearns_the_class_that_needs_no_trigger():
+    """Class 0's trigger succeeds from the start, so once its cost is set its mask shrinks (Adam moves it at
+    the learning rate whatever the cost's size); the other classes never succeed, get no gradient (the model
+    ignores its input) and keep their initial masks. Class 0's L1 is then far below the others': it alone is
+    flagged, and the model is fine-tuned on the subset with a fifth of it stamped."""
+    g = torch.Generator().manual_seed(0)
+    clean = Split(torch.randint(0, 256, (20, 3, 8, 8), generator=g, dtype=torch.uint8), torch.arange(20) % 4)
+    model, calls = always_class_0(), []
+    outcome = create_defense("nc", epochs=30, batch_size=20, early_stop=False).run(recording_inputs(model, clean, calls))
+    info = outcome.info
+    assert info["reached_threshold"] == [True, False, False, False]
+    assert info["flagged_classes"] == [0] and info["detected"] is True
+    assert info["mask_l1"][0] < 0.5 * min(info["mask_l1"][1:])
+    assert info["unlearn_samples"] == 4 and len(calls) == 1 and calls[0]["model"] is model is outcome.model
+    assert not torch.equal(model[1].weight, torch.zeros_like(model[1].weight))  # it was fine-tuned
+
+
+def test_unlearning_stamps_the_flagged_triggers_round_robin_and_keeps_the_true_labels():
+    """Class 1's trigger: a white top-left pixel; class 2's: a black bottom-right one. unlearn_ratio 0.5 of 20
+    images: 10 stamped, alternately with each."""
+    clean = Split(torch.full((20, 3, 8, 8), 100, dtype=torch.uint8), torch.arange(20) % 4)
+    masks, patterns = torch.zeros(4, 1, 8, 8), torch.zeros(4, 3, 8, 8)
+    masks[1, 0, 0, 0], patterns[1] = 1.0, 1.0
+    masks[2, 0, -1, -1], patterns[2] = 1.0, 0.0
+    calls = []
+    nc = create_defense("nc", unlearn_ratio=0.5)
+    detection = {"flagged": torch.tensor([1, 2]), "masks": masks, "patterns": patterns}
+    assert nc.unlearn(recording_inputs(always_class_0(), clean, calls), detection) == 10
+    trained = calls[0]["split"]
+    assert torch.equal(trained.y, clean.y)
+    changed = (trained.x != clean.x).flatten(1).any(1)
+    white = (trained.x[:, :, 0, 0] == 255).all(1)
+    black = (trained.x[:, :, -1, -1] == 0).all(1)
+    assert int(changed.sum()) == 10 and int(white.sum()) == 5 and int(black.sum()) == 5
+    assert torch.equal(changed, white | black)
+    assert int((trained.x != clean.x).sum()) == 10 * 3  # one pixel of each stamped image, nothing else
 
 
 def test_anomaly_index_on_known_numbers():

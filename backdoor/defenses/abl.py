@@ -65,6 +65,7 @@ from backdoor._checks import ParameterError
 from backdoor.defenses import register_defense
 from backdoor.defenses._data_side import fresh_model, per_sample_loss, require_poisoned_train
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+from backdoor.mutants import Mutant
 
 
 def flooding_loss(gamma: float):
@@ -95,6 +96,17 @@ class AntiBackdoorLearning(Defense):
     """ABL: isolate the lowest-loss 1% under a flooding loss, fine-tune on the rest, unlearn the isolated."""
 
     kind = "data_side"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("no-unlearning", "skips the unlearning stage",
+               "\n        if self.unlearn_epochs:", "\n        if False:"),
+        Mutant("isolates-highest", "isolates the highest-loss samples instead of the lowest",
+               "\n    mask[torch.sort(losses, stable=True).indices[:count]] = True",
+               "\n    mask[torch.sort(losses, descending=True, stable=True).indices[:count]] = True"),
+        Mutant("no-flooding", "isolation trains on plain cross entropy (no ascent below gamma)",
+               "\n        return (ce - gamma).abs() + gamma", "\n        return ce"),
+    )
 
     def __init__(self, isolation_epochs: int = 20, isolation_ratio: float = 0.01, gamma: float = 0.5,
                  finetune_epochs: int = 60, unlearn_epochs: int = 20, unlearn_lr: float = 1e-4,

@@ -75,6 +75,7 @@ from backdoor.defenses import register_defense
 from backdoor.defenses._data_side import (check_features, label_groups, penultimate_features,
                                           require_poisoned_train, retrain_without)
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+from backdoor.mutants import Mutant
 from backdoor.training import predict
 
 REDUCTIONS = ("ica", "pca")
@@ -224,6 +225,18 @@ class ActivationClustering(Defense):
     reclassification, or relative size) is dropped and a model is retrained from scratch."""
 
     kind = "data_side"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("clusters-noise", "each label's 2-means runs on random noise instead of its reduced activations",
+               "\n        reduced = _reduce(rows.numpy(), k, reduction, seed)",
+               "\n        reduced = torch.rand(len(index), k, generator=torch.Generator().manual_seed(seed)).numpy()"),
+        Mutant("never-reclassifies", "the exclusionary rule falls back to relative size (no reclassification)",
+               "\n        if self.rule == \"exclusionary\":", "\n        if False:"),
+        Mutant("retrains-on-everything", "the retraining keeps the flagged samples",
+               "\n        model, info = retrain_without(inputs, data, flagged,",
+               "\n        model, info = retrain_without(inputs, data, torch.zeros_like(flagged),"),
+    )
 
     def __init__(self, rule: str = "exclusionary", reduction: str = "ica", n_components: int = 10,
                  size_threshold: float = 0.35, exclusion_threshold: float = 1.0, max_tested_share: float = 2 / 3,

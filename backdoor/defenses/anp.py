@@ -53,6 +53,7 @@ from backdoor.data import Split
 from backdoor.defenses import NotApplicable, register_defense
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
 from backdoor.models import roles
+from backdoor.mutants import Mutant
 from backdoor.training import random_crop_flip
 
 
@@ -173,6 +174,17 @@ class AdversarialNeuronPruning(Defense):
     """ANP: learn batch-norm channel masks under adversarial neuron noise, prune masks below 0.2."""
 
     kind = "model_repair"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("no-perturbation", "the adversarial neuron perturbation is 0: masks learn on the natural loss only",
+               "\n                if eps > 0:", "\n                if False:"),
+        Mutant("never-prunes", "no channel is ever below the pruning threshold",
+               "\n        channels = (masks[name] < threshold).nonzero().flatten()",
+               "\n        channels = (masks[name] < 0).nonzero().flatten()"),
+        Mutant("masks-frozen", "the masks never take an optimiser step (they stay 1)",
+               "\n                mask_opt.step()", "\n                pass"),
+    )
 
     def __init__(self, iterations: int = 2000, eps: float = 0.4, alpha: float = 0.2, mask_lr: float = 0.2,
                  threshold: float = 0.2, noise_steps: int = 1, batch_size: int | None = None,

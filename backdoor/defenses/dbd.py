@@ -64,6 +64,7 @@ from backdoor.defenses import register_defense
 from backdoor.defenses._data_side import fresh_model, per_sample_loss, require_poisoned_train
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
 from backdoor.models import roles
+from backdoor.mutants import Mutant
 from backdoor.training import TrainHooks, random_crop_flip
 
 _GRAY = (0.299, 0.587, 0.114)
@@ -263,6 +264,17 @@ class DecouplingBackdoorDefense(Defense):
     """DBD: SimCLR backbone without labels, SCE warm-up of the head, MixMatch with the high-loss half unlabelled."""
 
     kind = "data_side"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("no-self-supervision", "skips the SimCLR stage: the warm-up reads an untrained backbone",
+               "\n        info = self.pretrain(inputs, model)", "\n        info = {}"),
+        Mutant("random-split", "the labelled half is drawn at random instead of the lowest-loss half",
+               "\n        flagged[torch.sort(losses, stable=True).indices[:labelled]] = False",
+               "\n        flagged[torch.randperm(len(losses))[:labelled]] = False"),
+        Mutant("no-mixmatch", "skips the semi-supervised stage",
+               "\n        info.update(self.semi_supervised(inputs, model, flagged))", "\n        pass"),
+    )
 
     def __init__(self, simclr_epochs: int = 100, simclr_batch_size: int = 512, simclr_lr: float = 0.4,
                  temperature: float = 0.5, projection_dim: int = 128, warmup_epochs: int = 10,

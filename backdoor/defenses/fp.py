@@ -45,6 +45,7 @@ from backdoor.data import Split
 from backdoor.defenses import NotApplicable, register_defense
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome, split_validation
 from backdoor.models import roles
+from backdoor.mutants import Mutant
 from backdoor.training import TrainHooks, predict
 
 
@@ -235,6 +236,17 @@ class FinePruning(Defense):
     """FP: prune the last conv block's least active channels (validation-limited), then fine-tune."""
 
     kind = "model_repair"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("prunes-nothing", "the kept model has no channel silenced (the search still reports its depth)",
+               "\n    silencer.silence(pruned, order[:kept])", "\n    silencer.silence(pruned, order[:0])"),
+        Mutant("most-active-first", "prunes the most active channels first instead of the least active",
+               "\n        order = torch.sort(activation, stable=True).indices",
+               "\n        order = torch.sort(activation, descending=True, stable=True).indices"),
+        Mutant("not-kept-silent", "fine-tuning lets the pruned channels come back",
+               "\n        for p, dim, index in self.entries:", "\n        for p, dim, index in []:"),
+    )
 
     def __init__(self, step_fraction: float = 0.01, max_drop: float = 0.1, val_fraction: float = 0.2,
                  epochs: int | None = None, lr: float | None = None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from backdoor._checks import check_int, check_number
 from backdoor.defenses import register_defense
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+from backdoor.mutants import Mutant
 
 
 @register_defense("ft")
@@ -16,6 +17,19 @@ class FineTuning(Defense):
     """FT: fine-tune the backdoored model on the defender's clean subset."""
 
     kind = "model_repair"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("zero-lr", "fine-tunes at learning rate 0: the steps do not move the model",
+               "\n        config = inputs.training.with_(epochs=self.epochs, lr=self.lr)",
+               "\n        config = inputs.training.with_(epochs=self.epochs, lr=self.lr).with_(lr=0.0)"),
+        Mutant("trains-a-copy", "fine-tunes a copy and returns the backdoored model untouched",
+               "\n        inputs.fit(inputs.model, inputs.clean,",
+               "\n        inputs.fit(__import__('copy').deepcopy(inputs.model), inputs.clean,"),
+        Mutant("ignores-overrides", "its epochs and lr do not override the defense budget",
+               "\n        config = inputs.training.with_(epochs=self.epochs, lr=self.lr)",
+               "\n        config = inputs.training"),
+    )
 
     def __init__(self, epochs: int | None = None, lr: float | None = None):
         check_int("ft", "epochs", epochs, minimum=1, optional=True)

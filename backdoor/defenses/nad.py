@@ -38,6 +38,7 @@ from backdoor._checks import ParameterError, is_number
 from backdoor.defenses import NotApplicable, register_defense
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
 from backdoor.models import roles
+from backdoor.mutants import Mutant
 
 
 def attention_map(feature_map: torch.Tensor, power: float) -> torch.Tensor:
@@ -64,6 +65,16 @@ class NeuralAttentionDistillation(Defense):
     """NAD: distil a clean-fine-tuned teacher's attention maps into the backdoored model."""
 
     kind = "model_repair"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("no-attention-loss", "the attention-loss weights are 0: the student is plainly fine-tuned",
+               "\n            return F.cross_entropy(logits, y) + sum(b * loss for b, loss in zip(betas, at))",
+               "\n            return F.cross_entropy(logits, y) + 0 * sum(b * loss for b, loss in zip(betas, at))"),
+        Mutant("untrained-teacher", "the teacher is the backdoored model itself (never fine-tuned)",
+               "\n        inputs.fit(teacher, inputs.clean, teacher_config, seed=inputs.seed, desc=\"nad teacher\")",
+               "\n        pass"),
+    )
 
     def __init__(self, betas: tuple[float, float, float] | list[float] = (500.0, 1000.0, 1000.0), power: float = 2.0,
                  teacher_epochs: int = 10, teacher_lr: float | None = None, epochs: int | None = None,

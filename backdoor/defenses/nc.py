@@ -52,6 +52,7 @@ from backdoor._checks import ParameterError
 from backdoor.data import Split
 from backdoor.defenses import register_defense
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+from backdoor.mutants import Mutant
 
 _TANH_SCALE = 2 - 1e-7
 
@@ -205,6 +206,18 @@ class NeuralCleanse(Defense):
     """NC: reverse-engineer a trigger per class, flag outliers by MAD, unlearn the flagged triggers."""
 
     kind = "model_repair"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("never-succeeds", "no reversed trigger ever counts as reaching the success threshold",
+               "\n        ok = success >= threshold", "\n        ok = success > 1.0"),
+        Mutant("never-flags", "the anomaly rule flags no class",
+               "\n    return (below & (anomaly_index(l1) > threshold) & reached.bool()).nonzero().flatten()",
+               "\n    return (below & (anomaly_index(l1) > float('inf')) & reached.bool()).nonzero().flatten()"),
+        Mutant("unlearns-unstamped", "unlearning fine-tunes on clean images: the reversed trigger is never stamped",
+               "\n        inputs.fit(inputs.model, Split(x, clean.y.clone())",
+               "\n        inputs.fit(inputs.model, Split(clean.x.clone(), clean.y.clone())"),
+    )
 
     def __init__(self, epochs: int = 80, init_cost: float = 1e-3, cost_up: float = 2.0, cost_down: float = 2 ** 1.5,
                  patience: int = 5, threshold: float = 0.98, lr: float = 0.1, batch_size: int = 256,

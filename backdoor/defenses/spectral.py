@@ -42,6 +42,7 @@ from backdoor.defenses import register_defense
 from backdoor.defenses._data_side import (check_features, label_groups, penultimate_features,
                                           rank_within_groups, require_poisoned_train, retrain_without)
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+from backdoor.mutants import Mutant
 
 
 @dataclass
@@ -91,6 +92,16 @@ class SpectralSignatures(Defense):
     """Spectral: per label, drop the 1.5*eps samples most aligned with the top singular vector, retrain."""
 
     kind = "data_side"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("removes-nobody", "no sample of any label is removed",
+               "\n        count = min(len(index), int(round(1.5 * eps * len(index))))", "\n        count = 0"),
+        Mutant("last-singular-vector", "scores with the smallest singular vector instead of the top one",
+               "\n        score = (centred @ vh[0]) ** 2", "\n        score = (centred @ vh[-1]) ** 2"),
+        Mutant("uncentred", "the representations are not centred per label",
+               "\n        centred = rows - rows.mean(0, keepdim=True)", "\n        centred = rows"),
+    )
 
     def __init__(self, eps: float = 0.1, epochs: int | None = None):
         _check_eps(eps)

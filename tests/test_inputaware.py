@@ -1,10 +1,12 @@
 """Input-aware: the mask net meets its density target, triggers differ per input, the hooks poison and cross
 correctly, the fixed poisoned set marks only relabelled samples, and G/M travel in the state tensors."""
+import dataclasses
+
 import pytest
 import torch
 
 from backdoor.attacks import create_attack
-from backdoor.attacks.inputaware import mask_of, pattern_of
+from backdoor.attacks.inputaware import mask_of, pattern_of, recalibrate_batchnorm
 from backdoor.data import load_dataset
 
 CPU = torch.device("cpu")
@@ -14,6 +16,49 @@ SMALL = dict(channels=[4, 8], mask_batch_size=16, rotation=0, crop_padding=2)
 @pytest.fixture(scope="module")
 def data():
     return load_dataset("synthetic", train_size=256, test_size=64, image_size=16, num_classes=4)
+
+
+
+def test_trigger_is_the_masked_blend_of_the_generators_pattern(data):
+    """Known answer, written from the nets' outputs: apply_trigger(x) = round(255 * (x + (G(x) - x) * M(x))), here
+    on untrained nets (fast; the formula does not depend on training) with their batch-norm statistics estimated
+    as the hooks do, so that the mask covers part of the image."""
+    attack = create_attack("inputaware", **SMALL)
+    attack.build_nets(3, data.mean, data.std, seed=0)
+    recalibrate_batchnorm(attack.generator, data.train.x)
+    recalibrate_batchnorm(attack.mask_net, data.train.x)
+    x = data.test.x[:16]
+    out = attack.apply_trigger(x)  # in eval mode, as the nets are used below
+    xf = x.float() / 255
+    with torch.no_grad():
+        pattern, mask = pattern_of(attack.generator, xf), mask_of(attack.mask_net, xf)
+    expected = (xf + (pattern - xf) * mask).mul(255).round().clamp(0, 255).to(torch.uint8)
+    assert (out.int() - expected.int()).abs().max() <= 1  # float rounding of the nets' outputs
+    assert mask.mean() > 0.05 and (out != x).any(1).float().mean() > 0.05
+
+
+def test_hooks_poison_and_cross_each_batch_through_the_trainer_interface(data):
+    """Only through what the trainer calls, with the augmentation off (no crop, rotation or flip) so that each row
+    can be compared with its input: after stage 1, in a batch of 64 non-target samples at ratio 0.25, 16 are
+    relabelled to the target and carry a trigger, 16 more carry a (cross) trigger and keep their label, the other 32
+    are unchanged; the diversity loss is returned, and the hooks' augmentation replaces the trainer's default."""
+    attack = create_attack("inputaware", target=1, mask_epochs=1, **{**SMALL, "crop_padding": 0})
+    hooks = attack.train_hooks(dataclasses.replace(data, hflip=False), 0.25, seed=0)
+    assert hooks is not None, "Input-aware trains through hooks"
+    hooks.on_train_start(None, CPU, None)
+    x, y = data.train.x[:64].float() / 255, torch.zeros(64, dtype=torch.long)
+    out, labels = hooks.transform_batch(x, y)
+    relabelled = labels == 1
+    changed = (out - x).abs().flatten(1).amax(1) > 1 / 255
+    assert int(relabelled.sum()) == 16 and bool(changed[relabelled].all())
+    assert int((changed & ~relabelled).sum()) == 16, "cross samples: a trigger and their own label"
+    extra = hooks.extra_loss(None)
+    assert extra is not None and torch.isfinite(extra) and extra > 0
+
+    def trainer_default(batch):
+        raise AssertionError("the trainer's default augmentation was used")
+
+    assert hooks.augment(out, trainer_default) is out
 
 
 @pytest.fixture(scope="module")

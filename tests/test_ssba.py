@@ -38,6 +38,34 @@ def setting(data, tmp_path_factory):
     return attack, ctx, builds
 
 
+def half_flat_images() -> torch.Tensor:
+    """Four 16 x 16 images of random texture, each with one flat half (one grey level): the left half (columns
+    0-7) of images 0 and 1, the right half (columns 8-15) of images 2 and 3."""
+    x = torch.randint(0, 256, (4, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    x[:2, ..., :8] = torch.tensor([60, 120], dtype=torch.uint8).view(2, 1, 1, 1)
+    x[2:, ..., 8:] = torch.tensor([180, 90], dtype=torch.uint8).view(2, 1, 1, 1)
+    return x
+
+
+def test_residual_follows_each_images_texture_and_carries_the_code():
+    """The trigger's mechanism on an untrained encoder (fast; it does not need training): ``x + residual`` with
+    the residual bounded by max_residual, zero where the image is flat (3 x 3 windows inside the flat half), present
+    on its texture, so it lies on a different half in different images; another code, another residual."""
+    attack = create_attack("ssba", **SMALL)
+    encoder, decoder = attack.new_nets(3, seed=0)
+    attack.load_material({**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+                          **{f"decoder.{k}": v for k, v in decoder.state_dict().items()}}, 3)
+    x = half_flat_images()
+    residual = attack.apply_trigger(x).float() - x.float()
+    left, right = residual[..., :7], residual[..., 9:]
+    assert left[:2].abs().max() == 0 and right[2:].abs().max() == 0, "nothing changes where the image is flat"
+    texture = torch.cat([right[:2], left[2:]])
+    assert texture.abs().mean() > 2 and residual.abs().max() <= attack.max_residual * 255 + 0.5
+    other_code = attack.encode(x, 1 - attack.code).float() - x.float()
+    assert (torch.cat([other_code[:2, ..., 9:], other_code[2:, ..., :7]]) - texture).abs().mean() > 1, \
+        "the residual carries the code"
+
+
 def test_decoder_recovers_the_code_from_encoded_images_only(setting, data):
     attack, _, _ = setting
     x = data.test.x

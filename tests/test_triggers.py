@@ -37,6 +37,17 @@ def test_blended_formula_and_rounding():
     assert torch.equal(attack.apply_trigger(x), attack.apply_trigger(x)), "pattern is fixed"
 
 
+
+def test_blended_noise_trigger_is_alpha_times_the_seeded_uniform_pattern():
+    """Known answer, written without ``blend_pattern``: on a black image the trigger is round(alpha * 255 * t),
+    t = torch.rand(C, H, W) drawn from a generator seeded with ``pattern_seed``; another seed, another pattern."""
+    black = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    t = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3))
+    out = create_attack("blended", alpha=0.2, pattern_seed=3).apply_trigger(black)
+    assert torch.equal(out, (0.2 * 255 * t).round().to(torch.uint8).expand(2, -1, -1, -1))
+    assert out.float().std() > 10, "a pattern (uniform over 0..51: std 14.7), not a flat image"
+    assert not torch.equal(out, create_attack("blended", alpha=0.2, pattern_seed=4).apply_trigger(black))
+
 def test_blended_accepts_a_user_image(tmp_path):
     from PIL import Image
 

@@ -2,6 +2,7 @@
 set."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from backdoor.attacks import create_attack
 from backdoor.attacks._controllable import batch_poison_count, random_crop_rotate_flip
@@ -25,6 +26,41 @@ def test_field_is_the_same_every_time_and_depends_on_the_seed():
     x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     assert torch.equal(a.apply_trigger(x), b.apply_trigger(x))
 
+
+
+def test_trigger_is_the_fields_warp_quantised():
+    """Known answer, written from the field: apply_trigger(x) = round(255 * grid_sample(x / 255, identity +
+    s * field / size)), bilinear with align_corners; it changes most pixels of a random image."""
+    attack = create_attack("wanet", s=0.5)
+    x = torch.randint(0, 256, (4, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    grid = (identity_grid(32, 32) + 0.5 * attack.field(32, 32) / 32).clamp(-1, 1).expand(4, -1, -1, -1)
+    warped = F.grid_sample(x.float() / 255, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = attack.apply_trigger(x)
+    assert torch.equal(out, warped.mul(255).round().clamp(0, 255).to(torch.uint8))
+    assert (out != x).float().mean() > 0.5
+
+
+def test_hooks_poison_each_batch_through_the_trainer_interface():
+    """Only through what the trainer calls: in a batch of 100 non-target samples at ratio 0.1, 10 are relabelled to
+    the target and carry the exact warp, 20 more (cross_ratio 2) are warped with noise and keep their label, and
+    the hooks' augmentation replaces the trainer's default."""
+    data = load_dataset("synthetic", train_size=200, test_size=20, image_size=16)
+    attack = create_attack("wanet", target=0, cross_ratio=2)
+    hooks = attack.train_hooks(data, 0.1, seed=7)
+    assert hooks is not None, "WaNet poisons through training hooks"
+    hooks.on_train_start(None, torch.device("cpu"), None)
+    x, y = torch.rand(100, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.ones(100, dtype=torch.long)
+    out, labels = hooks.transform_batch(x, y)
+    relabelled = labels == 0
+    assert int(relabelled.sum()) == 10 and bool((labels[~relabelled] == 1).all())
+    assert torch.allclose(out[relabelled], warp(x[relabelled], attack.grid(16, 16)))
+    changed = (out - x).abs().flatten(1).amax(1) > 1e-3
+    assert int((changed & ~relabelled).sum()) == 20
+
+    def trainer_default(batch):
+        raise AssertionError("the trainer's default augmentation was used")
+
+    assert hooks.augment(out, trainer_default).shape == out.shape
 
 def test_warp_moves_pixels_by_the_field_and_no_more():
     h = w = 32

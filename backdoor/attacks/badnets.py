@@ -11,6 +11,7 @@ import torch
 from backdoor._checks import ParameterError, check_int
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack
+from backdoor.mutants import Mutant
 
 
 def square_side(height: int, size: int | None) -> int:
@@ -22,6 +23,19 @@ class BadNets(Attack):
     """BadNets: white 3x3 square in the bottom-right corner (scaled with image size), dirty label."""
 
     kind = "dirty_label"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("top-left-corner", "the square is painted in the top-left corner instead of the bottom-right",
+               "\n        out[..., -side:, -side:] = self.value", "\n        out[..., :side, :side] = self.value"),
+        Mutant("black-square", "the square is black (255 - value) instead of white",
+               "\n        out[..., -side:, -side:] = self.value",
+               "\n        out[..., -side:, -side:] = 255 - self.value"),
+        Mutant("unscaled-square", "the square stays 3x3 whatever the image size",
+               "\n    return size if size is not None else max(1, round(3 * height / 32))",
+               "\n    return size if size is not None else 3"),
+    )
+    mutation_tests = ("tests/test_triggers.py",)
 
     def __init__(self, target: int | str = 0, size: int | None = None, value: int = 255, **kwargs):
         super().__init__(target=target, **kwargs)

@@ -25,6 +25,7 @@ import torch
 from backdoor._checks import ParameterError
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack
+from backdoor.mutants import Mutant
 
 
 CHUNK = 4096
@@ -58,6 +59,19 @@ class Blended(Attack):
     """Blended: alpha-blend (0.2) a fixed image into the input, dirty label."""
 
     kind = "dirty_label"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("alpha-zero", "alpha is 0: the blend leaves every image unchanged",
+               "\n        self.alpha, self.pattern, self.pattern_seed = alpha, pattern, pattern_seed",
+               "\n        self.alpha, self.pattern, self.pattern_seed = 0.0, pattern, pattern_seed"),
+        Mutant("grey-pattern", "the noise pattern is a flat mid-grey image: a contrast change, no pattern",
+               "\n        return torch.rand(c, h, w, generator=g)", "\n        return torch.full((c, h, w), 0.5)"),
+        Mutant("added-not-blended", "the image keeps its full weight (x + alpha * t): added, not blended",
+               "\n            chunk = x[start:start + CHUNK].float().mul_(1 - self.alpha).add_(offset)",
+               "\n            chunk = x[start:start + CHUNK].float().add_(offset)"),
+    )
+    mutation_tests = ("tests/test_triggers.py",)
 
     def __init__(self, target: int | str = 0, alpha: float = 0.2, pattern: str = "noise", pattern_seed: int = 0,
                  **kwargs):

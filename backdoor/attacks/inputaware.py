@@ -73,6 +73,7 @@ from backdoor.attacks import register_attack
 from backdoor.attacks._controllable import select_poison_and_cross, batch_poison_count, check_ratio, random_crop_rotate_flip
 from backdoor.attacks.base import Attack, PoisonedSet
 from backdoor.data import Dataset, Split
+from backdoor.mutants import Mutant
 from backdoor.training import TrainHooks
 
 _EPS = 1e-7
@@ -163,6 +164,22 @@ class InputAware(Attack):
     """Input-aware: a learned generator makes a different masked trigger for every input (training controllable)."""
 
     kind = "training_controllable"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("mask-zero", "the trigger's mask is 0 everywhere: x' = x",
+               "\n        pattern, mask = pattern_of(gen, source), mask_of(mask_net, source)",
+               "\n        pattern, mask = pattern_of(gen, source), 0 * mask_of(mask_net, source)"),
+        Mutant("mask-untrained", "stage 1 is skipped: the mask net never learns its density",
+               "\n        self.train_mask()", "\n        pass"),
+        Mutant("no-diversity-loss", "G is trained without its pattern diversity loss",
+               "\n            self._extra = a.lambda_div * (d_img / (d_pat + _EPS)).mean()",
+               "\n            self._extra = None"),
+        Mutant("no-cross", "no cross samples (another image's trigger, label kept) in the training batches",
+               "\n        n_cross = min(n - n_bd, int(round(a.cross_ratio * n_bd)))", "\n        n_cross = 0"),
+        Mutant("hooks-do-nothing", "the training hooks are the trainer's no-ops: no mask, no generator, no poisoning",
+               "\n        return InputAwareHooks(self, dataset, ratio, seed)", "\n        return TrainHooks()"),
+    )
 
     def __init__(self, target: int | str = 0, channels: tuple[int, ...] | list[int] = (32, 64, 128),
                  mask_density: float = 0.032, lambda_norm: float = 100.0, lambda_div: float = 1.0,

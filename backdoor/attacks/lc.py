@@ -52,6 +52,7 @@ from backdoor.attacks import register_attack
 from backdoor.attacks.badnets import square_side
 from backdoor.attacks.base import Attack, AttackContext
 from backdoor.cache import module_to_tensors, tensors_with_prefix
+from backdoor.mutants import Mutant
 from backdoor.training import fit
 
 REFERENCES = ("clean", "adversarial")
@@ -98,6 +99,20 @@ class LabelConsistent(Attack):
     """Label-consistent: PGD-hardened target-class images + four-corner checkerboard, clean label."""
 
     kind = "clean_label"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("no-adversarial-step", "the training images are not PGD-perturbed (the trigger alone, clean label)",
+               "\n            adv = pgd_linf(model, x01, yb, eps, step, self.steps)", "\n            adv = x01"),
+        Mutant("pgd-descends", "PGD steps down the loss: the images are made easier to classify, not harder",
+               "\n        delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)",
+               "\n        delta = (delta.detach() - step * grad.sign()).clamp(-eps, eps)"),
+        Mutant("no-trigger-in-training", "the poisoned training images carry the perturbation but not the trigger",
+               "\n        return stamp_four_corners(hard, self.size, self.amplitude)", "\n        return hard.clone()"),
+        Mutant("two-corners", "the checkerboard is stamped in the two bottom corners only",
+               "\n    for rows in (slice(0, side), slice(height - side, height)):",
+               "\n    for rows in (slice(height - side, height),):"),
+    )
 
     def __init__(self, target: int | str = 0, eps: float = 8.0, step_size: float = 1.5, steps: int = 100,
                  reference: str = "clean", adv_epochs: int | None = None, adv_steps: int = 7,

@@ -72,6 +72,7 @@ from torch import nn
 from backdoor._checks import ParameterError
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack, AttackContext
+from backdoor.mutants import Mutant
 
 
 def gaussian_lowpass(v: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
@@ -142,6 +143,18 @@ class LowFrequency(Attack):
     """LF: low-pass-filtered targeted universal adversarial perturbation (|delta| <= 0.2), dirty label."""
 
     kind = "dirty_label"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("no-lowpass", "the universal perturbation is never low-pass filtered",
+               "\n                    v = gaussian_lowpass(v, self.kernel_size, self.sigma)",
+               "\n                    v = v"),
+        Mutant("away-from-target", "the DeepFool steps are subtracted: the perturbation leads away from the target",
+               "\n                    v = (v + r[reached].sum(0)).clamp(-self.bound, self.bound)",
+               "\n                    v = (v - r[reached].sum(0)).clamp(-self.bound, self.bound)"),
+        Mutant("unscaled", "the perturbation is not scaled up to the bound (its peak stays below 0.2)",
+               "\n        delta = v * (self.bound / peak) if peak > 0 else v", "\n        delta = v"),
+    )
 
     def __init__(self, target: int | str = 0, samples: int = 100, max_passes: int = 50, overshoot: float = 0.02,
                  max_iter: int = 200, fooling_rate: float = 0.2, bound: float = 0.2, kernel_size: int = 31,

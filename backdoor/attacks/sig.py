@@ -29,6 +29,7 @@ import torch
 from backdoor._checks import ParameterError
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack
+from backdoor.mutants import Mutant
 
 
 def sig_pattern(width: int, delta: float, frequency: float) -> torch.Tensor:
@@ -48,6 +49,19 @@ class SIG(Attack):
     """SIG: horizontal sinusoid (delta 40, f 6) added to target-class images, clean label."""
 
     kind = "clean_label"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("amplitude-zero", "the sinusoid's amplitude is 0: the trigger adds nothing",
+               "\n    row = sig_pattern(x.shape[-1], delta, frequency).to(x.device)",
+               "\n    row = sig_pattern(x.shape[-1], 0.0, frequency).to(x.device)"),
+        Mutant("wrong-frequency", "the sinusoid has f + 1 periods across the image instead of f",
+               "\n    return (delta * torch.sin(2 * math.pi * j * frequency / width)).float()",
+               "\n    return (delta * torch.sin(2 * math.pi * j * (frequency + 1) / width)).float()"),
+        Mutant("vertical-signal", "the signal varies down the rows instead of across the columns",
+               "\n    return (x.float() + row).round().clamp(0, 255).to(torch.uint8)",
+               "\n    return (x.float() + row[:, None]).round().clamp(0, 255).to(torch.uint8)"),
+    )
 
     def __init__(self, target: int | str = 0, delta: float = 40.0, frequency: float = 6.0,
                  test_delta: float | None = None, **kwargs):

@@ -54,6 +54,7 @@ from torch import nn
 from backdoor._checks import ParameterError
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack, AttackContext
+from backdoor.mutants import Mutant
 
 _CODE_GRID = 8
 
@@ -132,6 +133,17 @@ class SSBA(Attack):
     """SSBA: an invisible, sample-specific trigger hidden by a trained StegaStamp-style encoder, dirty label."""
 
     kind = "dirty_label"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("residual-zero", "the encoder adds no residual: poisoned images equal the clean ones",
+               "\n        return (x + self.residual(x, bits)).clamp(0, 1)", "\n        return x.clamp(0, 1)"),
+        Mutant("code-ignored", "the residual does not depend on the code: nothing for the decoder to read",
+               "\n        code = self.code_map(bits.float() * 2 - 1).view(n, c, _CODE_GRID, _CODE_GRID)",
+               "\n        code = self.code_map(torch.zeros_like(bits.float())).view(n, c, _CODE_GRID, _CODE_GRID)"),
+        Mutant("no-texture-mask", "the residual is not confined to each image's texture (flat regions change too)",
+               "\n    return std / (std + floor)", "\n    return torch.ones_like(std)"),
+    )
 
     # Parameters that shape the encoder (its cache key); ``target`` and ``code_seed`` only change its use.
     _ENCODER_PARAMS = ("code_length", "width", "steps", "batch_size", "lr", "max_residual", "image_weight",

@@ -48,6 +48,7 @@ from backdoor.attacks import register_attack
 from backdoor.attacks._controllable import select_poison_and_cross, batch_poison_count, check_ratio, random_crop_rotate_flip
 from backdoor.attacks.base import Attack, PoisonedSet, apply_to_float
 from backdoor.data import Dataset, Split
+from backdoor.mutants import Mutant
 from backdoor.training import TrainHooks
 
 
@@ -87,6 +88,21 @@ class WaNet(Attack):
     """WaNet: a fixed smooth warping field as trigger, with noise-warped cross samples (training controllable)."""
 
     kind = "training_controllable"
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its
+    # own text here, where the newline is an escape.
+    mutants = (
+        Mutant("warp-strength-zero", "s is 0 in the sampling grid: the warp is the identity",
+               "\n        grid = (identity_grid(height, width, device) + self.s * field / scale) * self.grid_rescale",
+               "\n        grid = (identity_grid(height, width, device) + 0 * field / scale) * self.grid_rescale"),
+        Mutant("no-noise-mode", "no cross (noise-mode) samples in the training batches",
+               "\n        n_cross = min(n - n_bd, int(round(self.attack.cross_ratio * n_bd)))",
+               "\n        n_cross = 0"),
+        Mutant("noise-free-cross", "cross samples get the exact trigger warp (no noise) yet keep their labels",
+               "\n        noise = torch.rand(n, height, width, 2, device=device, generator=g) * 2 - 1",
+               "\n        noise = torch.rand(n, height, width, 2, device=device, generator=g) * 0"),
+        Mutant("hooks-do-nothing", "the training hooks are the trainer's no-ops: no batch is poisoned",
+               "\n        return WaNetHooks(self, dataset, ratio, seed)", "\n        return TrainHooks()"),
+    )
 
     def __init__(self, target: int | str = 0, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0,
                  cross_ratio: float = 2.0, field_seed: int = 0, crop_padding: int = 5, p_crop: float = 0.8,

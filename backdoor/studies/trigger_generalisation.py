@@ -11,8 +11,11 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
-from backdoor.attacks import create_attack
+from backdoor.attacks import Attack, create_attack
+from backdoor.data import Dataset
 from backdoor.metrics import backdoor_metrics
 from backdoor.pipeline import StageLog
 from backdoor.studies._setup import add_training_arguments, make_case, runner_for, save_figure, write_json
@@ -28,33 +31,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-alphas", nargs="+", type=float, default=[0.1, 0.2, 0.3])
 
 
-def asr_matrix(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
-    """ASR and C-Acc [train alphas, test alphas] (C-Acc does not depend on the test alpha: repeated)."""
-    asr = np.zeros((len(args.train_alphas), len(args.test_alphas)))
-    c_acc = np.zeros_like(asr)
-    for i, train_alpha in enumerate(args.train_alphas):
-        case = make_case(args, "blended", args.ratio, {"alpha": train_alpha})
-        runner, log_ = runner_for(args), StageLog()
-        data = runner.dataset(case, log_)
-        attack = runner.attack(case, data, log_)
-        model, _ = runner.backdoored_model(case, attack, data, log_)
-        clean_pred = predict(model, data.test.x, device=runner.device)
-        for j, test_alpha in enumerate(args.test_alphas):
-            params = {**attack.params(), "alpha": test_alpha}
-            test = create_attack("blended", **params).poison_test(data.test)
-            poisoned_pred = predict(model, test.x, device=runner.device)
-            m = backdoor_metrics(clean_pred, data.test.y, poisoned_pred, test.y, case.target)
-            asr[i, j], c_acc[i, j] = m.asr, m.c_acc
-    return asr, c_acc
+def backdoored_blended(args: argparse.Namespace, train_alpha: float) -> tuple[nn.Module, Attack, Dataset]:
+    """The grid's Blended model trained with ``train_alpha`` (from the cache, or trained), its attack and data."""
+    case = make_case(args, "blended", args.ratio, {"alpha": train_alpha})
+    runner, log_ = runner_for(args), StageLog()
+    data = runner.dataset(case, log_)
+    attack = runner.attack(case, data, log_)
+    model, _ = runner.backdoored_model(case, attack, data, log_)
+    return model, attack, data
+
+
+def asr_row(model: nn.Module, attack: Attack, data: Dataset, test_alphas: list[float],
+            device: torch.device) -> tuple[np.ndarray, float]:
+    """ASR of ``model`` on the test set blended with ``attack``'s pattern at each of ``test_alphas`` (every other
+    parameter the attack's own), and its C-Acc (which no test alpha changes)."""
+    clean_pred = predict(model, data.test.x, device=device)
+    asr = np.zeros(len(test_alphas))
+    for j, test_alpha in enumerate(test_alphas):
+        test = create_attack("blended", **{**attack.params(), "alpha": test_alpha}).poison_test(data.test)
+        metrics = backdoor_metrics(clean_pred, data.test.y, predict(model, test.x, device=device), test.y,
+                                   attack.target)
+        asr[j] = metrics.asr
+    return asr, metrics.c_acc
+
+
+def asr_matrix(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """ASR [train alphas, test alphas], C-Acc [train alphas], and the alpha each model's attack was trained with
+    (read back from the attack, so the record shows what was trained, not what was asked)."""
+    rows, c_acc, trained = [], [], []
+    for train_alpha in args.train_alphas:
+        model, attack, data = backdoored_blended(args, train_alpha)
+        row, acc = asr_row(model, attack, data, args.test_alphas, torch.device(args.device))
+        rows.append(row), c_acc.append(acc), trained.append(attack.params()["alpha"])
+    return np.stack(rows), np.array(c_acc), trained
 
 
 def run(args: argparse.Namespace, folder: Path) -> list[Path]:
     """The ASR matrix as trigger-generalisation.json and a heat map."""
-    asr, c_acc = asr_matrix(args)
+    asr, c_acc, trained = asr_matrix(args)
     payload = {"study": NAME, "dataset": args.dataset, "model": args.model, "seed": args.seed, "ratio": args.ratio,
                "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size},
-               "train_alphas": args.train_alphas, "test_alphas": args.test_alphas, "asr": asr.tolist(),
-               "c_acc": c_acc[:, 0].tolist()}
+               "train_alphas": args.train_alphas, "trained_alphas": trained, "test_alphas": args.test_alphas,
+               "asr": asr.tolist(), "c_acc": c_acc.tolist()}
     return [write_json(folder / f"{NAME}.json", payload), *save_figure(_figure(asr, c_acc, args), folder, NAME)]
 
 
@@ -70,7 +88,7 @@ def _figure(asr: np.ndarray, c_acc: np.ndarray, args: argparse.Namespace):
                     color="white" if asr[i, j] > 0.6 else "black")
     ax.set_xticks(range(len(args.test_alphas)), [f"{a:g}" for a in args.test_alphas], fontsize=11)
     ax.set_yticks(range(len(args.train_alphas)),
-                  [f"{a:g} (C-Acc {100 * c:.1f})" for a, c in zip(args.train_alphas, c_acc[:, 0])], fontsize=10)
+                  [f"{a:g} (C-Acc {100 * c:.1f})" for a, c in zip(args.train_alphas, c_acc)], fontsize=10)
     ax.set_xlabel("test alpha", fontsize=11)
     ax.set_ylabel("training alpha", fontsize=11)
     fig.colorbar(shown, ax=ax, label="ASR (%)")

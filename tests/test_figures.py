@@ -3,13 +3,17 @@ import itertools
 import json
 import re
 
+import matplotlib.colors
+import numpy as np
+from matplotlib.container import BarContainer
 import pytest
 from PIL import Image
+from scipy import stats
 
 from backdoor.cli import main as cli_main
-from backdoor.figures import figure_links, write_figures
+from backdoor.figures import _ok_cells, figure2, figure3, figure5, figure_links, write_figures
 from backdoor.report_html import render_html
-from backdoor.results import upsert_records
+from backdoor.results import ATTACK_TITLES, DEFENSE_TITLES, read_records, upsert_records
 
 MODELS, RATIOS, ATTACKS, DEFENSES, SEEDS = ["cnn_small", "preact_resnet18"], [0.05, 0.1], ["badnets", "blended"], \
     ["none", "ft", "anp"], [0, 1]
@@ -88,3 +92,103 @@ def test_page_carries_the_detection_table(tmp_path):
     upsert_records(tmp_path, rows)
     page = render_html(tmp_path)
     assert "Poison detection" in page and "AUROC" in page and "95.00" in page
+
+
+def by_hand(rows: list[dict], metric: str, **where) -> dict[tuple, list[float]]:
+    """Per (model, ratio, attack, defense) of the attacked ok records matching ``where``: the metric's values
+    over seeds (computed here from the records, not through the library's cells)."""
+    out = {}
+    for r in rows:
+        if r["status"] == "ok" and r["attack"] != "clean" and all(r[k] == v for k, v in where.items()):
+            out.setdefault((r["model"], r["poison_ratio"], r["attack"], r["defense"]), []).append(r[metric])
+    return out
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """(below, above) the mean, in %, of the 95% t-interval clipped to [0, 1]."""
+    mean, half = np.mean(values), stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
+    return 100 * (mean - max(0.0, mean - half)), 100 * (min(1.0, mean + half) - mean)
+
+
+def all_rows() -> list[dict]:
+    return [record(*k) for k in itertools.product(MODELS, RATIOS, ATTACKS, DEFENSES, SEEDS)]
+
+
+def legend_keys(fig) -> tuple[dict, dict]:
+    """Figure 2's legends read back: marker -> attack title, colour (RGB) -> defense title."""
+    attacks, defenses = fig.legends
+    markers = {h.get_marker(): t.get_text() for h, t in zip(attacks.legend_handles, attacks.get_texts())}
+    colours = {matplotlib.colors.to_hex(h.get_color()): t.get_text()
+               for h, t in zip(defenses.legend_handles, defenses.get_texts()) if h.get_marker() == "s"}
+    return markers, colours
+
+
+def test_figure2_points_are_the_seed_means_of_their_attack_and_defense(results):
+    """Each point, identified by its marker (attack) and colour (defense) through the legends, sits at the mean
+    over seeds of ASR and of C-Acc (left) or R-Acc (right) of that pair's records."""
+    rows = all_rows()
+    fig = figure2(_ok_cells(read_records(results)), "digits", "preact_resnet18", 0.1)
+    markers, colours = legend_keys(fig)
+    for ax, metric in zip(fig.axes, ("c_acc", "r_acc")):
+        asr, values = by_hand(rows, "asr", model="preact_resnet18"), by_hand(rows, metric, model="preact_resnet18")
+        expected = {(ATTACK_TITLES[k[2]], DEFENSE_TITLES[k[3]]): (100 * np.mean(asr[k]), 100 * np.mean(v))
+                    for k, v in values.items() if k[1] == 0.1}
+        points = {(markers[line.get_marker()], colours[matplotlib.colors.to_hex(line.get_color())]):
+                  (line.get_xdata()[0], line.get_ydata()[0])
+                  for line in ax.get_lines() if line.get_linestyle() == "None"}
+        assert points.keys() == expected.keys() and len(points) == len(ATTACKS) * len(DEFENSES)
+        for key, (x, y) in points.items():
+            assert (x, y) == pytest.approx(expected[key])
+    diagonal = [line for line in fig.axes[1].get_lines() if line.get_linestyle() == "--"]
+    assert [list(diagonal[0].get_xdata()), list(diagonal[0].get_ydata())] == [[0, 100], [100, 0]]
+
+
+def test_figure3_lines_and_error_bars_are_the_seed_means_and_t_intervals(results):
+    """Per defense panel and attack line: at each ratio, the mean ASR over seeds and its clipped 95% t-interval
+    (the records' two seeds differ by 0.05 in ASR); panels only for defenses with a result (no ANP on
+    cnn_small)."""
+    rows = all_rows()
+    for model in MODELS:
+        fig = figure3(_ok_cells(read_records(results)), "digits", model)
+        asr = by_hand(rows, "asr", model=model)
+        panels = [ax for ax in fig.axes if ax.get_visible()]
+        defenses = [d for d in DEFENSES if any(k[3] == d for k in asr)]
+        assert [ax.get_title() for ax in panels] == [DEFENSE_TITLES[d] for d in defenses]
+        for ax, defense in zip(panels, defenses):
+            assert [t.get_text() for t in ax.get_xticklabels()] == [f"{100 * r:g}%" for r in RATIOS]
+            lines = {c.get_label(): c for c in ax.containers}
+            assert sorted(lines) == sorted(ATTACK_TITLES[a] for a in ATTACKS)
+            for i, attack in enumerate(ATTACKS):
+                data_line, _, (bars,) = lines[ATTACK_TITLES[attack]].lines
+                values = [asr[(model, r, attack, defense)] for r in RATIOS]
+                xs = np.asarray(data_line.get_xdata(), float)
+                assert np.round(xs).tolist() == list(range(len(RATIOS)))  # the dodge is under 0.5
+                np.testing.assert_allclose(np.asarray(data_line.get_ydata(), float), [100 * np.mean(v) for v in values])
+                for segment, v in zip(bars.get_segments(), values):
+                    below, above = interval(v)
+                    mean = 100 * np.mean(v)
+                    np.testing.assert_allclose(sorted(segment[:, 1]), [mean - below, mean + above])
+
+
+def test_figure5_bars_are_the_seed_means_per_model(results):
+    """Per defense panel: one bar per (attack, model) with the mean ASR over seeds and its clipped t-interval;
+    the model of a bar read from its legend label, its attack from the tick under it."""
+    rows = all_rows()
+    fig = figure5(_ok_cells(read_records(results)), "digits", 0.05)
+    asr = by_hand(rows, "asr", poison_ratio=0.05)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [DEFENSE_TITLES[d] for d in DEFENSES]
+    for ax, defense in zip(panels, DEFENSES):
+        ticks = {round(t): label.get_text() for t, label in zip(ax.get_xticks(), ax.get_xticklabels())}
+        seen = 0
+        for bars in (c for c in ax.containers if isinstance(c, BarContainer)):
+            model = bars.get_label()
+            (errors,) = bars.errorbar.lines[2]
+            for bar, segment in zip(bars, errors.get_segments()):
+                attack = next(a for a in ATTACKS if ATTACK_TITLES[a] == ticks[round(bar.get_x() + bar.get_width() / 2)])
+                values = asr[(model, 0.05, attack, defense)]
+                assert bar.get_height() == pytest.approx(100 * np.mean(values))
+                below, above = interval(values)
+                np.testing.assert_allclose(sorted(segment[:, 1]), [bar.get_height() - below, bar.get_height() + above])
+                seen += 1
+        assert seen == sum(1 for k in asr if k[3] == defense)  # every record's cell drawn once (no ANP on cnn_small)

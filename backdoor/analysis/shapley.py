@@ -12,13 +12,15 @@ superpixel's value and standard error are spread evenly over its pixels.
 The default of ``DEFAULT_PERMUTATIONS`` (1536) permutations is chosen so that two symmetric features come
 within 0.05 of each other. On a model whose logit is the product of two superpixels' means (4 superpixels, two
 of them unread), each permutation gives the whole value to whichever of the pair comes later, so the pair's
-shares differ by |2k/n - 1| with k ~ Binomial(n, 1/2). Measured over seeds 0-199 (from the permutations this
-code draws; ``shapley_maps`` itself gave the same numbers for seeds 0-29 at 16 and 64), the share of seeds
-with the pair within 0.05 [the exact binomial probability] and the mean gap: 16 permutations 0.22 [0.20],
-0.19; 64: 0.33 [0.29], 0.089; 256: 0.62 [0.58], 0.047; 512: 0.79 [0.73], 0.033; 1024: 0.90 [0.89], 0.025;
-1536: 0.955 [0.951], 0.021; 2048: 0.975 [0.977], 0.017. Seed 0 gave 0.31 / 0.69 at 16, 0.48 / 0.52 at 256 and
-0.50 / 0.50 at 1536. The cost is 1536 x (superpixels + 1) model evaluations per image: ask for fewer with
-``--shapley-samples`` and read the standard errors the tool saves.
+shares differ by |2k/n - 1| with k ~ Binomial(n, 1/2): the probability that they are within 0.05 is 0.951 at
+1536 (1.96 / sqrt(n) <= 0.05 asks n >= 1537; the binomial's discreteness gives 1536 its 0.951), 0.889 at 1024.
+Measured over seeds 0-199 with the permutations this code draws (torch's ``randperm`` after the seed, as captum
+draws them; ``shapley_maps`` itself gave the same shares for seeds 0-9 at 16), the share of seeds with the pair
+within 0.05 [the exact probability] and the mean gap: 16 permutations 0.155 [0.196], 0.21; 64: 0.265 [0.292],
+0.099; 256: 0.62 [0.583], 0.046; 512: 0.79 [0.731], 0.032; 1024: 0.91 [0.889], 0.025; 1536: 0.93 [0.951],
+0.021; 2048: 0.96 [0.977], 0.020. Seed 0 gave 0.31 / 0.69 at 16, 0.46 / 0.54 at 256 and 0.50 / 0.50 at 1536.
+The cost is 1536 x (superpixels + 1) model evaluations per image: ask for fewer with ``--shapley-samples`` and
+read the standard errors the tool saves.
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--superpixel", type=int, default=4, help="side of the square features (default 4)")
     parser.add_argument("--shapley-samples", type=int, default=DEFAULT_PERMUTATIONS,
                         help=f"sampled permutations, at least 2 (default {DEFAULT_PERMUTATIONS}: two symmetric "
-                             "features within 0.05 of each other in 95%% of seeds)")
+                             "features within 0.05 of each other with probability 0.95)")
 
 
 def run(artifacts: CaseArtifacts, folder: Path, args: argparse.Namespace) -> list[Path]:

@@ -56,19 +56,21 @@ class RegionMask(nn.Module):
 
 
 class TwoRegionNet(nn.Module):
-    """Hand-set weights: z = conv(x) with z_0 = red + 0.5 and z_1 = green + 0.25 (1x1 convolution with bias);
-    a_k = z_k on region k (A: top-left 3x3, B: bottom-right 3x4), 0 elsewhere; logit_c = sum_k V[c, k] sum a_k
-    with V = diag(2, 1): class 0 rests on region A only, class 1 on region B only."""
+    """Hand-set weights: z = conv(x) with z_0 = red + 0.5, z_1 = green + 0.25 and z_2 = blue + 1 (1x1 convolution
+    with bias); a_k = z_k on region k (A: top-left 3x3, B: bottom-right 3x4; channel 2 everywhere), 0 elsewhere;
+    logit_c = sum_k V[c, k] sum a_k with V = [[2, 0, 0], [0, 1, 0]]: class 0 rests on region A only, class 1 on
+    region B only, and channel 2, the strongest activation and active over the whole image, on nothing."""
 
-    V = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    V = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 2, 1)
+        self.conv = nn.Conv2d(3, 3, 1)
         with torch.no_grad():
-            self.conv.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])[:, :, None, None])
-            self.conv.bias.copy_(torch.tensor([0.5, 0.25]))
-        self.regions = RegionMask(torch.stack([region(slice(0, 3), slice(0, 3)), region(slice(5, 8), slice(4, 8))]))
+            self.conv.weight.copy_(torch.eye(3)[:, :, None, None])
+            self.conv.bias.copy_(torch.tensor([0.5, 0.25, 1.0]))
+        self.regions = RegionMask(torch.stack([region(slice(0, 3), slice(0, 3)), region(slice(5, 8), slice(4, 8)),
+                                               torch.ones(SIDE, SIDE)]))
 
     def forward(self, x):
         return self.regions(self.conv(x)).sum((2, 3)) @ self.V.T
@@ -96,18 +98,19 @@ def expected_fullgrad(model: TwoRegionNet, image: torch.Tensor, cls: int) -> np.
     dz = V[:, None, None] * M                       # [k, H, W]
     dx = np.einsum("khw,kj->jhw", dz, W)            # [j, H, W]
     inputs = sum(minmax(np.abs(image[j].numpy() * dx[j])) for j in range(3))
-    biases = sum(minmax(np.abs(b[k] * dz[k])) for k in range(2))
+    biases = sum(minmax(np.abs(b[k] * dz[k])) for k in range(3))  # channel 2's term is 0
     return minmax(inputs + biases)
 
 
 def test_gradcam_and_fullgrad_match_the_hand_computed_maps_of_each_class():
     """Each class rests on its own region, so explaining the wrong class moves the map; a map without
-    gradients (channel weights 1, or |x| in place of |x dx|) covers both regions or the whole image."""
+    gradients (channel weights 1, a principal component of the activations, or |x| in place of |x dx|) shows
+    the unread channel 2, which covers the whole image."""
     model = TwoRegionNet().eval()
     x = torch.rand(4, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
     classes = torch.tensor([0, 1, 1, 0])
     cams, full = gradcam_maps(model, model.regions, x, classes), fullgrad_maps(model, x, classes)
-    a, b = model.regions.masks.numpy().astype(bool)
+    a, b, _ = model.regions.masks.numpy().astype(bool)
     for i, c in enumerate(classes.tolist()):
         np.testing.assert_allclose(cams[i], expected_gradcam(model, x[i], c), atol=1e-5)
         np.testing.assert_allclose(full[i], expected_fullgrad(model, x[i], c), atol=1e-5)

@@ -73,27 +73,32 @@ def test_forgetting_figure_draws_never_learned_apart():
     assert [b.get_x() + b.get_width() / 2 for b in clean] == pytest.approx([-0.2, 0.8, 1.8, 2.8])
 
 
+GREY = 100  # the test images' grey level (of 255)
+
+
 class AlphaReader(nn.Module):
-    """Estimates how much of the blend pattern t an image holds, alpha = <x, t> / <t, t> (exact on a black image
-    blended with t), and predicts the target 0 when it is over 0.4, class 1 otherwise."""
+    """Estimates how much of the blend pattern t a grey image g holds: an image blended at alpha is
+    x' = (1 - alpha) g + alpha t, so alpha = <x' - g, t - g> / <t - g, t - g> (exact up to the uint8 rounding);
+    predicts the target 0 when the estimate is over 0.4, class 1 otherwise."""
 
     def __init__(self, pattern: torch.Tensor):
         super().__init__()
-        self.register_buffer("pattern", pattern)
+        self.register_buffer("away", pattern - GREY / 255)
 
     def forward(self, x):
-        alpha = (x * self.pattern).sum((1, 2, 3)) / (self.pattern ** 2).sum()
+        alpha = ((x - GREY / 255) * self.away).sum((1, 2, 3)) / (self.away ** 2).sum()
         over = (alpha > 0.4).float()
         return torch.stack([over, 1 - over, torch.zeros_like(over)], 1)
 
 
 def test_asr_row_blends_the_test_set_at_each_test_alpha():
-    """Black test images of classes 0-2: blended at alpha they hold alpha t, so the reader's ASR is 0 for test
-    alphas 0.1 and 0.3 and 1 for 0.5 and 0.7, whatever alpha the attack was trained with; its C-Acc is the
-    share of class 1 (it predicts 1 on black images)."""
+    """Grey test images of classes 0-2, blended at each test alpha: the reader's ASR is 0 for test alphas 0.1
+    and 0.3 and 1 for 0.5 and 0.7, whatever alpha the attack was trained with (the test alpha ignored, or used
+    as 1 - alpha, fails; so would a blend that keeps the image's full weight: it reads 0.3 as 0.43); its C-Acc
+    is the share of class 1 (it predicts 1 on unblended images)."""
     y = torch.tensor([0, 1, 2, 1, 2, 1, 0, 1])
-    data = Dataset("black", Split(torch.zeros(8, 3, 8, 8, dtype=torch.uint8), y),
-                   Split(torch.zeros(8, 3, 8, 8, dtype=torch.uint8), y), 3, (0.0,) * 3, (1.0,) * 3, hflip=False)
+    grey = torch.full((8, 3, 8, 8), GREY, dtype=torch.uint8)
+    data = Dataset("grey", Split(grey, y), Split(grey.clone(), y), 3, (0.0,) * 3, (1.0,) * 3, hflip=False)
     pattern = blend_pattern("noise", 0, (3, 8, 8))
     for trained_alpha in (0.1, 0.3, 0.5):
         attack = create_attack("blended", target=0, alpha=trained_alpha)

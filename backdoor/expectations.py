@@ -64,6 +64,11 @@ class Check:
     def __str__(self) -> str:
         return self.claim if self.kind == "claim" else self.kind
 
+    def holds(self, value: float | None) -> bool:
+        """Whether ``value`` meets this claim (a missing value never does)."""
+        op, bound = self.claim.split()
+        return value is not None and OPERATORS[op](value, float(bound))
+
 
 BAND = Check("band")
 
@@ -78,18 +83,20 @@ class Regression:
     def field_checks(self, attack: str, defense: str) -> dict[str, Check]:
         """Claims on record figures (``detection.*``, ``defense_info.*``) for one attack/defense; later entries win."""
         found: dict[str, Check] = {}
-        for pattern, metrics in self.checks:
-            if fnmatch.fnmatchcase(f"{attack}/{defense}", pattern):
-                found.update({name: check for name, check in metrics.items() if FIELD.match(name)})
+        for metrics in self._matching(attack, defense):
+            found.update({name: check for name, check in metrics.items() if FIELD.match(name)})
         return {name: check for name, check in found.items() if check.kind == "claim"}
 
     def check_for(self, attack: str, defense: str, metric: str) -> Check:
         """The check of one metric: the last ``checks`` entry whose ``attack/defense`` pattern matches, else band."""
         found = BAND
-        for pattern, metrics in self.checks:
-            if fnmatch.fnmatchcase(f"{attack}/{defense}", pattern) and metric in metrics:
-                found = metrics[metric]
+        for metrics in self._matching(attack, defense):
+            found = metrics.get(metric, found)
         return found
+
+    def _matching(self, attack: str, defense: str):
+        """The ``checks`` entries (metric -> check) whose ``attack/defense`` pattern matches, in file order."""
+        return (metrics for pattern, metrics in self.checks if fnmatch.fnmatchcase(f"{attack}/{defense}", pattern))
 
 
 def parse_regression(path: Path, raw: Any) -> Regression:
@@ -202,8 +209,7 @@ def drift(record: dict, expected: dict | None, regression: Regression, bands: bo
         if check.kind == "claim":
             if got is None and not (expected or {}).get(metric):
                 continue  # a metric the case never has (ASR of the clean reference row)
-            op, bound = check.claim.split()
-            if got is None or not OPERATORS[op](got, float(bound)):
+            if not check.holds(got):
                 problems.append(f"{metric} = {_fmt(got)} breaks the claim {metric} {check.claim}")
             continue
         band = (expected or {}).get(metric)
@@ -218,8 +224,7 @@ def drift(record: dict, expected: dict | None, regression: Regression, bands: bo
                             f"(centre {band['centre']}, n {band['n']})")
     for name, check in regression.field_checks(record["attack"], record["defense"]).items():
         got = record_figure(record, name)
-        op, bound = check.claim.split()
-        if got is None or not OPERATORS[op](got, float(bound)):
+        if not check.holds(got):
             problems.append(f"{name} = {_fmt(got)} breaks the claim {name} {check.claim}")
     return problems
 

@@ -65,7 +65,7 @@ def memo_file_sha256(path: str | os.PathLike) -> str:
     return _memo_sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=200_000)  # an image tree's files too (backdoor.data._files.files_fingerprint)
 def _memo_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
     return file_sha256(path)  # the stat fields are part of the memo key only
 

@@ -10,7 +10,6 @@ import hashlib
 import os
 import platform
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 import backdoor
 from backdoor.attacks import Attack, AttackContext, PoisonedSet, create_attack
 from backdoor.cache import ArtifactCache, module_to_tensors, tensors_with_prefix
+from backdoor.code_digest import code_digest
 from backdoor.data import DATASETS, Dataset, Split, dataset_from_tensors, dataset_to_tensors, load_dataset
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
 from backdoor.defenses.base import FitOnDevice, ModelRecipe
@@ -74,16 +74,11 @@ class Case:
 
 @lru_cache(maxsize=None)
 def code_version(module_name: str) -> str:
-    """Digest of the source that builds an artifact: the module of a method (or dataset/model), plus its
-    family's shared modules (``base.py``, ``_*.py``, ``__init__.py``), the trainer and the target rule
-    (``targets.py``, which relabels poisoned samples). Part of every cache key, so changing a method's code
-    never serves artifacts built by the old code."""
-    path = Path(sys.modules[module_name].__file__)
-    shared = sorted(p for p in path.parent.glob("*.py") if p.name == "base.py" or p.name.startswith("_"))
-    digest = hashlib.sha256()
-    for file in [path, *shared, Path(__file__).with_name("training.py"), Path(__file__).with_name("targets.py")]:
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
+    """Digest of the source that builds an artifact: the module of a method (or dataset/model), this module
+    (which derives seeds, chooses the defender's clean subset and calls the builders) and every module of the
+    package either imports, transitively (``backdoor.code_digest``). Part of every cache key, so changing any
+    code that decides an artifact's content never serves artifacts built by the old code."""
+    return code_digest(module_name, __name__)
 
 
 NUMERICS_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")

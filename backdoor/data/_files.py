@@ -7,6 +7,7 @@ slot of a preallocated uint8 tensor, so the result does not depend on the number
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from backdoor.cache import memo_file_sha256
 from backdoor.data import DatasetNotFoundError, default_data_root
 from backdoor.progress import progress
 
@@ -46,6 +48,31 @@ def not_found(name: str, root: Path, looked_for: Sequence[Path], how_to_get: str
         f"{name}: dataset files not found under the data root {root}; looked for:\n{paths}\n"
         f"{ROOT_HELP.format(name=name)}\nGet the files: {how_to_get}"
     )
+
+
+CONTENT_DIGEST_BYTES = 4 << 30  # trees up to this size are keyed by their files' content, larger ones by stat
+
+
+def files_fingerprint(paths: Sequence[Path], base: Path) -> str:
+    """What keys a dataset read from many files: a sha256 over each file's path relative to ``base`` and its
+    content digest (memoised per file and stat, so a process hashes a file once). Beyond
+    ``CONTENT_DIGEST_BYTES`` in all, each file's size and modification time stand in for its content (hashing
+    a whole ImageNet-sized tree in every process would cost minutes)."""
+    stats = [(p, p.stat()) for p in sorted(set(paths))]
+    by_content = sum(st.st_size for _, st in stats) <= CONTENT_DIGEST_BYTES
+    digest = hashlib.sha256(b"content" if by_content else b"stat")
+    for path, st in stats:
+        what = memo_file_sha256(path) if by_content else f"{st.st_size}:{st.st_mtime_ns}"
+        digest.update(f"{path.relative_to(base).as_posix()}\0{what}\n".encode())
+    return digest.hexdigest()
+
+
+def all_files(folder: Path) -> list[Path]:
+    """Every regular file under ``folder`` (recursively, hidden entries included: they may be read); a file
+    is itself."""
+    if folder.is_file():
+        return [folder]
+    return [Path(d) / f for d, _, names in os.walk(folder) for f in names if (Path(d) / f).is_file()]
 
 
 def image_files(folder: Path) -> list[Path]:

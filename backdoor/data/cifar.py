@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from backdoor.data import Dataset, Split, register_dataset
-from backdoor.data._files import not_found, resolve_root
+from backdoor.data._files import files_fingerprint, not_found, resolve_root
 
 # The globals a CIFAR pickle may name: numpy array reconstruction (protocols 2-4: _reconstruct + ndarray + dtype;
 # protocol 5: _frombuffer), under numpy 1's ``numpy.core`` and numpy 2's ``numpy._core`` module names, and
@@ -135,7 +135,20 @@ def _check_cifar100(root: str | None = None) -> int:
     return 32
 
 
+def _fingerprint(files: tuple):
+    """A cache fingerprint of the official files' content (None while they are missing: the check says so)."""
+    def fingerprint(params: dict) -> dict:
+        try:
+            directory = _locate(files[0], params.get("root"), files[1], files[2], files[3])
+        except OSError:
+            return {"files": None}
+        return {"files": files_fingerprint([directory / n for n in files[3]], directory)}
+    return fingerprint
+
+
 cifar10.num_classes = 10
 cifar100.num_classes = 100
 cifar10.check = _check_cifar10
 cifar100.check = _check_cifar100
+cifar10.fingerprint = _fingerprint(CIFAR10_FILES)
+cifar100.fingerprint = _fingerprint(CIFAR100_FILES)

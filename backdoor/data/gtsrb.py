@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from backdoor.data import Dataset, Split, register_dataset
-from backdoor.data._files import check_image_size, not_found, read_images, resolve_root
+from backdoor.data._files import all_files, check_image_size, files_fingerprint, not_found, read_images, resolve_root
 
 NUM_CLASSES = 43
 HOW_TO_GET = ("the official GTSRB page https://benchmark.ini.rub.de/gtsrb_dataset.html (archives at "
@@ -132,6 +132,16 @@ def _check(root: str | None = None, image_size: int = 32, crop_roi: bool = False
     return image_size
 
 
+def _fingerprint(params: dict) -> dict:
+    """A cache fingerprint of the files read (None while they are missing or a parameter is bad: the check says
+    so)."""
+    try:
+        base, train_dir, test_dir, test_csv = _locate(**params)
+    except (OSError, ValueError, TypeError):
+        return {"files": None}
+    return {"files": files_fingerprint(all_files(train_dir) + all_files(test_dir) + [test_csv], base)}
+
+
 @register_dataset("gtsrb")
 def gtsrb(root: str | None = None, image_size: int = 32, crop_roi: bool = False) -> Dataset:
     """GTSRB: German traffic signs, 43 classes, resized to 32x32, no normalisation (official format)."""
@@ -151,3 +161,4 @@ def gtsrb(root: str | None = None, image_size: int = 32, crop_roi: bool = False)
 
 gtsrb.num_classes = NUM_CLASSES
 gtsrb.check = _check
+gtsrb.fingerprint = _fingerprint

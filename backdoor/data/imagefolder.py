@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from backdoor.data import Dataset, DatasetNotFoundError, Split, register_dataset
-from backdoor.data._files import (ROOT_HELP, check_image_files, check_image_size, chunked_channel_stats, image_files,
-                                  read_images)
+from backdoor.data._files import (ROOT_HELP, check_image_files, check_image_size, chunked_channel_stats,
+                                  files_fingerprint, image_files, read_images)
 
 DECODE_AT_CHECK = 5000  # trees up to this many files are fully decoded by the matrix loader's check
 
@@ -94,6 +94,17 @@ def _check(root: str | None = None, image_size: int = 32, hflip: bool = True) ->
     return image_size
 
 
+def _fingerprint(params: dict) -> dict:
+    """What keys cached artifacts beyond the parameters: the tree's files (their paths, which give the labels, and
+    their content; ``files_fingerprint``). None while the tree cannot be scanned (the check reports why)."""
+    try:
+        splits, _ = _scan(**params)
+    except (ValueError, OSError, TypeError):
+        return {"files": None}
+    base = Path(params["root"]).expanduser()
+    return {"files": files_fingerprint([p for paths, _ in splits.values() for p in paths], base)}
+
+
 @register_dataset("imagefolder")
 def imagefolder(root: str | None = None, image_size: int = 32, hflip: bool = True) -> Dataset:
     """Your own images as root/train/<class>/* and root/test/<class>/*, resized to image_size (default 32)."""
@@ -107,3 +118,4 @@ def imagefolder(root: str | None = None, image_size: int = 32, hflip: bool = Tru
 
 imagefolder.num_classes = _count_classes
 imagefolder.check = _check
+imagefolder.fingerprint = _fingerprint

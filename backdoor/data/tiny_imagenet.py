@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from backdoor.data import Dataset, Split, register_dataset
-from backdoor.data._files import check_image_size, natural_key, not_found, read_images, resolve_root
+from backdoor.data._files import (all_files, check_image_size, files_fingerprint, natural_key, not_found, read_images,
+                                  resolve_root)
 
 FOLDER = "tiny-imagenet-200"
 NUM_CLASSES = 200
@@ -56,6 +57,15 @@ def _check(root: str | None = None, image_size: int = 64) -> int:
     """What the matrix loader checks: the parameters and that the files are there. Returns the image side."""
     _locate(root, image_size)
     return image_size
+
+
+def _fingerprint(params: dict) -> dict:
+    """A cache fingerprint of the dataset folder's files (None while it is missing or a parameter is bad)."""
+    try:
+        _, directory = _locate(**params)
+    except (OSError, ValueError, TypeError):
+        return {"files": None}
+    return {"files": files_fingerprint([p for part in _parts(directory) for p in all_files(part)], directory)}
 
 
 @register_dataset("tiny_imagenet")
@@ -106,3 +116,4 @@ def tiny_imagenet(root: str | None = None, image_size: int = 64) -> Dataset:
 
 tiny_imagenet.num_classes = NUM_CLASSES
 tiny_imagenet.check = _check
+tiny_imagenet.fingerprint = _fingerprint

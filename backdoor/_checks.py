@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
 import os
 import types
@@ -40,11 +41,16 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_finite_number(value: Any) -> bool:
+    """A number (not a bool) that is neither NaN nor infinite."""
+    return is_number(value) and math.isfinite(value)
+
+
 def _matches(value: Any, kind: type) -> bool:
     if kind is int:
         return is_int(value)
     if kind is float:
-        return is_number(value)
+        return is_finite_number(value)
     if kind is bool:
         return isinstance(value, bool)
     if kind is str:
@@ -77,7 +83,12 @@ def check_annotated(owner: str, func: Callable, args: tuple = (), kwargs: dict[s
     for name, value in bound.items():
         kinds = _simple_kinds(hints.get(name))
         if kinds is not None and not any(_matches(value, k) for k in kinds):
-            raise ParameterError(owner, name, value, " or ".join(_DESCRIBE[k] for k in kinds))
+            raise ParameterError(owner, name, value, " or ".join(_describe(k, value) for k in kinds))
+
+
+def _describe(kind: type, value: Any) -> str:
+    """What a simple type allows, in words; "a finite number" where the value is a number that is not."""
+    return "a finite number" if kind is float and is_number(value) else _DESCRIBE[kind]
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int | None = None, optional: bool = False) -> None:
@@ -91,16 +102,18 @@ def check_int(owner: str, name: str, value: Any, minimum: int | None = None, opt
 
 def check_number(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
-    """A number (not a bool) in the interval given by ``low``/``high`` (open ends where said)."""
+    """A finite number (not a bool, NaN or infinity) in the interval given by ``low``/``high`` (open ends where
+    said)."""
     if optional and value is None:
         return
-    ok = is_number(value)
+    ok = is_finite_number(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        raise ParameterError(owner, name, value, "a number" + _interval(low, high, low_open, high_open)
+        number = "a finite number" if is_number(value) and not math.isfinite(value) else "a number"
+        raise ParameterError(owner, name, value, number + _interval(low, high, low_open, high_open)
                              + (" or null" if optional else ""))
 
 

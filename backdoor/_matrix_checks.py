@@ -21,12 +21,19 @@ from backdoor.models import create_model
 Fail = Callable[[str, str], Exception]  # (key, message) -> the error to raise
 
 
+MAX_YAML_NODES = 100_000  # values of a matrix once its aliases are expanded (an alias bomb asks for billions)
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader, except that a mapping naming one key twice is an error (not last-one-wins)."""
+    """PyYAML's SafeLoader, except that a mapping naming one key twice is an error (not last-one-wins); keys
+    merged in with ``<<:`` may be overridden, as YAML says."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG:
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 first = seen.get(key)
@@ -39,13 +46,57 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def check_folder_name(name: Any, fail: Fail) -> str:
-    """A results folder name: one plain path component, so records stay inside the results root."""
+def expanded_size(node: yaml.Node, limit: int) -> int:
+    """How many values ``node`` stands for once every alias is expanded (counted in linear time over the shared
+    nodes; stops counting past ``limit``)."""
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) not in sizes:
+            sizes[id(n)] = limit + 1  # a recursive alias is as bad as a bomb
+            children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else \
+                n.value if isinstance(n, yaml.SequenceNode) else []
+            total = 1
+            for child in children:
+                total += size(child)
+                if total > limit:
+                    break
+            sizes[id(n)] = total
+        return sizes[id(n)]
+
+    return size(node)
+
+
+def load_yaml(text: str):
+    """The matrix's YAML through ``UniqueKeyLoader``, refusing before construction a document that stands for
+    more than ``MAX_YAML_NODES`` values (an alias bomb would take minutes and all memory to expand)."""
+    loader = UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        count = expanded_size(node, MAX_YAML_NODES)
+        if count > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"the document expands to more than {MAX_YAML_NODES} values (aliases included); "
+                                 "expected a matrix of ordinary size")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+NAME_LENGTH = 100  # characters of a results folder or user model name (file systems allow 255 bytes)
+NAME_FORBIDDEN = '/\\:*?"<>|~'
+
+
+def check_folder_name(name: Any, fail: Fail, key: str = "name") -> str:
+    """A results folder name: one plain path component that every file system accepts, so records stay inside
+    the results root: printable, at most ``NAME_LENGTH`` characters, none of ``NAME_FORBIDDEN``."""
     plain = (isinstance(name, str) and name.strip() == name and name not in ("", ".", "..")
-             and not name.startswith(".") and not any(c in name for c in "/\\\0"))
+             and not name.startswith(".") and name.isprintable() and len(name) <= NAME_LENGTH
+             and not any(c in name for c in NAME_FORBIDDEN))
     if not plain:
-        raise fail("name", f"{name!r} is not allowed; expected a plain folder name (no '/', '\\', leading '.', "
-                           "'.' or '..')")
+        raise fail(key, f"{name!r} is not allowed; expected a plain folder name of at most {NAME_LENGTH} printable "
+                        f"characters, none of {' '.join(NAME_FORBIDDEN)} (and not a leading '.', '.' or '..')")
     return name
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from backdoor.launch import grid_command
+from backdoor.launch import grid_command, run_in_own_group
 
 
 RUN_OPTIONS = {  # backdoor run option -> (pytest option, default, help)
@@ -40,7 +39,26 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     command = grid_command(matrix, [*forwarded, "--regression", regression, *extra])
     print(f"backdoor run: results in {Path(args.results_dir).resolve()}, cache in {Path(args.cache_dir).resolve()}",
           file=sys.stderr, flush=True)
-    return subprocess.call(command)
+    return run_in_own_group(command, lambda name: _after_signal(name, matrix, Path(args.results_dir).resolve()))
+
+
+def _after_signal(name: str, matrix: Path, results: Path) -> None:
+    """A run stopped by a signal: its finished records stay; the leaderboard is rendered from them; one line."""
+    from backdoor.matrix import MatrixError, load_matrix
+    from backdoor.results import RECORDS, write_leaderboard
+
+    try:
+        folder = results / load_matrix(matrix, check_data=False).name
+    except (MatrixError, OSError):
+        folder = results / matrix.stem
+    kept = "no record was finished"
+    if (folder / RECORDS).exists():
+        try:
+            md, _ = write_leaderboard(folder)
+            kept = f"finished records kept in {folder / RECORDS}; leaderboard re-rendered: {md}"
+        except (OSError, ValueError) as e:
+            kept = f"finished records kept in {folder / RECORDS}; leaderboard not rendered ({e})"
+    print(f"backdoor run: stopped by {name}; every process of the run ended; {kept}", file=sys.stderr, flush=True)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

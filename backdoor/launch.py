@@ -7,8 +7,15 @@ the current folder runs but the matrix it names. Results and cache default to th
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+GRACE_SECONDS = 20.0  # after a forwarded signal, how long the run may take to stop before it is killed
 
 
 def grid_command(matrix: Path, extra: list[str]) -> list[str]:
@@ -32,3 +39,43 @@ def workers_of(extra: list[str]) -> int:
         if value is not None:
             return int(value) if value.isdigit() else 1
     return 1
+
+
+def run_in_own_group(command: list[str], on_stop: Callable[[str], None]) -> int:
+    """Run ``command`` (pytest) as the leader of its own process group, which its xdist workers join. SIGTERM,
+    SIGINT and SIGHUP to this process are forwarded to the whole group (a second one, or ``GRACE_SECONDS``
+    without an end, kills the group), so no worker runs on; then ``on_stop(signal name)`` runs and the exit
+    status is 128 + the signal's number. Otherwise pytest's own exit status is returned."""
+    child = subprocess.Popen(command, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        _signal_group(child.pid, signum if len(received) == 1 else signal.SIGKILL)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        status = _wait(child, received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not received:
+        return status
+    _signal_group(child.pid, signal.SIGKILL)  # whatever of the group is left (a worker that caught SIGINT)
+    on_stop(signal.Signals(received[0]).name)
+    return 128 + received[0]
+
+
+def _wait(child: subprocess.Popen, received: list[int]) -> int:
+    while True:
+        try:
+            return child.wait(timeout=GRACE_SECONDS if received else None)
+        except subprocess.TimeoutExpired:
+            _signal_group(child.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):  # the group has ended
+        pass

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from backdoor._matrix_checks import UniqueKeyLoader, build_all, check_folder_name, check_train_types
+from backdoor._checks import ParameterError, check_int, check_number
+from backdoor._matrix_checks import build_all, check_folder_name, check_train_types, load_yaml
 from backdoor._registry import Registry, UnknownNameError
 from backdoor.attacks import ATTACKS
 from backdoor.data import DATASETS, num_classes_of
@@ -52,6 +53,17 @@ TOP_LEVEL_KEYS = {
     "regression": "regression policy: calibrate (numerics variant -> seeds) and checks (attack/defense -> metric -> "
                   "band, off or a claim such as '<= 0.3')",
 }
+
+
+# training key -> (kind, low, low open, high, high open): the values a budget allows (integers: >= low)
+TRAIN_RANGES = {"epochs": ("int", 1, False, None, False), "batch_size": ("int", 1, False, None, False),
+                "crop_padding": ("int", 0, False, None, False),  # and at most the image side (_check_crop_padding)
+                "lr": ("number", 0, True, None, False), "momentum": ("number", 0, False, 1, True),
+                "weight_decay": ("number", 0, False, None, False), "clean_fraction": ("number", 0, True, 1, False)}
+
+
+MAX_SEEDS = 1000  # seeds of one matrix (a count of 10^8 once built 3 x 10^8 cases before anything ran)
+MAX_CASES = 100_000  # cases of one matrix, counted before they are built
 
 
 class MatrixError(ValueError):
@@ -159,6 +171,9 @@ def _named_axis(path: Path, key: str, value: Any, registry: Registry, glob: bool
             raise _fail(path, key, f"{pattern!r} is not a registered {registry.family}; "
                                    f"allowed: {', '.join(registry.names())}") from e
         for name in names:
+            if name in out:
+                raise _fail(path, f"{key}.{pattern}", f"names {name!r} again (an earlier entry already does); "
+                                                      "expected each name once, by one entry or one wildcard")
             allowed = _allowed_params(registry.get(name), set(reserved))
             unknown = sorted(set(params) - allowed) if allowed is not None else []
             if unknown:
@@ -176,13 +191,14 @@ def _train_config(path: Path, key: str, value: Any, base: TrainConfig, extra: se
     if unknown:
         raise _fail(path, key, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
     check_train_types(key, value, lambda k, message: _fail(path, k, message))
-    for name in ("epochs", "batch_size", "crop_padding"):
-        if name in value and (not isinstance(value[name], int) or isinstance(value[name], bool) or value[name] < 0
-                              or (name != "crop_padding" and value[name] == 0)):
-            raise _fail(path, f"{key}.{name}", f"{value[name]!r} is not allowed; expected a positive integer")
-    for name in ("lr", "momentum", "weight_decay"):
-        if name in value and (not isinstance(value[name], (int, float)) or value[name] < 0):
-            raise _fail(path, f"{key}.{name}", f"{value[name]!r} is not allowed; expected a number >= 0")
+    for name, (kind, low, low_open, high, high_open) in TRAIN_RANGES.items():
+        if name in value:
+            try:
+                check = check_int if kind == "int" else check_number
+                check(key, name, value[name], low, **({} if kind == "int" else dict(
+                    low_open=low_open, high=high, high_open=high_open)))
+            except ParameterError as e:
+                raise _fail(path, f"{key}.{name}", e.detail) from None
     if "schedule" in value and value["schedule"] not in ("cosine", "constant"):
         raise _fail(path, f"{key}.schedule", f"{value['schedule']!r} is not allowed; expected cosine or constant")
     rest = {k: value[k] for k in extra if k in value}
@@ -193,11 +209,16 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
     """Load and validate a matrix; ``check_data=False`` skips only the check that datasets' files exist."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if not path.is_file():
+            raise MatrixError(f"{path}: cannot read the matrix file (not a regular file); expected a YAML file")
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise MatrixError(f"{path}: cannot read the matrix file ({e.strerror})") from e
+        raise MatrixError(f"{path}: cannot read the matrix file ({e.strerror}); expected a readable YAML file") from e
+    except UnicodeDecodeError as e:
+        raise MatrixError(f"{path}: cannot read the matrix file (byte {e.start} is not UTF-8: {e.reason}); expected "
+                          "UTF-8 text") from None
     try:
-        raw = yaml.load(text, Loader=UniqueKeyLoader)
+        raw = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -257,13 +278,17 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
     name = check_folder_name(raw.get("name", path.stem), lambda k, message: _fail(path, k, message))
     cap_ratio = bool(raw.get("cap_ratio", False))
     fail = lambda k, message: _fail(path, k, message)  # noqa: E731
+    for label in user_entries:
+        check_folder_name(label, fail, f"models.{label}")
     user_models = {label: parse_user_model(path.parent, label, entry, fail, lambda name: name in MODELS, target,
                                            list(datasets)) for label, entry in user_entries.items()}
     sides = build_all(datasets, models, {a: _capped(p, cap_ratio) for a, p in attacks.items()}, defenses, target,
                       fail, check_data=check_data)
+    _check_crop_padding(path, sides, {"training": training, "defense_training": defense_training,
+                                      **{f"attacks.{a}.training": t for a, t in attack_training.items()}})
     for um in user_models.values():
         check_user_model(um, num_classes_of(um.dataset, datasets[um.dataset]), sides.get(um.dataset), fail)
-    return Matrix(
+    matrix = Matrix(
         path=path, name=name, description=str(raw.get("description", "")), datasets=datasets, models=models,
         attacks=attacks, defenses=defenses, poison_ratios=ratios, seeds=seeds, target=target,
         cap_ratio=cap_ratio, reference=bool(raw.get("reference", True)),
@@ -275,6 +300,45 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         user_models=user_models,
         benign=benign,
     )
+    check_cases(matrix)
+    return matrix
+
+
+def case_count(matrix: Matrix) -> int:
+    """How many cases ``matrix.cases()`` builds, counted without building them."""
+    per_seed = (1 + len(matrix.benign)) * matrix.reference + \
+        len(matrix.poison_ratios) * len(matrix.attacks) * len(matrix.defenses)
+    grid = len(matrix.datasets) * len(matrix.models) * len(matrix.seeds) * per_seed
+    return grid + len(matrix.user_models) * len(matrix.seeds) * len(matrix.defenses)
+
+
+def check_cases(matrix: Matrix) -> None:
+    """At most ``MAX_CASES`` cases, each with its own id (two cases with one id would keep one record)."""
+    count = case_count(matrix)
+    if count > MAX_CASES:
+        raise _fail(matrix.path, "seeds" if len(matrix.seeds) > 1 else "poison_ratios",
+                    f"the matrix has {count} cases; expected at most {MAX_CASES} (seeds x datasets x models x "
+                    "ratios x attacks x defenses)")
+    seen: set[str] = set()
+    for case in matrix.cases():
+        if case.case_id in seen:
+            raise _fail(matrix.path, "models" if case.user_model else "poison_ratios",
+                        f"two cases would share the id {case.case_id!r} (and one record); expected distinct names "
+                        "and values")
+        seen.add(case.case_id)
+
+
+def _check_crop_padding(path: Path, sides: dict[str, int | None], budgets: dict[str, TrainConfig]) -> None:
+    """A random crop pads each side by ``crop_padding`` pixels: more than the image side only allocates (a
+    5000-pixel padding of 32x32 images asked for 154 GB) and crops windows of padding alone."""
+    known = {name: side for name, side in sides.items() if side is not None}
+    if not known:
+        return
+    dataset, side = min(known.items(), key=lambda item: item[1])
+    for key, budget in budgets.items():
+        if budget.crop_padding > side:
+            raise _fail(path, f"{key}.crop_padding", f"{budget.crop_padding!r} is not allowed; expected an integer "
+                                                     f"in [0, {side}] (at most the image side of {dataset})")
 
 
 def _benign(path: Path, raw: dict, defenses: dict[str, dict]) -> tuple[str, ...]:
@@ -328,13 +392,15 @@ def parse_seeds(value: Any, fail=MatrixError) -> list[int]:
         except ValueError:
             raise fail(f"{value!r} is not allowed; expected a count n (seeds 0..n-1) or integers separated by commas") from None
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise fail(f"{value!r} is not allowed; a seed count must be at least 1")
+        if not 1 <= value <= MAX_SEEDS:
+            raise fail(f"{value!r} is not allowed; expected a seed count in [1, {MAX_SEEDS}]")
         return list(range(value))
     if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
         raise fail(f"{value!r} is not allowed; expected a count n (seeds 0..n-1) or a non-empty list of integers")
     if len(set(value)) != len(value):
         raise fail(f"{value!r} is not allowed; a seed is listed twice")
+    if len(value) > MAX_SEEDS:
+        raise fail(f"{len(value)} seeds are not allowed; expected at most {MAX_SEEDS}")
     return list(value)
 
 
@@ -353,9 +419,18 @@ def _split_attack_training(path: Path, value: Any) -> tuple[Any, dict]:
 
 
 def _ratios(path: Path, value: Any) -> list[float]:
+    """Ratios in (0, 1], each given once, and distinct as case ids show them (``p{ratio:g}``: 6 significant
+    digits), so that two ratios never share one case id (and one record)."""
     if not isinstance(value, list) or not value:
         raise _fail(path, "poison_ratios", f"{value!r} is not allowed; expected a non-empty list of numbers in (0, 1]")
+    seen: dict[str, float] = {}
     for r in value:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
             raise _fail(path, "poison_ratios", f"{r!r} is outside the allowed range (0, 1]")
+        if f"{r:g}" in seen:
+            twin = seen[f"{r:g}"]
+            raise _fail(path, "poison_ratios", f"{r!r} is not allowed; " + (
+                "it is listed twice" if twin == r else f"it gives the same case id (p{r:g}) as {twin!r}")
+                + "; expected distinct ratios that differ in their first 6 significant digits")
+        seen[f"{r:g}"] = r
     return [float(r) for r in value]

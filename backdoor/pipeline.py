@@ -112,6 +112,15 @@ def benign_figures(record: dict) -> dict:
             "flagged_classes": info.get("flagged_classes") if "detected" in info else None}
 
 
+def collapsed(clean_pred: torch.Tensor, labels: torch.Tensor) -> dict:
+    """``{"collapsed_to": k}`` when a model predicts one class k for every clean test image of a test set holding
+    several classes (a broken model: its ASR is 1 for k's trigger and means nothing; the leaderboard marks it),
+    else nothing (records of working models are unchanged)."""
+    if len(clean_pred) and len(labels.unique()) > 1 and len(clean_pred.unique()) == 1:
+        return {"collapsed_to": int(clean_pred[0])}
+    return {}
+
+
 def numerics_key() -> dict[str, str]:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), **numerics_env()}
 
@@ -397,13 +406,14 @@ class Runner:
         images with their true labels: the non-target ones, or all for all-to-all) ASR, R-Acc and the
         target-class figures."""
         clean_pred = predict(model, data.test.x, device=self.device)
+        mark = collapsed(clean_pred, data.test.y)
         if attack is None and poisoned_test is None:
-            return {"c_acc": float((clean_pred == data.test.y).float().mean()), "asr": None, "r_acc": None}
+            return {"c_acc": float((clean_pred == data.test.y).float().mean()), "asr": None, "r_acc": None, **mark}
         if poisoned_test is None:
             poisoned_test = attack.poison_test(data.test)
         m = backdoor_metrics(clean_pred, data.test.y, predict(model, poisoned_test.x, device=self.device),
                              poisoned_test.y, attack_labels(target, poisoned_test.y, data.num_classes))
-        return {**m.to_dict(), **target_class_figures(clean_pred, data.test.y, target, data.num_classes)}
+        return {**m.to_dict(), **target_class_figures(clean_pred, data.test.y, target, data.num_classes), **mark}
 
     def _record(self, case: Case, data: Dataset, attack: Attack | None, poisoned: PoisonedSet | None,
                 result: dict, log_: StageLog) -> dict:

@@ -65,6 +65,18 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def strict_json(value):
+    """``value`` with every NaN or infinite float replaced by None, so that it is strict JSON (json.dumps would
+    write bare NaN / Infinity, which other JSON readers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def record_problem(record) -> str | None:
     """What keeps a parsed JSON value from being a record, in words; None for a well-formed record."""
     if not isinstance(record, dict):
@@ -178,6 +190,51 @@ def read_records(folder: str | Path) -> list[dict]:
     return [record for _, _, record in good]
 
 
+class ResultsFolderError(OSError):
+    """The results folder cannot take records; the message is one line naming it and why."""
+
+
+def prepare_results_folder(folder: str | Path) -> int:
+    """Before any case runs: the folder exists (created if need be) and a file can be written in it, else
+    ``ResultsFolderError`` names it; temp files of record writes that were killed (``.records.jsonl.*.tmp``,
+    which a writer keeps only while it holds the records lock) are removed under that lock. Returns how many."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe.{uuid.uuid4().hex[:8]}.tmp"
+        probe.write_bytes(b"0" * 4096)  # a full disk fails here too, not after the first case
+        probe.unlink()
+        with FileLock(str(folder / RECORDS) + ".lock"):
+            stale = sorted(folder.glob(f".{RECORDS}.*.tmp"))
+            for tmp in stale:
+                tmp.unlink()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ResultsFolderError(f"results folder {folder}: cannot be written ({reason}); expected a writable "
+                                 "folder (--results-dir or BACKDOOR_RESULTS)") from None
+    return len(stale)
+
+
+def other_matrix_hashes(folder: str | Path, digest: str) -> set[str]:
+    """The matrix hashes of ``folder``'s records that are not ``digest``: records of another matrix (or of an
+    earlier version of the file) under the same name."""
+    path = Path(folder) / RECORDS
+    if not path.exists():
+        return set()
+    good, _ = _scan(path)
+    return {h for _, _, r in good if (h := (r.get("provenance") or {}).get("matrix_hash")) and h != digest}
+
+
+def set_records_aside(folder: str | Path) -> Path:
+    """Move ``records.jsonl`` to ``records.replaced-<UTC time>.jsonl`` (nothing is deleted); returns where."""
+    path = Path(folder) / RECORDS
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"records.replaced-{stamp}.jsonl")
+    with FileLock(str(path) + ".lock"):
+        os.replace(path, target)
+    return target
+
+
 def upsert_records(folder: str | Path, new: list[dict]) -> None:
     """Add records, replacing those with the same ``case_id``; all other records are kept. Damaged lines of the
     file (unreadable, or JSON that is not a record) are moved to ``records.damaged.jsonl`` with one warning, so
@@ -195,8 +252,8 @@ def upsert_records(folder: str | Path, new: list[dict]) -> None:
             _warn_once(path, bad, f"moved to {side}")
         by_id = {record["case_id"]: record for _, _, record in good}
         for record in new:
-            by_id[record["case_id"]] = record
-        _atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in by_id.values()))
+            by_id[record["case_id"]] = strict_json(record)
+        _atomic_write(path, "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in by_id.values()))
 
 
 def _order(values, preferred: list[str]) -> list:
@@ -241,6 +298,7 @@ def cell_summaries(records: list[dict]) -> dict[tuple, dict]:
     for key, rs in cells.items():
         ok = [r for r in rs if r.get("status") == "ok"]
         out[key] = {"status": "ok" if ok else "n/a", "n": len(ok),
+                    "collapsed": sorted({r["collapsed_to"] for r in ok if r.get("collapsed_to") is not None}),
                     **{m: summarize(r.get(m) for r in ok) for m in (*METRIC_TITLES, *TARGET_FIGURES)},
                     "seconds": summarize((defense_seconds(r) for r in ok), bounds=None)}
     return out
@@ -270,12 +328,21 @@ def degenerate(cell: dict | None, undefended: dict | None) -> str | None:
     the clean accuracy is gone."""
     if not cell or cell["status"] != "ok":
         return None
+    if cell.get("collapsed"):
+        return collapsed_reason(cell)
     if cell.get("target_acc") is not None and cell["target_acc"].mean < ERASED_TARGET:
         return f"target class erased (its clean accuracy {100 * cell['target_acc'].mean:.1f}%)"
     before = (undefended or {}).get("c_acc")
     if before is not None and cell.get("c_acc") is not None and cell["c_acc"].mean < LOST_ACCURACY * before.mean:
         return f"most clean accuracy lost (C-Acc {100 * cell['c_acc'].mean:.1f}% against {100 * before.mean:.1f}%)"
     return None
+
+
+def collapsed_reason(cell: dict | None) -> str | None:
+    """A cell with a model that predicts one class for every clean test image (on some seed): never a backdoor."""
+    if not cell or not cell.get("collapsed"):
+        return None
+    return f"the model predicts one class for every input (class {', '.join(map(str, cell['collapsed']))})"
 
 
 def retrained_on_fixed_poison(records: list[dict]) -> set[tuple[str, str]]:
@@ -314,7 +381,7 @@ def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFram
         for defense in defenses:
             cell = summaries.get((row.dataset, row.model, row.poison_ratio, row.attack, defense))
             title = DEFENSE_TITLES.get(defense, defense)
-            flag = degenerate(cell, undefended) if defense != "none" else None
+            flag = degenerate(cell, undefended) if defense != "none" else collapsed_reason(cell)
             for (sub, value) in _cell_columns(cell, numeric, timed=defense != "none"):
                 if flag and not numeric and sub == "ASR":
                     value += " †"
@@ -400,7 +467,7 @@ def target_frame(records: list[dict]) -> pd.DataFrame | None:
         if cell.get("target_acc") is None and cell.get("target_base_rate") is None:
             continue
         dataset, model, ratio, attack, defense = key
-        flag = degenerate(cell, summaries.get((*key[:4], "none"))) if defense != "none" else None
+        flag = degenerate(cell, summaries.get((*key[:4], "none"))) if defense != "none" else collapsed_reason(cell)
         rows.append({"Dataset": dataset, "Model": model, "Ratio": _ratio_text(ratio), "Attack": titles[attack],
                      "Defense": DEFENSE_TITLES.get(defense, defense), "ASR": _cell_text(cell["asr"]),
                      "Base rate": _cell_text(cell["target_base_rate"]), "Target acc": _cell_text(cell["target_acc"]),

@@ -11,6 +11,7 @@ attention transfer).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable
 
@@ -50,6 +51,10 @@ class TrainConfig:
 
     def with_(self, **changes) -> "TrainConfig":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+class NonFiniteLossError(ArithmeticError):
+    """Training diverged: an epoch's mean loss is NaN or infinite (the case stops; nothing is cached or scored)."""
 
 
 class TrainHooks:
@@ -153,6 +158,10 @@ def fit(model: nn.Module, data: Split, config: TrainConfig, *, device: torch.dev
         if scheduler is not None:
             scheduler.step()
         mean_loss = float(total_loss) / seen
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(f"{desc}: the training loss is {mean_loss} after epoch {epoch + 1} of "
+                                     f"{config.epochs} (lr {config.lr}, batch {config.batch_size}): training diverged; "
+                                     "nothing was cached or recorded. Lower the learning rate or check the data")
         history.append({"epoch": epoch, "loss": mean_loss})
         bar.set_postfix(loss=f"{mean_loss:.3f}")
     hooks.on_train_end()

@@ -29,6 +29,7 @@ network takes [0, 1] images); or explicit per-channel lists. BackdoorBench norma
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any, Callable
 
 import torch
 
-from backdoor._checks import ParameterError, is_number
+from backdoor._checks import ParameterError, is_finite_number
 from backdoor.cache import memo_file_sha256
 from backdoor.checkpoints import (BACKDOORBENCH_ARCHS, CheckpointError, checkpoint_format,
                                   map_names, read_backdoorbench, read_state_dict,
@@ -143,6 +144,8 @@ def parse_user_model(base: Path, label: str, entry: dict, fail: Fail, registered
     checkpoint = _path(base, entry["checkpoint"], fail, f"{key}.checkpoint")
     try:
         fmt = checkpoint_format(checkpoint)
+        if fmt.kind in ("safetensors", "export"):
+            safetensors_shapes(fmt.weights)  # a truncated file or a forged header length stops here, in one line
     except CheckpointError as e:
         raise fail(f"{key}.checkpoint", str(e)) from None
     described = _export_description(checkpoint) if fmt.kind == "export" else None
@@ -222,13 +225,16 @@ def _normalize(checkpoint: Path, fmt, value: Any, fail: Fail, key: str):
         if stats is None:
             raise fail(key, "checkpoint: the checkpoint has no mean/std buffers (it is not a backdoor-bench "
                             "Classifier state dict); use dataset, none or {mean: [...], std: [...]}")
+        if not all(math.isfinite(v) for v in stats[0] + stats[1]) or not all(v > 0 for v in stats[1]):
+            raise fail(key, f"checkpoint: the checkpoint's buffers mean {list(stats[0])}, std {list(stats[1])} are "
+                            "not allowed; expected finite values, std > 0")
         return stats
     if isinstance(value, dict) and set(value) == {"mean", "std"}:
         mean, std = value["mean"], value["std"]
         if not (isinstance(mean, list) and isinstance(std, list) and mean and len(mean) == len(std)
-                and all(is_number(v) for v in mean + std) and all(v > 0 for v in std)):
+                and all(is_finite_number(v) for v in mean + std) and all(v > 0 for v in std)):
             raise fail(key, f"{value!r} is not allowed; expected mean and std as lists of the same length "
-                            "(one number per channel), std > 0")
+                            "(one finite number per channel), std > 0")
         return tuple(float(v) for v in mean), tuple(float(v) for v in std)
     raise fail(key, f"{value!r} is not allowed; expected dataset, none, checkpoint or {{mean: [...], std: [...]}}")
 
@@ -342,9 +348,18 @@ def check_user_model(um: UserModel, num_classes: int | None, image_side: int | N
     else:
         shapes = {k: tuple(v.shape) for k, v in _state(um.checkpoint)[0].items()}
     try:
-        net_mapping(shapes, {k: tuple(v.shape) for k, v in model.net.state_dict().items()}, f"{um.checkpoint}")
+        mapping = net_mapping(shapes, {k: tuple(v.shape) for k, v in model.net.state_dict().items()},
+                              f"{um.checkpoint}")
     except CheckpointError as e:
         raise fail(f"{key}.checkpoint", str(e)) from None
+    problem = weights_problem(classifier_parts(_state(um.checkpoint)[0]), mapping, model.net.state_dict())
+    if problem is not None:
+        raise fail(f"{key}.checkpoint", f"{um.checkpoint}: {problem}")
+    for part, file in (("poisoned_train", um.poisoned_train), ("trigger", um.trigger[1] if um.trigger else None)):
+        if isinstance(file, Path) and file.suffix == ".safetensors":
+            problem = tensor_file_problem(file, num_classes, image_side)
+            if problem is not None:
+                raise fail(f"{key}.{part}", f"{file}: {problem}")
     if um.trigger is not None and um.trigger[0] == "attack":
         try:
             attack = ATTACKS.create(um.trigger[1], target=um.target, **um.trigger[2])
@@ -367,6 +382,39 @@ def _state_cached(path: str, size: int, mtime: int) -> tuple[dict, str]:
 def _state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     stat = Path(path).stat() if Path(path).is_file() else (Path(path) / "model.safetensors").stat()
     return _state_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def tensor_file_problem(path: Path, num_classes: int | None, image_side: int | None) -> str | None:
+    """Why a supplied image file (``x`` uint8 [N, C, H, W], ``y`` [N]) cannot be used, or None: no images, images
+    of another size than the dataset's, or a label outside the classes. Read whole at load (labels decide
+    allocations and indexing later)."""
+    tensors = _read_tensors(path)
+    x, y = tensors["x"], tensors["y"]
+    if len(x) == 0:
+        return "holds no images; expected at least one"
+    if image_side is not None and tuple(x.shape[2:]) != (image_side, image_side):
+        return f"images are {x.shape[2]}x{x.shape[3]} pixels; expected the dataset's {image_side}x{image_side}"
+    if y.is_floating_point() or y.dtype == torch.bool:
+        return f"labels y are {str(y.dtype).removeprefix('torch.')}; expected integer class indices"
+    classes = num_classes or 10
+    if int(y.min()) < 0 or int(y.max()) >= classes:
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        return f"label {bad} is not allowed; expected class indices 0..{classes - 1}"
+    return None
+
+
+def weights_problem(state: dict, mapping: dict[str, str], ours: dict) -> str | None:
+    """Why the checkpoint's tensors cannot be the weights (None when they can): a floating-point weight stored as
+    integers or booleans (a cast or a wrong file: all-zero int64 weights score as a model predicting one class),
+    or a weight holding NaN or infinity."""
+    for our_name, their_name in mapping.items():
+        tensor, expected = state[their_name], ours[our_name]
+        if expected.is_floating_point() and not tensor.is_floating_point():
+            return (f"tensor {their_name!r} is {str(tensor.dtype).removeprefix('torch.')}; expected floating-point "
+                    f"weights ({str(expected.dtype).removeprefix('torch.')})")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"tensor {their_name!r} holds NaN or infinite values; expected finite weights"
+    return None
 
 
 def classifier_parts(state: dict) -> dict:

@@ -150,7 +150,8 @@ def test_grid_runs_through_a_damaged_records_file(tmp_path):
     with open(folder / "records.jsonl", "ab") as f:
         f.write(b"{}\n[1,2]\n" + GARBAGE + b"\n" + HALF_LINE)
     done = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--matrix", str(matrix),
-                           "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results"), "-q"],
+                           "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results"), "-q",
+                           "--other-records", "add"],  # the fixture's records are another matrix's
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 passed" in done.stdout

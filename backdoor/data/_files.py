@@ -85,25 +85,59 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: (natural_key(p.parent), natural_key(p)))
 
 
-def _image_error(path: Path, error: OSError) -> Exception:
+def _image_error(path: Path, error: Exception) -> Exception:
     if isinstance(error, FileNotFoundError):
         return DatasetNotFoundError(f"image file {path} is listed but missing")
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return ValueError(f"cannot decode image file {path}: {reason}")  # PIL's UnidentifiedImageError, truncation
 
 
+MAX_IMAGE_PIXELS = 50_000_000  # pixels of one image file (a 20000 x 20000 PNG would decode to 1.2 GB)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit (and 32-bit) grey images
+
+
 def check_image_files(paths: Sequence[Path], decode: bool) -> None:
-    """Open every image file with PIL (reads its header) and, with ``decode``, decode its pixels; the first
-    unreadable file raises one ValueError naming it."""
+    """Open every image file with PIL (reads its header: its size is bounded) and, with ``decode``, decode its
+    pixels (transparency is refused); the first unusable file raises one ValueError naming it."""
     from PIL import Image
 
     for path in paths:
         try:
             with Image.open(path) as im:
+                _check_size(path, im)
                 if decode:
                     im.load()
-        except OSError as e:
+                    _check_opaque(path, im)
+        except (OSError, Image.DecompressionBombError) as e:
             raise _image_error(path, e) from None
+
+
+def _check_size(path: Path, im) -> None:
+    if im.width * im.height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image file {path}: {im.width}x{im.height} pixels is not allowed; expected at most "
+                         f"{MAX_IMAGE_PIXELS} pixels per image")
+
+
+def _check_opaque(path: Path, im) -> None:
+    """An image with transparent pixels has no one RGB rendering (convert("RGB") keeps whatever colour they
+    hold): refused, naming the file; fully opaque alpha channels are fine."""
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        alpha = im.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            raise ValueError(f"image file {path} has transparent pixels (alpha < 255): not allowed; expected "
+                             "opaque images (flatten them onto a background first)")
+
+
+def to_rgb(im):
+    """A PIL image as 8-bit RGB: 16-bit grey images are scaled to 8 bits (convert("RGB") would clip them to 0 or
+    255), everything else through PIL's convert."""
+    from PIL import Image
+
+    if im.mode in SIXTEEN_BIT_MODES:  # "I" holds 16-bit PNGs too; one whose values fit 8 bits is taken as is
+        wide = np.asarray(im).astype(np.int64).clip(0, 65535)
+        sixteen = im.mode != "I" or wide.max(initial=0) > 255
+        im = Image.fromarray((wide >> 8 if sixteen else wide).astype(np.uint8), mode="L")
+    return im.convert("RGB")
 
 
 def read_images(paths: Sequence[Path], image_size: int, boxes: Sequence[tuple[int, int, int, int]] | None = None,
@@ -125,13 +159,15 @@ def read_images(paths: Sequence[Path], image_size: int, boxes: Sequence[tuple[in
         path = paths[i]
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                _check_size(path, im)
+                _check_opaque(path, im)
+                im = to_rgb(im)
                 if boxes is not None:
                     im = im.crop(boxes[i])
                 if im.size != (image_size, image_size):
                     im = im.resize((image_size, image_size), Image.BILINEAR)
                 slots[i] = np.asarray(im).transpose(2, 0, 1)
-        except OSError as e:  # missing, PIL's UnidentifiedImageError, truncated files: one line naming the file
+        except (OSError, Image.DecompressionBombError) as e:  # missing, unidentified, truncated: one line naming it
             raise _image_error(path, e) from None
 
     workers = max(1, min(torch.get_num_threads(), 16, len(paths)))

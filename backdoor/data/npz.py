@@ -189,6 +189,12 @@ def _class_count(labels: dict[str, np.ndarray], num_classes: int | None, file: P
             raise ValueError(f"npz: {file}: {key} holds the negative label {int(y.min())}; labels are class "
                              "indices 0..num_classes-1")
     largest = max(int(y.max()) for y in labels.values() if y.size)
+    samples = labels["y_train"].size if "y_train" in labels else max(y.size for y in labels.values())
+    if (num_classes if num_classes is not None else largest + 1) > samples:
+        what = f"num_classes {num_classes}" if num_classes is not None else \
+            f"the label {largest} (which makes {largest + 1} classes)"
+        raise ValueError(f"npz: {file}: {what} is not allowed; expected at most as many classes as the "
+                         f"{samples} training samples (class indices 0..K-1)")
     if num_classes is not None:
         for key, y in labels.items():
             if int(y.max()) >= num_classes:

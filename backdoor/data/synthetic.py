@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backdoor._checks import check_int, check_number
+from backdoor._checks import ParameterError, check_int, check_number
 from backdoor.data import Dataset, Split, channel_stats, register_dataset
 
 
@@ -32,12 +32,19 @@ def _samples(protos: torch.Tensor, n: int, noise: float, max_shift: int, g: torc
     return Split((images.clamp(0, 1) * 255).round().to(torch.uint8), y)
 
 
+MAX_BYTES = 4 << 30  # the uint8 images of both splits (generated as float first: 4x that, briefly)
+
+
 def _check(num_classes: int = 10, train_size: int = 1000, test_size: int = 200, image_size: int = 32,
            noise: float = 0.1, max_shift: int = 2, seed: int = 0) -> int:
     """Every parameter's range (no data is generated); returns the image side."""
     check_int("synthetic", "num_classes", num_classes, minimum=2)
     for name, value in (("train_size", train_size), ("test_size", test_size), ("image_size", image_size)):
         check_int("synthetic", name, value, minimum=1)
+    pixels = (train_size + test_size) * 3 * image_size * image_size
+    if pixels > MAX_BYTES:
+        raise ParameterError("synthetic", "train_size", train_size, f"sizes whose images fit in {MAX_BYTES >> 30} GiB "
+                             f"((train_size + test_size) x 3 x image_size^2 bytes; these need {pixels / 2**30:.0f} GiB)")
     check_number("synthetic", "noise", noise, low=0)
     check_int("synthetic", "max_shift", max_shift, minimum=0)
     check_int("synthetic", "seed", seed)

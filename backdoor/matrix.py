@@ -23,12 +23,12 @@ from backdoor._checks import ParameterError, check_int, check_number
 from backdoor._matrix_checks import build_all, check_folder_name, check_train_types, load_yaml
 from backdoor._registry import Registry, UnknownNameError
 from backdoor.attacks import ATTACKS
-from backdoor.data import DATASETS, num_classes_of
+from backdoor.data import DATASETS, num_classes_of, test_classes_of
 from backdoor.expectations import Regression, RegressionError, parse_regression
 from backdoor.defenses import DEFENSES
 from backdoor.models import MODELS
 from backdoor.pipeline import CLEAN, Case
-from backdoor.targets import target_problem
+from backdoor.targets import is_all_to_all, target_problem
 from backdoor.training import TrainConfig
 from backdoor.user_models import UserModel, check_user_model, is_user_entry, parse_user_model
 
@@ -233,61 +233,58 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         if required not in raw:
             raise _fail(path, required, f"missing ({TOP_LEVEL_KEYS[required]})")
 
-    datasets = _named_axis(path, "datasets", raw["datasets"], DATASETS, glob=False)
+    problems = Problems()
+    attempt = problems.attempt
+    datasets = attempt(lambda: _named_axis(path, "datasets", raw["datasets"], DATASETS, glob=False), {})
     registered_models, user_entries = _split_user_models(raw["models"])
-    models = {} if registered_models is None else _named_axis(path, "models", registered_models, MODELS, glob=False,
-                                                              reserved=frozenset({"num_classes", "seed"}))
-    if models:  # the grid's own models: attacks and ratios make their cases
-        for required in ("attacks", "poison_ratios"):
-            if required not in raw:
-                raise _fail(path, required, f"missing ({TOP_LEVEL_KEYS[required]})")
-    else:  # only models the user brings: nothing to attack, each model's trigger says how its test set is triggered
-        for key in ("attacks", "poison_ratios"):
-            if key in raw:
-                raise _fail(path, key, f"not used: every model of this matrix is a user model (a checkpoint), which "
-                                       "no attack trains; give each its trigger as models.<label>.trigger")
+    models = {} if registered_models is None else attempt(lambda: _named_axis(
+        path, "models", registered_models, MODELS, glob=False, reserved=frozenset({"num_classes", "seed"})), {})
+    attempt(lambda: _attack_keys_fit_models(path, raw, grid=registered_models is not None))
     attack_entries, training_overrides = _split_attack_training(path, raw.get("attacks", {}))
-    attacks = _named_axis(path, "attacks", attack_entries, ATTACKS, glob=True, reserved=frozenset({"target"})) \
-        if models else {}
-    defenses = _named_axis(path, "defenses", raw["defenses"], DEFENSES, glob=True)
-    ratios = _ratios(path, raw["poison_ratios"]) if models else []
-    seeds = parse_seeds(raw.get("seeds", [0]), lambda message: _fail(path, "seeds", message))
+    attacks = attempt(lambda: _named_axis(path, "attacks", attack_entries, ATTACKS, glob=True,
+                                          reserved=frozenset({"target"})), {}) if "attacks" in raw and models else {}
+    defenses = attempt(lambda: _named_axis(path, "defenses", raw["defenses"], DEFENSES, glob=True), {})
+    ratios = attempt(lambda: _ratios(path, raw["poison_ratios"]), []) if "poison_ratios" in raw and models else []
+    seeds = attempt(lambda: parse_seeds(raw.get("seeds", [0]), lambda message: _fail(path, "seeds", message)), [0])
     target = raw.get("target", 0)
-    for dataset, params in datasets.items():  # the type first (no class count), then each dataset's classes
-        problem = target_problem(target) or target_problem(target, num_classes_of(dataset, params), dataset)
-        if problem is not None:
-            raise _fail(path, "target", problem)
-    for flag in ("cap_ratio", "reference"):
-        if flag in raw and not isinstance(raw[flag], bool):
-            raise _fail(path, flag, f"{raw[flag]!r} is not allowed; expected true or false")
+    target_ok = attempt(lambda: _check_target(path, datasets, target), False) is None
+    attempt(lambda: _check_flags(path, raw))
 
-    training, _ = _train_config(path, "training", raw.get("training"), TrainConfig(), set())
-    attack_training = {}
-    for pattern, value in training_overrides.items():
-        for name in ATTACKS.expand([str(pattern)]):
-            attack_training[name], _ = _train_config(path, f"attacks.{name}.training", value, training, set())
-    defense_training, rest = _train_config(path, "defense_training", raw.get("defense_training"),
-                                           TrainConfig(batch_size=256), {"clean_fraction"})
+    training = attempt(lambda: _train_config(path, "training", raw.get("training"), TrainConfig(), set())[0],
+                       TrainConfig())
+    attack_training = attempt(lambda: _attack_training(path, training_overrides, training), {})
+    defense_training, rest = attempt(lambda: _train_config(path, "defense_training", raw.get("defense_training"),
+                                                           TrainConfig(batch_size=256), {"clean_fraction"}),
+                                     (TrainConfig(batch_size=256), {}))
     clean_fraction = rest.get("clean_fraction", 0.05)
-    if not isinstance(clean_fraction, (int, float)) or not 0 < clean_fraction <= 1:
-        raise _fail(path, "defense_training.clean_fraction", f"{clean_fraction!r} is not allowed; expected (0, 1]")
-    benign = _benign(path, raw, defenses)
+    benign = attempt(lambda: _benign(path, raw, defenses), ())
     expected = raw.get("expected")
     if expected is not None and not isinstance(expected, str):
-        raise _fail(path, "expected", f"{expected!r} is not allowed; expected a file name")
-    name = check_folder_name(raw.get("name", path.stem), lambda k, message: _fail(path, k, message))
+        attempt(lambda: _raise(_fail(path, "expected", f"{expected!r} is not allowed; expected a file name")))
+        expected = None
+    name = attempt(lambda: check_folder_name(raw.get("name", path.stem), lambda k, message: _fail(path, k, message)),
+                   "matrix")
     cap_ratio = bool(raw.get("cap_ratio", False))
     fail = lambda k, message: _fail(path, k, message)  # noqa: E731
-    for label in user_entries:
-        check_folder_name(label, fail, f"models.{label}")
-    user_models = {label: parse_user_model(path.parent, label, entry, fail, lambda name: name in MODELS, target,
-                                           list(datasets)) for label, entry in user_entries.items()}
-    sides = build_all(datasets, models, {a: _capped(p, cap_ratio) for a, p in attacks.items()}, defenses, target,
-                      fail, check_data=check_data)
-    _check_crop_padding(path, sides, {"training": training, "defense_training": defense_training,
-                                      **{f"attacks.{a}.training": t for a, t in attack_training.items()}})
+    user_models = {}
+    for label, entry in user_entries.items():
+        um = attempt(lambda: check_folder_name(label, fail, f"models.{label}") and parse_user_model(
+            path.parent, label, entry, fail, lambda name: name in MODELS, target, list(datasets)))
+        if um is not None:
+            user_models[label] = um
+    sides = {}
+    if target_ok:  # the attacks are built with the target: a bad one would be reported again for each
+        sides = attempt(lambda: build_all(datasets, models, {a: _capped(p, cap_ratio) for a, p in attacks.items()},
+                                          defenses, target, fail, check_data=check_data), {})
+        attempt(lambda: _check_test_split(path, datasets, target))
+    attempt(lambda: _check_crop_padding(path, sides, {"training": training, "defense_training": defense_training,
+                                                      **{f"attacks.{a}.training": t for a, t in attack_training.items()}}))
     for um in user_models.values():
-        check_user_model(um, num_classes_of(um.dataset, datasets[um.dataset]), sides.get(um.dataset), fail)
+        if um.dataset in datasets:
+            attempt(lambda: check_user_model(um, num_classes_of(um.dataset, datasets[um.dataset]),
+                                             sides.get(um.dataset), fail))
+    regression = attempt(lambda: _regression(path, raw.get("regression")), None)
+    problems.raise_if_any()
     matrix = Matrix(
         path=path, name=name, description=str(raw.get("description", "")), datasets=datasets, models=models,
         attacks=attacks, defenses=defenses, poison_ratios=ratios, seeds=seeds, target=target,
@@ -296,12 +293,74 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         attack_training=attack_training,
         expected_path=(path.parent / expected) if expected else None,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
-        regression=_regression(path, raw.get("regression")),
+        regression=regression,
         user_models=user_models,
         benign=benign,
     )
     check_cases(matrix)
     return matrix
+
+
+class Problems:
+    """Every problem of a matrix, found in one pass: each check runs through ``attempt``, which keeps its
+    ``MatrixError`` (one line) and goes on with a default; ``raise_if_any`` raises them together, one per line."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def attempt(self, check, default=None):
+        try:
+            return check()
+        except MatrixError as e:
+            if str(e) not in self.lines:
+                self.lines.append(str(e))
+            return default
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise MatrixError("\n".join(self.lines))
+
+
+def _raise(error: Exception):
+    raise error
+
+
+def _attack_keys_fit_models(path: Path, raw: dict, grid: bool) -> None:
+    """The grid's own models need attacks and ratios; a matrix of user models only takes neither."""
+    if grid:
+        for required in ("attacks", "poison_ratios"):
+            if required not in raw:
+                raise _fail(path, required, f"missing ({TOP_LEVEL_KEYS[required]})")
+        return
+    for key in ("attacks", "poison_ratios"):
+        if key in raw:
+            raise _fail(path, key, f"not used: every model of this matrix is a user model (a checkpoint), which "
+                                   "no attack trains; give each its trigger as models.<label>.trigger")
+
+
+def _check_target(path: Path, datasets: dict[str, dict], target: Any) -> None:
+    """The type first (no class count), then each dataset's classes."""
+    for dataset, params in datasets.items():
+        problem = target_problem(target) or target_problem(target, num_classes_of(dataset, params), dataset)
+        if problem is not None:
+            raise _fail(path, "target", problem)
+    if not datasets and target_problem(target) is not None:
+        raise _fail(path, "target", target_problem(target))
+
+
+def _check_flags(path: Path, raw: dict) -> None:
+    for flag in ("cap_ratio", "reference"):
+        if flag in raw and not isinstance(raw[flag], bool):
+            raise _fail(path, flag, f"{raw[flag]!r} is not allowed; expected true or false")
+
+
+def _attack_training(path: Path, overrides: dict, training: TrainConfig) -> dict[str, TrainConfig]:
+    """An attack's own training budget (``attacks.<name>.training``), over the matrix's."""
+    out = {}
+    for pattern, value in overrides.items():
+        for name in ATTACKS.expand([str(pattern)]):
+            out[name], _ = _train_config(path, f"attacks.{name}.training", value, training, set())
+    return out
 
 
 def case_count(matrix: Matrix) -> int:
@@ -326,6 +385,19 @@ def check_cases(matrix: Matrix) -> None:
                         f"two cases would share the id {case.case_id!r} (and one record); expected distinct names "
                         "and values")
         seen.add(case.case_id)
+
+
+def _check_test_split(path: Path, datasets: dict[str, dict], target: Any) -> None:
+    """An all-to-one target needs test images of other classes: the poisoned test set is made of them (an empty
+    one once failed in training.py with an IndexError)."""
+    if is_all_to_all(target):
+        return
+    for dataset, params in datasets.items():
+        classes = test_classes_of(dataset, params)
+        if classes is not None and classes <= {target}:
+            raise _fail(path, "target", f"{target!r} is not allowed for {dataset}: its test split holds class "
+                                        f"{target} only, so there is no test image of another class to trigger; "
+                                        "expected a test split with other classes")
 
 
 def _check_crop_padding(path: Path, sides: dict[str, int | None], budgets: dict[str, TrainConfig]) -> None:

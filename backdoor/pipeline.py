@@ -101,6 +101,22 @@ def target_class_poisoning(poisoned: PoisonedSet, data: Dataset, target: int) ->
     return out
 
 
+def thin_inputs(case: Case, data: Dataset, poisoned: PoisonedSet | None) -> list[str]:
+    """Warnings for inputs that run but can hardly mean anything: a ratio that poisons no training sample, a
+    defender's clean subset smaller than the class count, a target class absent from the test split."""
+    out = []
+    if poisoned is not None and poisoned.mask is not None and not bool(poisoned.mask.any()):
+        out.append(f"the poison ratio {case.ratio:g} poisons no training sample")
+    if case.defense != "none":
+        n = max(1, int(round(case.clean_fraction * len(data.train))))
+        if n < data.num_classes:
+            out.append(f"clean_fraction {case.clean_fraction:g} gives the defender {n} clean image(s), fewer than "
+                       f"the {data.num_classes} classes")
+    if isinstance(case.target, int) and not bool((data.test.y == case.target).any()):
+        out.append(f"the target class {case.target} has no test image: target_acc is null")
+    return out
+
+
 def benign_figures(record: dict) -> dict:
     """A defense on the clean reference model (the benign condition): ``c_acc_cost``, the clean accuracy it
     loses; ``flagged`` and ``fpr``, the training samples a data-side defense flags when none is poisoned (all of
@@ -386,8 +402,11 @@ class Runner:
             record.update(self._user_record(case, poisoned, log_))
         elif attack is not None and attack.kind == "clean_label" and poisoned is not None:
             record.update(target_class_poisoning(poisoned, data, case.target))
-            for warning in record.get("warnings", []):
-                log(f"[{case.case_id}] warning: {warning}")
+        budget_warnings = thin_inputs(case, data, poisoned if attack is not None else None)
+        if budget_warnings:
+            record["warnings"] = record.get("warnings", []) + budget_warnings
+        for warning in record.get("warnings", []):
+            log(f"[{case.case_id}] warning: {warning}")
         if defended is not None:
             with log_.stage("evaluate"):
                 record.update(self.evaluate(defended, data, attack, case.target, triggered))

@@ -57,12 +57,18 @@ class RecordShapeError(ValueError):
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file and rename it over ``path``; a failed write (a full disk) removes its temp
+    file, so that it neither keeps the disk full nor is left behind."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def strict_json(value):

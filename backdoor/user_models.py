@@ -357,7 +357,7 @@ def check_user_model(um: UserModel, num_classes: int | None, image_side: int | N
         raise fail(f"{key}.checkpoint", f"{um.checkpoint}: {problem}")
     for part, file in (("poisoned_train", um.poisoned_train), ("trigger", um.trigger[1] if um.trigger else None)):
         if isinstance(file, Path) and file.suffix == ".safetensors":
-            problem = tensor_file_problem(file, num_classes, image_side)
+            problem = tensor_file_problem(file, num_classes, image_side, um.target if part == "trigger" else None)
             if problem is not None:
                 raise fail(f"{key}.{part}", f"{file}: {problem}")
     if um.trigger is not None and um.trigger[0] == "attack":
@@ -384,9 +384,11 @@ def _state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return _state_cached(str(path), stat.st_size, stat.st_mtime_ns)
 
 
-def tensor_file_problem(path: Path, num_classes: int | None, image_side: int | None) -> str | None:
+def tensor_file_problem(path: Path, num_classes: int | None, image_side: int | None,
+                        target: Any = None) -> str | None:
     """Why a supplied image file (``x`` uint8 [N, C, H, W], ``y`` [N]) cannot be used, or None: no images, images
-    of another size than the dataset's, or a label outside the classes. Read whole at load (labels decide
+    of another size than the dataset's, a label outside the classes, or (triggered test images, ``target`` given)
+    only images of the all-to-one target class, which are dropped. Read whole at load (labels decide
     allocations and indexing later)."""
     tensors = _read_tensors(path)
     x, y = tensors["x"], tensors["y"]
@@ -400,6 +402,8 @@ def tensor_file_problem(path: Path, num_classes: int | None, image_side: int | N
     if int(y.min()) < 0 or int(y.max()) >= classes:
         bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
         return f"label {bad} is not allowed; expected class indices 0..{classes - 1}"
+    if target is not None and not is_all_to_all(target) and bool((y == int(target)).all()):
+        return f"holds images of the target class {target} only (they are dropped); expected images of other classes"
     return None
 
 

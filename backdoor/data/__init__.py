@@ -82,6 +82,13 @@ def num_classes_of(name: str, params: dict) -> int | None:
     return declared(params) if callable(declared) else declared
 
 
+def test_classes_of(name: str, params: dict) -> set[int] | None:
+    """The classes a dataset's test split holds, where the dataset can tell without loading (a ``test_classes``
+    attribute taking the parameters), else None."""
+    declared = getattr(DATASETS.get(name), "test_classes", None)
+    return declared(params) if callable(declared) else None
+
+
 def check_dataset(name: str, params: dict) -> int | None:
     """Check a dataset's parameters (and that its files are there) without loading it; returns the image
     side in pixels where known. Factories may declare a ``check`` attribute taking their parameters (it

@@ -34,8 +34,11 @@ The loaded dataset carries the digest of the bytes it actually read in ``params[
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
+import stat
 import zipfile
 from pathlib import Path
 
@@ -75,8 +78,23 @@ def _missing(base: Path, file: Path | None) -> DatasetNotFoundError:
     return DatasetNotFoundError(f"{what}\n{ROOT_HELP.format(name='npz')}\nGet the files: {HOW_TO_GET}")
 
 
+def _not_regular(file: Path) -> str | None:
+    """What ``file`` is when it exists but is no regular file nor a directory (reading a FIFO blocks, /dev/zero
+    never ends, a symlink loop cannot be opened), else None."""
+    try:
+        mode = os.stat(file).st_mode
+    except OSError as e:
+        return "a symbolic link loop" if e.errno == errno.ELOOP else None
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), None)
+
+
 def _locate(path, root) -> Path:
     base, file = _resolve(path, root)
+    odd = _not_regular(file) if file is not None else None
+    if odd is not None:
+        raise ValueError(f"npz: {file} is {odd}, not a regular file; expected an .npz file")
     if file is None or not file.is_file():
         raise _missing(base, file)
     return file
@@ -271,6 +289,16 @@ def _count_classes(params: dict) -> int | None:
         return None  # the check reports what is wrong
 
 
+def _test_classes(params: dict) -> set[int] | None:
+    """The classes present in the test split (labels only are read); None when the file cannot tell."""
+    try:
+        file = _locate(params.get("path"), params.get("root"))
+        with _open(file, file) as archive:
+            return {int(v) for v in np.unique(_array(archive, "y_test", file))}
+    except (ValueError, OSError):
+        return None  # the check reports what is wrong
+
+
 # -- cache fingerprint ----------------------------------------------------------------------------------------
 def _fingerprint(params: dict) -> dict:
     """What keys cached artifacts beyond the parameters: the file's content digest (None while it is missing)."""
@@ -310,3 +338,4 @@ def npz(path: str | None = None, root: str | None = None, num_classes: int | Non
 npz.num_classes = _count_classes
 npz.check = _check
 npz.fingerprint = _fingerprint
+npz.test_classes = _test_classes

@@ -205,18 +205,21 @@ def _train_config(path: Path, key: str, value: Any, base: TrainConfig, extra: se
     return base.with_(**{k: v for k, v in value.items() if k not in extra}), rest
 
 
-def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
-    """Load and validate a matrix; ``check_data=False`` skips only the check that datasets' files exist."""
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """The matrix file's text: a regular file (a FIFO would block), UTF-8."""
     try:
         if not path.is_file():
             raise MatrixError(f"{path}: cannot read the matrix file (not a regular file); expected a YAML file")
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as e:
         raise MatrixError(f"{path}: cannot read the matrix file ({e.strerror}); expected a readable YAML file") from e
     except UnicodeDecodeError as e:
         raise MatrixError(f"{path}: cannot read the matrix file (byte {e.start} is not UTF-8: {e.reason}); expected "
                           "UTF-8 text") from None
+
+
+def _parse_yaml(path: Path, text: str) -> dict:
+    """The matrix as a mapping (bounded expansion, no duplicate keys: ``load_yaml``)."""
     try:
         raw = load_yaml(text)
     except yaml.YAMLError as e:
@@ -226,6 +229,14 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         raise MatrixError(f"{path}: malformed YAML{where}: {problem}") from e
     if not isinstance(raw, dict):
         raise MatrixError(f"{path}: the matrix must be a mapping of keys ({', '.join(TOP_LEVEL_KEYS)}), got {raw!r}")
+    return raw
+
+
+def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
+    """Load and validate a matrix; ``check_data=False`` skips only the check that datasets' files exist."""
+    path = Path(path)
+    text = _read_text(path)
+    raw = _parse_yaml(path, text)
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise _fail(path, unknown[0], f"unknown key; allowed keys: {', '.join(TOP_LEVEL_KEYS)}")
@@ -273,7 +284,7 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         if um is not None:
             user_models[label] = um
     sides = {}
-    if target_ok:  # the attacks are built with the target: a bad one would be reported again for each
+    if target_ok and datasets:  # built with the target and the datasets: a bad one would be reported again
         sides = attempt(lambda: build_all(datasets, models, {a: _capped(p, cap_ratio) for a, p in attacks.items()},
                                           defenses, target, fail, check_data=check_data), {})
         attempt(lambda: _check_test_split(path, datasets, target))

@@ -43,7 +43,11 @@ child = '''
 import os, signal, subprocess, sys, time
 from pathlib import Path
 out = Path(sys.argv[1])
-worker = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(120)"])
+ready = out / "worker.ready"
+worker = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                           "open(sys.argv[1], 'w').close(); time.sleep(120)", str(ready)])
+while not ready.exists():
+    time.sleep(0.05)
 (out / "worker.pid").write_text(str(worker.pid))
 (out / "leader.pid").write_text(str(os.getpid()))
 time.sleep(120)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from backdoor._checks import ParameterError, check_int, check_number
+from backdoor._checks import ParameterError, check_number, is_int
 from backdoor._matrix_checks import build_all, check_folder_name, check_train_types, load_yaml
 from backdoor._registry import Registry, UnknownNameError
 from backdoor.attacks import ATTACKS
@@ -192,13 +192,16 @@ def _train_config(path: Path, key: str, value: Any, base: TrainConfig, extra: se
         raise _fail(path, key, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
     check_train_types(key, value, lambda k, message: _fail(path, k, message))
     for name, (kind, low, low_open, high, high_open) in TRAIN_RANGES.items():
-        if name in value:
-            try:
-                check = check_int if kind == "int" else check_number
-                check(key, name, value[name], low, **({} if kind == "int" else dict(
-                    low_open=low_open, high=high, high_open=high_open)))
-            except ParameterError as e:
-                raise _fail(path, f"{key}.{name}", e.detail) from None
+        if name not in value:
+            continue
+        if kind == "int" and (not is_int(value[name]) or value[name] < low):
+            allowed = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise _fail(path, f"{key}.{name}", f"{value[name]!r} is not allowed; expected {allowed}")
+        try:
+            if kind == "number":
+                check_number(key, name, value[name], low, low_open=low_open, high=high, high_open=high_open)
+        except ParameterError as e:
+            raise _fail(path, f"{key}.{name}", e.detail) from None
     if "schedule" in value and value["schedule"] not in ("cosine", "constant"):
         raise _fail(path, f"{key}.schedule", f"{value['schedule']!r} is not allowed; expected cosine or constant")
     rest = {k: value[k] for k in extra if k in value}

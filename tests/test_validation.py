@@ -134,7 +134,8 @@ def test_name_must_be_a_plain_folder_name(tmp_path, name):
 
 def test_name_message_says_what_is_allowed(tmp_path):
     rejects(write(tmp_path, GOOD.replace("name: v", "name: '..'")),
-            "name: '..' is not allowed; expected a plain folder name (no '/', '\\', leading '.', '.' or '..')")
+            "name: '..' is not allowed; expected a plain folder name of at most 100 printable characters, none of "
+            "/ \\ : * ? \" < > | ~ (and not a leading '.', '.' or '..')")
 
 
 # -- imagefolder ------------------------------------------------------------------------------------------------

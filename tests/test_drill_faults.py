@@ -275,3 +275,71 @@ def test_a_bad_matrix_given_to_backdoor_run_is_one_line_before_anything_trains(t
     assert done.returncode == 4, done.stdout + done.stderr
     assert f"{matrix}: training.lr: nan is not allowed; expected a finite number > 0" in done.stdout + done.stderr
     assert not (tmp_path / "c").exists() and not (tmp_path / "r" / "m" / RECORDS).exists()
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes of the process group ``pgid`` (zombies count as ended)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _pytest_leader(wrapper_pid: int) -> int | None:
+    """The pid of the wrapper's child (pytest, the leader of its own process group)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == wrapper_pid:
+            return int(stat.parent.name)
+    return None
+
+
+def test_sigterm_to_backdoor_run_mid_grid_keeps_finished_records_and_ends_every_worker(tmp_path):
+    """End to end: `backdoor run -n 2` on a grid of twelve cases, SIGTERM to the command once a record is
+    written: it exits 128 + 15 with one line, the finished records stay and the leaderboard is rendered from
+    them, the unfinished cases have none, and no process of pytest's group (controller, xdist workers) runs on."""
+    matrix = tmp_path / "sig.yaml"
+    matrix.write_text(textwrap.dedent("""\
+        name: sig
+        datasets: [digits]
+        models: [cnn_small]
+        attacks: {badnets: {}}
+        defenses: [none]
+        poison_ratios: [0.1]
+        seeds: 12
+        target: 0
+        reference: false
+        training: {epochs: 3, batch_size: 128, lr: 0.05}
+        """))
+    records = tmp_path / "r" / "sig" / RECORDS
+    wrapper = subprocess.Popen([sys.executable, "-m", "backdoor.cli", "run", str(matrix), "-n", "2", "--cache-dir",
+                                str(tmp_path / "c"), "--results-dir", str(tmp_path / "r"), "-q"], cwd=tmp_path,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 600
+        while not (records.exists() and records.read_text().strip()) and time.time() < deadline:
+            assert wrapper.poll() is None, "the run ended before any record was written"
+            time.sleep(0.2)
+        leader = _pytest_leader(wrapper.pid)
+        assert leader is not None and len(_group_members(leader)) >= 3, "pytest and two workers run"
+        wrapper.send_signal(signal.SIGTERM)
+        out, err = wrapper.communicate(timeout=120)
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+    assert wrapper.returncode == 128 + signal.SIGTERM, out + err
+    assert "backdoor run: stopped by SIGTERM; every process of the run ended" in err
+    time.sleep(0.5)
+    assert _group_members(leader) == []
+    kept = read_records(records.parent)
+    assert 1 <= len(kept) < 12 and all(r["status"] == "ok" for r in kept)
+    assert (records.parent / "leaderboard.md").exists()

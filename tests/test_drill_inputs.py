@@ -421,10 +421,3 @@ def test_every_problem_of_a_matrix_is_reported_in_one_pass(tmp_path):
     assert all(line.startswith(f"{path}: ") for line in lines)
     for key, value in (("poison_ratios", "0.1"), ("seeds", "0"), ("training.lr", "nan"), ("name", "'a:b'")):
         assert any(f": {key}: {value}" in line and "expected" in line for line in lines), (key, lines)
-
-
-def test_slowest_rejection_is_reported():
-    """Not a check of its own: prints the slowest rejection of this module (run after the others)."""
-    if TIMES:
-        slowest = max(TIMES, key=TIMES.get)
-        print(f"\nslowest rejection: {slowest} {TIMES[slowest]:.2f} s of {len(TIMES)}")

@@ -43,6 +43,9 @@ def run_variant(matrix: Matrix, variant: str, seeds: list[int], results_root: Pa
     command = grid_command(matrix.path.resolve(), [
         "--seeds", ",".join(map(str, seeds)) + ",", "--results-dir", str(variant_results(results_root, variant)),
         "--cache-dir", str(cache_root), "--regression", "off", "-q", *extra,
+        # A partial recalibration (--cells) reruns some cells of an edited matrix into the folder that holds the
+        # earlier calibration's records: those are kept (the calibrated cells' records are replaced by case id).
+        "--other-records", "add",
         *(["-n", str(workers)] if workers > 1 else [])])
     print(f"calibration: {variant} ({' '.join(f'{k}={v}' for k, v in VARIANTS[variant].items()) or 'no variables'}), "
           f"seeds {seeds}", file=sys.stderr, flush=True)

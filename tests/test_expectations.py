@@ -117,3 +117,18 @@ def test_a_partial_calibration_selects_its_cells_at_every_seed_and_keeps_the_oth
         assert entry == (new[key] if key in new else before[key])
     assert summary["cells"] == ["*/nc", "lf/dbd"] and summary["earlier"][0]["runs"] == previous["runs"]
     assert not any(line.split()[0] in new for line in summary["chaotic"])
+
+
+def test_calibration_runs_add_to_the_earlier_calibrations_records(tmp_path, monkeypatch):
+    """A partial recalibration reruns cells of an edited matrix (another matrix hash) into the folder of the
+    earlier calibration: the grid's guard against mixing matrices must be told to add, or the run is refused."""
+    from backdoor import calibration
+
+    seen = []
+    monkeypatch.setattr(calibration.subprocess, "call", lambda command, env: seen.append((command, env)) or 0)
+    matrix = load_matrix(Path(__file__).resolve().parent.parent / "matrices" / "smoke.yaml")
+    assert calibration.run_variant(matrix, "avx2", [0, 1], tmp_path / "r", tmp_path / "c", workers=2) == 0
+    (command, env), = seen
+    assert command[command.index("--other-records") + 1] == "add"
+    assert command[command.index("--seeds") + 1] == "0,1,"
+    assert env["ATEN_CPU_CAPABILITY"] == "avx2"

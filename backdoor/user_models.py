@@ -360,6 +360,10 @@ def check_user_model(um: UserModel, num_classes: int | None, image_side: int | N
             problem = tensor_file_problem(file, num_classes, image_side, um.target if part == "trigger" else None)
             if problem is not None:
                 raise fail(f"{key}.{part}", f"{file}: {problem}")
+    if um.trigger is not None and um.trigger[0] == "images" and um.trigger[1].is_dir() and num_classes is not None:
+        problem = image_folder_problem(um.trigger[1], num_classes)
+        if problem is not None:
+            raise fail(f"{key}.trigger.images", f"{um.trigger[1]}: {problem}")
     if um.trigger is not None and um.trigger[0] == "attack":
         try:
             attack = ATTACKS.create(um.trigger[1], target=um.target, **um.trigger[2])
@@ -488,6 +492,22 @@ def triggered_test(um: UserModel, data) -> tuple:
     return Split(x[keep].contiguous(), y[keep].contiguous()), int((~keep).sum())
 
 
+def class_folders(folder: Path) -> list[Path]:
+    """The visible sub-folders of a triggered-image folder."""
+    return sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+
+
+def image_folder_problem(folder: Path, num_classes: int) -> str | None:
+    """Why a triggered-image folder cannot be used (its sub-folders must be the true classes' indices), or None.
+    Names only: cheap enough for the matrix loader."""
+    classes = class_folders(folder)
+    bad = [d.name for d in classes if not d.name.isdigit() or int(d.name) >= num_classes]
+    if bad or not classes:
+        return (f"expected one sub-folder per true class, named by its index 0..{num_classes - 1}"
+                + (f"; found {bad[:5]}" if bad else "; found none"))
+    return None
+
+
 def read_image_folder(folder: Path, data) -> tuple[torch.Tensor, torch.Tensor]:
     """Triggered test images as ``folder/<true class index>/*.png`` (any image type PIL reads), at the dataset's
     size (not resized: resizing would change the trigger)."""
@@ -495,11 +515,10 @@ def read_image_folder(folder: Path, data) -> tuple[torch.Tensor, torch.Tensor]:
 
     from backdoor.data._files import image_files, read_images
 
-    classes = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
-    bad = [d.name for d in classes if not d.name.isdigit() or int(d.name) >= data.num_classes]
-    if bad or not classes:
-        raise ValueError(f"{folder}: expected one sub-folder per true class, named by its index 0..{data.num_classes - 1}"
-                         + (f"; found {bad[:5]}" if bad else "; found none"))
+    problem = image_folder_problem(folder, data.num_classes)
+    if problem is not None:
+        raise ValueError(f"{folder}: {problem}")
+    classes = class_folders(folder)
     paths, labels = [], []
     for d in sorted(classes, key=lambda d: int(d.name)):
         files = image_files(d)

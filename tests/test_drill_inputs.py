@@ -421,3 +421,17 @@ def test_every_problem_of_a_matrix_is_reported_in_one_pass(tmp_path):
     assert all(line.startswith(f"{path}: ") for line in lines)
     for key, value in (("poison_ratios", "0.1"), ("seeds", "0"), ("training.lr", "nan"), ("name", "'a:b'")):
         assert any(f": {key}: {value}" in line and "expected" in line for line in lines), (key, lines)
+
+
+@pytest.mark.parametrize("subfolders,found", [(["0", "42"], "['42']"), (["0", "cat"], "['cat']"), ([], "found none")],
+                         ids=["class-42", "class-name", "no-classes"])
+def test_trigger_image_folder_classes_are_checked_at_load(tmp_path, subfolders, found):
+    """A folder of triggered images holds one sub-folder per true class, named by its index: a sub-folder 42 of a
+    10-class dataset once failed only at run time (even the none case)."""
+    path = _checkpoint(tmp_path)
+    folder = tmp_path / "triggered"
+    folder.mkdir()
+    for name in subfolders:
+        (folder / name).mkdir()
+    one_line_rejection(_user_matrix(tmp_path, f"checkpoint: {path}\narch: cnn_small\ntrigger: {{images: {folder}}}"),
+                       "models.mine.trigger.images", str(folder), "named by its index 0..9", found)

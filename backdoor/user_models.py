@@ -355,7 +355,8 @@ def check_user_model(um: UserModel, num_classes: int | None, image_side: int | N
     problem = weights_problem(classifier_parts(_state(um.checkpoint)[0]), mapping, model.net.state_dict())
     if problem is not None:
         raise fail(f"{key}.checkpoint", f"{um.checkpoint}: {problem}")
-    for part, file in (("poisoned_train", um.poisoned_train), ("trigger", um.trigger[1] if um.trigger else None)):
+    trigger_file = um.trigger[1] if um.trigger is not None and um.trigger[0] == "images" else None
+    for part, file in (("poisoned_train", um.poisoned_train), ("trigger", trigger_file)):
         if isinstance(file, Path) and file.suffix == ".safetensors":
             problem = tensor_file_problem(file, num_classes, image_side, um.target if part == "trigger" else None)
             if problem is not None:

@@ -40,7 +40,7 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _group(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
     """The live processes of process group ``pgid``."""
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -107,7 +107,7 @@ class LocalCluster:
     def node_processes(self, index: int) -> list[int]:
         """Node ``index``'s processes: its group and every descendant (task workers start groups of their own)."""
         tree = _children()
-        todo, seen = _group(self.sessions[index]), []
+        todo, seen = group_members(self.sessions[index]), []
         while todo:
             pid = todo.pop()
             if pid not in seen:

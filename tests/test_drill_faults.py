@@ -2,6 +2,7 @@
 collapsed models, non-finite figures and bad process options; each asserts the clean outcome."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from torch import nn
 from backdoor.attacks import PoisonedSet
 from backdoor.data import Dataset, Split
 from backdoor.pipeline import Case, collapsed, thin_inputs
+from backdoor.ray_local import group_members
 from backdoor.results import (RECORDS, ResultsFolderError, other_matrix_hashes, prepare_results_folder, read_records,
                               render_markdown, set_records_aside, upsert_records)
 from backdoor.training import NonFiniteLossError, TrainConfig, fit
@@ -95,13 +97,22 @@ def test_an_unsignalled_run_returns_pytests_status(tmp_path):
 
 
 # -- results folder --------------------------------------------------------------------------------------------------
-def test_read_only_results_folder_is_refused_before_any_case(tmp_path):
+def _refused_under(folder: Path, mkdir):
+    """``Path.mkdir`` as a read-only ``folder`` answers it: EACCES for anything made inside it."""
+    def refused(self, *args, **kwargs):
+        if folder in self.parents:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return mkdir(self, *args, **kwargs)
+    return refused
+
+
+def test_read_only_results_folder_is_refused_before_any_case(tmp_path, monkeypatch):
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        if os.access(folder, os.W_OK):
-            pytest.skip("running as a user who can write anywhere")
+        if os.access(folder, os.W_OK):  # root writes anywhere: the file system's refusal is played instead
+            monkeypatch.setattr(Path, "mkdir", _refused_under(folder, Path.mkdir))
         with pytest.raises(ResultsFolderError) as e:
             prepare_results_folder(folder / "m")
     finally:
@@ -277,19 +288,6 @@ def test_a_bad_matrix_given_to_backdoor_run_is_one_line_before_anything_trains(t
     assert not (tmp_path / "c").exists() and not (tmp_path / "r" / "m" / RECORDS).exists()
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live processes of the process group ``pgid`` (zombies count as ended)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
 def _pytest_leader(wrapper_pid: int) -> int | None:
     """The pid of the wrapper's child (pytest, the leader of its own process group)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -330,7 +328,7 @@ def test_sigterm_to_backdoor_run_mid_grid_keeps_finished_records_and_ends_every_
             assert wrapper.poll() is None, "the run ended before any record was written"
             time.sleep(0.2)
         leader = _pytest_leader(wrapper.pid)
-        assert leader is not None and len(_group_members(leader)) >= 3, "pytest and two workers run"
+        assert leader is not None and len(group_members(leader)) >= 3, "pytest and two workers run"
         wrapper.send_signal(signal.SIGTERM)
         out, err = wrapper.communicate(timeout=120)
     finally:
@@ -339,7 +337,7 @@ def test_sigterm_to_backdoor_run_mid_grid_keeps_finished_records_and_ends_every_
     assert wrapper.returncode == 128 + signal.SIGTERM, out + err
     assert "backdoor run: stopped by SIGTERM; every process of the run ended" in err
     time.sleep(0.5)
-    assert _group_members(leader) == []
+    assert group_members(leader) == []
     kept = read_records(records.parent)
     assert 1 <= len(kept) < 12 and all(r["status"] == "ok" for r in kept)
     assert (records.parent / "leaderboard.md").exists()

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true",
                         help="CPU, a tiny model, one epoch, 512/256 images: the same path in about a minute")
     parser.add_argument("--limit", type=float, default=480.0, help="seconds for everything together")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="pytest-xdist workers of the grid (default: 2 on the GPU, sharing it; 1 with --tiny)")
     parser.add_argument("--work", default=None, help="folder for the matrix, results and cache (default: a new "
                                                      "temporary folder; an existing one reuses its cache)")
     return parser.parse_args(argv)
@@ -263,6 +265,8 @@ def grid_command(settings: Settings, matrix: Path, work: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = tiny_settings() if args.tiny else full_settings(args.device)
+    if args.workers is not None:
+        settings = replace(settings, workers=args.workers)
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -136,6 +137,7 @@ def matrix_document(settings: Settings, npz: Path) -> dict:
         "poison_ratios": [0.1],
         "seeds": [0],
         "target": 0,
+        "reference": False,  # no clean model: a third 50-epoch training the table has no row for
         "training": {"epochs": settings.epochs, "batch_size": 128, "lr": 0.01, "momentum": 0.9,
                      "weight_decay": 0.0005, "schedule": "cosine"},
         "defense_training": {"epochs": settings.defense_epochs, "batch_size": 256, "lr": 0.01,
@@ -144,27 +146,44 @@ def matrix_document(settings: Settings, npz: Path) -> dict:
 
 
 def run_stage(name: str, command: list[str], limit: float) -> Stage:
-    """Runs ``command`` in its own process group, echoing its output; past ``limit`` seconds the whole group is
-    stopped (the grid's pytest workers too) and the stage is marked cut."""
+    """Runs ``command`` in its own process group, echoing its output as it comes; past ``limit`` seconds the whole
+    group is stopped (the grid's pytest workers too) and the stage is marked cut."""
     print(f"\n== {name}: {' '.join(command)}  (limit {limit:.0f} s)", flush=True)
-    stage, started = Stage(name), time.perf_counter()
+    stage, started, lines = Stage(name), time.perf_counter(), []
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
+    echo = threading.Thread(target=_echo, args=(process.stdout, lines), daemon=True)
+    echo.start()
     try:
-        stage.output, _ = process.communicate(timeout=max(limit, 1.0))
-        stage.rc = process.returncode
+        stage.rc = process.wait(timeout=max(limit, 1.0))
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            stage.output, _ = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stage.output, _ = process.communicate()
+        _stop_group(process)
         stage.cut = True
-    stage.seconds = time.perf_counter() - started
-    print(stage.output, end="" if stage.output.endswith("\n") else "\n", flush=True)
+    echo.join(timeout=30)
+    stage.seconds, stage.output = time.perf_counter() - started, "".join(lines)
     print(f"== {name}: {stage.verdict()}", flush=True)
     return stage
+
+
+PROGRESS_BAR = re.compile(r"(it/s|s/it)[,\]]|^\s*$")  # tqdm's redraws arrive as lines through a pipe
+
+
+def _echo(stream, lines: list[str]) -> None:
+    """Keeps every line; prints all but progress-bar redraws (per-case lines and the ETA stay)."""
+    for line in stream:
+        lines.append(line)
+        if not PROGRESS_BAR.search(line):
+            print(line, end="", flush=True)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the stage's process group (the runner renders what finished), SIGKILL after 30 s."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def trainer_rate(bench_output: str) -> float | None:
@@ -259,7 +278,7 @@ def train_images(args: argparse.Namespace, settings: Settings) -> int:
 def grid_command(settings: Settings, matrix: Path, work: Path) -> list[str]:
     workers = ["-n", str(settings.workers)] if settings.workers > 1 else []
     return [*CLI, "run", str(matrix), "--results-dir", str(work / "results"), "--cache-dir", str(work / "cache"),
-            "--device", settings.device, "--no-regression", "-q", "-p", "no:cacheprovider", *workers]
+            "--device", settings.device, "--no-regression", "-p", "no:cacheprovider", *workers]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,8 +105,10 @@ def test_summary_passes_only_when_every_stage_and_row_is_good():
 
 
 def test_a_stage_over_its_limit_is_stopped_and_cut():
-    stage = gpu_check.run_stage("sleep", [sys.executable, "-c", "import time; time.sleep(60)"], limit=1)
+    command = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    stage = gpu_check.run_stage("sleep", command, limit=2)
     assert stage.cut and stage.failed and stage.seconds < 30
+    assert stage.output == "started\n"  # what it printed before the cut is kept
 
 
 def test_failing_stages_exit_1(tmp_path, monkeypatch, capsys):
@@ -124,3 +126,13 @@ def test_published_figures_are_backdoorbenchs():
         ("badnets", "none"): (97.24, 59.25), ("badnets", "ft"): (98.73, 5.09), ("badnets", "nc"): None,
         ("badnets", "anp"): (95.85, 0.00), ("blended", "none"): (98.58, 99.99), ("blended", "ft"): (98.57, 100.00),
         ("blended", "nc"): (97.75, 8.02), ("blended", "anp"): (95.85, 42.80)}
+
+
+def test_stage_output_is_kept_whole_and_echoed_without_progress_bars(capsys):
+    bar = "train:  50%|#####     | 1/2 [00:01<00:01,  1.41s/it, loss=3.783]"
+    command = [sys.executable, "-c", f"print('case done'); print({bar!r}); print('[1/8] ETA 9 s')"]
+    stage = gpu_check.run_stage("echo", command, limit=60)
+    assert stage.rc == 0 and not stage.failed
+    assert stage.output == f"case done\n{bar}\n[1/8] ETA 9 s\n"
+    echoed = capsys.readouterr().out
+    assert "case done\n" in echoed and "[1/8] ETA 9 s\n" in echoed and "loss=3.783" not in echoed

@@ -281,6 +281,26 @@ def grid_command(settings: Settings, matrix: Path, work: Path) -> list[str]:
             "--device", settings.device, "--no-regression", "-p", "no:cacheprovider", *workers]
 
 
+def print_estimate(args: argparse.Namespace, settings: Settings, bench: Stage) -> None:
+    rate = trainer_rate(bench.output)
+    if rate:
+        n = train_images(args, settings)
+        guess = training_estimate(rate, n, settings.epochs, len(ATTACKS), settings.workers)
+        print(f"estimate (from the bench's trainer rate {rate:,.0f} img/s): training {len(ATTACKS)} models x "
+              f"{settings.epochs} epochs x {n:,} images takes about {guess:.0f} s, defenses not included")
+
+
+def report(settings: Settings, work: Path, stages: list[Stage], started: float) -> bool:
+    """Prints the table and the closing lines; True when everything passed."""
+    rows = read_rows(work / "results" / MATRIX_NAME)
+    print(f"\nGTSRB / PreAct-ResNet18 / poison ratio 10%, {settings.epochs} epoch(s), device {settings.device}: "
+          f"ours beside BackdoorBench's published figures (%, wall s: the row's own build)")
+    print(format_table(rows))
+    text, ok = summary(stages, rows)
+    print(f"\n{text}\ntotal {time.perf_counter() - started:.0f} s")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = tiny_settings() if args.tiny else full_settings(args.device)
@@ -293,22 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     matrix = prepare(args, settings, work)
     bench = run_stage("bench", [*CLI, "bench", "--device", settings.device, *settings.bench_args],
                       BENCH_SHARE * args.limit)
-    rate = trainer_rate(bench.output)
-    if rate:
-        n = train_images(args, settings)
-        guess = training_estimate(rate, n, settings.epochs, len(ATTACKS), settings.workers)
-        print(f"estimate (from the bench's trainer rate {rate:,.0f} img/s): training {len(ATTACKS)} models x "
-              f"{settings.epochs} epochs x {n:,} images takes about {guess:.0f} s, defenses not included")
-    remaining = args.limit - (time.perf_counter() - started)
-    grid = run_stage("grid", grid_command(settings, matrix, work), remaining)
-    rows = read_rows(work / "results" / MATRIX_NAME)
-    print(f"\nGTSRB / PreAct-ResNet18 / poison ratio 10%, {settings.epochs} epoch(s), device {settings.device}: "
-          f"ours beside BackdoorBench's published figures (%, wall s: the row's own build)")
-    print(format_table(rows))
-    text, ok = summary([bench, grid], rows)
-    print(f"\n{text}\ntotal {time.perf_counter() - started:.0f} s")
-    return 0 if ok else 1
-
+    print_estimate(args, settings, bench)
+    grid = run_stage("grid", grid_command(settings, matrix, work), args.limit - (time.perf_counter() - started))
+    return 0 if report(settings, work, [bench, grid], started) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

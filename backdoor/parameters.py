@@ -22,14 +22,10 @@ import inspect
 import textwrap
 from typing import Any
 
-from backdoor._registry import NONE, NOT_STATED, UNARGUED, Param
+from backdoor._registry import UNARGUED, Param
 from backdoor.attacks import ATTACKS
 from backdoor.defenses import DEFENSES
 from backdoor.defenses.base import BUDGETS, Stage
-
-__all__ = ["NONE", "NOT_STATED", "Param", "Stage", "COMMAND", "START", "END", "methods", "parameter_rows",
-           "declaration_problems", "render_parameter_table", "readme_block", "readme_difference", "replace_block",
-           "format_value", "signature_defaults"]
 
 GENERIC = ("self", "target", "cap_ratio")  # shared by every attack: not listed
 START, END = "<!-- parameters:start -->", "<!-- parameters:end -->"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from backdoor import parameters
+from backdoor._registry import Method, Registry
 from backdoor.cli import main
 from backdoor.parameters import (COMMAND, END, START, format_value, methods, parameter_rows, readme_block,
                                  readme_difference, render_parameter_table)
@@ -132,3 +133,12 @@ def test_cli_check_names_the_difference_and_write_fixes_it(tmp_path, capsys):
     assert main(["params", "--write", str(no_markers)]) == 1 and no_markers.read_text() == "# nothing\n"
     capsys.readouterr()
     assert main(["params"]) == 0 and capsys.readouterr().out == render_parameter_table()
+
+
+def test_registry_display_order_and_titles_come_from_the_classes():
+    """``order`` sorts (ties and undeclared ones by name, undeclared last); ``title`` falls back to the name."""
+    registry = Registry("toy")
+    for name, order, title in (("zeta", 1, "Zeta"), ("alpha", 2, None), ("beta", None, "Beta"), ("gamma", 1, "G")):
+        registry.register(name)(type(name, (Method,), {"order": order, "title": title}))
+    assert registry.order() == ["gamma", "zeta", "alpha", "beta"]
+    assert [registry.title(n) for n in ("zeta", "alpha", "unregistered")] == ["Zeta", "alpha", "unregistered"]

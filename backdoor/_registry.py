@@ -6,11 +6,30 @@ import functools
 import importlib
 import inspect
 import pkgutil
-from typing import Any, Callable, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Generic, TypeVar
 
 from backdoor._checks import check_annotated
 
 T = TypeVar("T")
+
+NONE = "—"  # a source that gives no value
+NOT_STATED = "not stated"  # a source whose value the docstrings do not quote
+UNARGUED = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Param:
+    """What a method's file declares about one of its parameters (``backdoor params`` renders the table).
+
+    paper: BackdoorBench's supplementary Tables 1-2; reference: the public BackdoorBench code; why: where our
+    default differs, the reason, else where it comes from. ``argued``: the default the why argues for, where
+    it argues for one, so that a changed default fails the tests until its why is revisited."""
+
+    paper: str
+    reference: str
+    why: str
+    argued: Any = UNARGUED
 
 
 class UnknownNameError(KeyError):
@@ -72,6 +91,14 @@ class Registry(Generic[T]):
             check_annotated(name, factory, kwargs=kwargs)
         return factory(**kwargs)
 
+    def order(self) -> list[str]:
+        """Registered names in display order: each class's ``order``, then its name (undeclared last)."""
+        return sorted(self.names(), key=lambda n: (_display_order(self.get(n)), n))
+
+    def title(self, name: str) -> str:
+        """The name's title in tables; the raw name for a name that is not registered or declares none."""
+        return (getattr(self.get(name), "title", None) or name) if name in self else name
+
     def __contains__(self, name: str) -> bool:
         self._load()
         return name in self._entries
@@ -89,14 +116,27 @@ class Registry(Generic[T]):
         return out
 
 
+def _display_order(factory: Callable) -> float:
+    order = getattr(factory, "order", None)
+    return float("inf") if order is None else order
+
+
 class Method:
     """What attacks and defenses share: a one-line summary (first docstring line) and their parameters,
     read from the keyword parameters of every ``__init__`` in the class hierarchy.
+
+    Each method's file declares its metadata on the class: ``title`` (its name in tables), ``order`` (its
+    place in tables and figures) and ``parameters`` (a ``Param`` for every keyword parameter of its
+    ``__init__``); ``backdoor params`` reports what is missing.
 
     Every ``__init__`` a subclass defines is wrapped to check its arguments against their simple annotations
     first (``int``, ``float``, ``str``, ``bool``, None; bools are not numbers), raising ``ParameterError``;
     range checks are each method's own.
     """
+
+    title: ClassVar[str | None] = None
+    order: ClassVar[int | None] = None
+    parameters: ClassVar[dict[str, Param]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backdoor.results import (ATTACK_ORDER, ATTACK_TITLES, DEFENSE_ORDER, DEFENSE_TITLES, cell_summaries,
-                              read_records)
+from backdoor.results import attack_order, attack_title, cell_summaries, defense_order, defense_title, read_records
 
 FIGURES = "figures"
 MANIFEST = "figures.json"
@@ -80,8 +79,8 @@ def figure2(cells: dict, dataset: str, model: str, ratio: float):
     """C-Acc vs ASR and R-Acc vs ASR of every attack-defense pair of one dataset x model x ratio."""
     plt = _pyplot()
     mine = {k: v for k, v in cells.items() if k[:3] == (dataset, model, ratio)}
-    attacks = _order([k[3] for k in mine], ATTACK_ORDER)
-    defenses = _order([k[4] for k in mine], DEFENSE_ORDER)
+    attacks = _order([k[3] for k in mine], attack_order())
+    defenses = _order([k[4] for k in mine], defense_order())
     colours = _defense_colours(defenses)
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.4))
     for (_, _, _, attack, defense), cell in sorted(mine.items(), key=lambda kv: (attacks.index(kv[0][3]),
@@ -102,10 +101,10 @@ def figure2(cells: dict, dataset: str, model: str, ratio: float):
     axes[0].set_title("C-Acc against ASR (defender wants top-left)")
     axes[1].set_title("R-Acc against ASR (on the dashed line: every sample recovered)")
     attack_handles = [plt.Line2D([], [], linestyle="", marker=MARKERS[i % len(MARKERS)], color="white",
-                                 markeredgecolor="black", markersize=8, label=ATTACK_TITLES.get(a, a))
+                                 markeredgecolor="black", markersize=8, label=attack_title(a))
                       for i, a in enumerate(attacks)]
     defense_handles = [plt.Line2D([], [], linestyle="", marker="s", color=colours[d], markersize=9,
-                                  label=DEFENSE_TITLES.get(d, d)) for d in defenses]
+                                  label=defense_title(d)) for d in defenses]
     first = fig.legend(handles=attack_handles, title="attack (marker)", loc="upper left", bbox_to_anchor=(0.995, 0.93))
     fig.legend(handles=defense_handles + [plt.Line2D([], [], linestyle="--", color="grey", label="ASR + R-Acc = 100%")],
                title="defense (colour)", loc="upper left", bbox_to_anchor=(0.995, 0.93 - 0.05 * (len(attacks) + 2)))
@@ -122,8 +121,8 @@ def figure3(cells: dict, dataset: str, model: str):
     plt = _pyplot()
     mine = {k: v for k, v in cells.items() if k[:2] == (dataset, model)}
     ratios = sorted({k[2] for k in mine})
-    attacks = _order([k[3] for k in mine], ATTACK_ORDER)
-    defenses = _order([k[4] for k in mine], DEFENSE_ORDER)
+    attacks = _order([k[3] for k in mine], attack_order())
+    defenses = _order([k[4] for k in mine], defense_order())
     cols = min(5, len(defenses))
     rows = math.ceil(len(defenses) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.0 * rows + 0.9), squeeze=False, sharey=True)
@@ -137,8 +136,8 @@ def figure3(cells: dict, dataset: str, model: str):
                 ax.errorbar([j + dodge for j, _ in points], [100 * s.mean for _, s in points],
                             yerr=_errs([s for _, s in points]),
                             marker=MARKERS[i % len(MARKERS)], color=cmap(i % 10), capsize=2, linewidth=1.4,
-                            markersize=6, label=ATTACK_TITLES.get(attack, attack))
-        ax.set_title(DEFENSE_TITLES.get(defense, defense))
+                            markersize=6, label=attack_title(attack))
+        ax.set_title(defense_title(defense))
         ax.set_xticks(range(len(ratios)), [f"{100 * r:g}%" for r in ratios])
         ax.set_xlim(-0.5, len(ratios) - 0.5)
         ax.set_ylim(-3, 103)
@@ -161,8 +160,8 @@ def figure5(cells: dict, dataset: str, ratio: float):
     plt = _pyplot()
     mine = {k: v for k, v in cells.items() if (k[0], k[2]) == (dataset, ratio)}
     models = sorted({k[1] for k in mine})
-    attacks = _order([k[3] for k in mine], ATTACK_ORDER)
-    defenses = _order([k[4] for k in mine], DEFENSE_ORDER)
+    attacks = _order([k[3] for k in mine], attack_order())
+    defenses = _order([k[4] for k in mine], defense_order())
     cols = min(3, len(defenses))
     rows = math.ceil(len(defenses) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(max(4.5, 0.55 * len(attacks) * len(models) + 1.5) * cols,
@@ -177,8 +176,8 @@ def figure5(cells: dict, dataset: str, ratio: float):
                 if cell is not None:
                     xs.append(a - 0.4 + width * (m + 0.5)), ys.append(100 * cell["asr"].mean), es.append(cell["asr"])
             ax.bar(xs, ys, width=width, yerr=_errs(es), color=cmap(m % 10), capsize=2, label=model)
-        ax.set_title(DEFENSE_TITLES.get(defense, defense))
-        ax.set_xticks(range(len(attacks)), [ATTACK_TITLES.get(a, a) for a in attacks], rotation=35, ha="right")
+        ax.set_title(defense_title(defense))
+        ax.set_xticks(range(len(attacks)), [attack_title(a) for a in attacks], rotation=35, ha="right")
         ax.set_ylim(0, 103)
         ax.grid(alpha=0.3, axis="y")
     for ax in axes.flat[len(defenses):]:

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 from backdoor.figures import FIGURES, figure_entries
-from backdoor.results import (ATTACK_ORDER, DEFENSE_ORDER, DEFENSE_TITLES, METRIC_TITLES,
-                              attack_titles, cell_summaries, detection_frame, read_records)
+from backdoor.results import (METRIC_TITLES, attack_order, attack_titles, cell_summaries, defense_order,
+                              defense_title, detection_frame, read_records)
 from backdoor.stats import INTERVAL_KIND
 
 CSS = """
@@ -66,7 +66,7 @@ def _shade(asr: float | None) -> str:
 
 def _rows(records: list[dict]) -> list[tuple]:
     keys = {(r["dataset"], r["model"], r["poison_ratio"], r["attack"]) for r in records}
-    rank = {a: i for i, a in enumerate(ATTACK_ORDER)}
+    rank = {a: i for i, a in enumerate(attack_order())}
     return sorted(keys, key=lambda k: (k[0], k[1], k[2], rank.get(k[3], len(rank)), k[3]))
 
 
@@ -74,12 +74,12 @@ def table_html(records: list[dict]) -> str:
     """The leaderboard table: two header rows (defense groups, metrics), one body row per model and attack."""
     cells = cell_summaries(records)
     titles = attack_titles(records)
-    rank = {d: i for i, d in enumerate(DEFENSE_ORDER)}
+    rank = {d: i for i, d in enumerate(defense_order())}
     defenses = sorted({r["defense"] for r in records}, key=lambda d: (rank.get(d, len(rank)), d))
     metrics = list(METRIC_TITLES)
     head1 = ['<th rowspan="2" class="sticky">Attack</th>', '<th rowspan="2">Dataset</th>', '<th rowspan="2">Model</th>',
              '<th rowspan="2">Ratio</th>']
-    head1 += [f'<th colspan="{len(metrics) + 1}" class="group">{html.escape(DEFENSE_TITLES.get(d, d))}</th>'
+    head1 += [f'<th colspan="{len(metrics) + 1}" class="group">{html.escape(defense_title(d))}</th>'
               for d in defenses]
     head2 = []
     for _ in defenses:

@@ -18,26 +18,42 @@ from pathlib import Path
 import pandas as pd
 from filelock import FileLock
 
+from backdoor.attacks import ATTACKS
+from backdoor.defenses import DEFENSES
 from backdoor.stats import INTERVAL_KIND, Summary, summarize
 from backdoor.targets import ALL_TO_ALL
 
 RECORDS = "records.jsonl"
-ATTACK_ORDER = ["clean", "badnets", "blended", "lc", "sig", "lf", "ssba", "inputaware", "wanet"]
-DEFENSE_ORDER = ["none", "ft", "fp", "nad", "nc", "anp", "ac", "spectral", "abl", "dbd"]
-DEFENSE_TITLES = {"none": "No defense", "ft": "FT", "fp": "FP", "nad": "NAD", "nc": "NC", "anp": "ANP",
-                  "ac": "AC", "spectral": "Spectral", "abl": "ABL", "dbd": "DBD"}
-ATTACK_TITLES = {"clean": "clean (reference)", "badnets": "BadNets", "blended": "Blended", "lc": "LC",
-                 "sig": "SIG", "lf": "LF", "ssba": "SSBA", "inputaware": "Input-aware", "wanet": "WaNet",
-                 "images": "given triggered images", "notrigger": "no trigger given"}
+# Attack names of rows that no registered attack makes: the clean reference and a user's own model's trigger.
+UNREGISTERED_ATTACK_TITLES = {"clean": "clean (reference)", "images": "given triggered images",
+                              "notrigger": "no trigger given"}
 METRIC_TITLES = {"c_acc": "C-Acc", "asr": "ASR", "r_acc": "R-Acc"}
 ALL_TO_ALL_MARK = " (all-to-all)"
+
+
+def attack_order() -> list[str]:
+    """Attacks in display order: the clean reference, then the registered ones by their files' ``order``."""
+    return ["clean", *ATTACKS.order()]
+
+
+def defense_order() -> list[str]:
+    return DEFENSES.order()
+
+
+def attack_title(name: str) -> str:
+    """An attack's title in tables and figures: its file's ``title`` (its name where it is not registered)."""
+    return UNREGISTERED_ATTACK_TITLES.get(name) or ATTACKS.title(name)
+
+
+def defense_title(name: str) -> str:
+    return DEFENSES.title(name)
 
 
 def attack_titles(records: list[dict]) -> dict[str, str]:
     """Each attack's title in tables; an attack whose records have ``target: all-to-all`` is marked as such (not
     the clean reference, which no trigger reaches)."""
     all_to_all = {r["attack"] for r in records if r.get("target") == ALL_TO_ALL and r["attack"] != "clean"}
-    return {r["attack"]: ATTACK_TITLES.get(r["attack"], r["attack"]) + (ALL_TO_ALL_MARK if r["attack"] in all_to_all else "")
+    return {r["attack"]: attack_title(r["attack"]) + (ALL_TO_ALL_MARK if r["attack"] in all_to_all else "")
             for r in records}
 
 
@@ -289,7 +305,7 @@ def _cell_text(summary: Summary | None) -> str:
 def _row_keys(df: pd.DataFrame) -> pd.DataFrame:
     keys = ["dataset", "model", "poison_ratio", "attack"]
     rows = df[keys].drop_duplicates()
-    attacks = _order(df.attack, ATTACK_ORDER)
+    attacks = _order(df.attack, attack_order())
     rows = rows.assign(_a=rows.attack.map(attacks.index))
     return rows.sort_values(["dataset", "model", "poison_ratio", "_a"]).drop(columns="_a")
 
@@ -376,7 +392,7 @@ def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFram
     summaries = cell_summaries(records)
     fixed_poison = retrained_on_fixed_poison(records)
     titles = attack_titles(records)
-    defenses = _order(df.defense, DEFENSE_ORDER)
+    defenses = _order(df.defense, defense_order())
     columns: dict[tuple, list] = {("", title): [] for title in ("Dataset", "Model", "Ratio", "Attack")}
     for _, row in _row_keys(df).iterrows():
         columns[("", "Dataset")].append(row.dataset)
@@ -386,7 +402,7 @@ def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFram
         undefended = summaries.get((row.dataset, row.model, row.poison_ratio, row.attack, "none"))
         for defense in defenses:
             cell = summaries.get((row.dataset, row.model, row.poison_ratio, row.attack, defense))
-            title = DEFENSE_TITLES.get(defense, defense)
+            title = defense_title(defense)
             flag = degenerate(cell, undefended) if defense != "none" else collapsed_reason(cell)
             for (sub, value) in _cell_columns(cell, numeric, timed=defense != "none"):
                 if flag and not numeric and sub == "ASR":
@@ -439,15 +455,15 @@ def detection_frame(records: list[dict]) -> pd.DataFrame | None:
     rows = [r for r in records if r.get("detection")]
     if not rows:
         return None
-    attacks = _order([r["attack"] for r in rows], ATTACK_ORDER)
-    defenses = _order([r["defense"] for r in rows], DEFENSE_ORDER)
+    attacks = _order([r["attack"] for r in rows], attack_order())
+    defenses = _order([r["defense"] for r in rows], defense_order())
     groups: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: _row_key(r, attacks, defenses)):
         groups.setdefault((r["dataset"], r["model"], r["poison_ratio"], r["attack"], r["defense"]), []).append(r)
     out, titles = [], attack_titles(rows)
     for (dataset, model, ratio, attack, defense), rs in groups.items():
         row = {"Dataset": dataset, "Model": model, "Ratio": _ratio_text(ratio), "Attack": titles[attack],
-               "Defense": DEFENSE_TITLES.get(defense, defense)}
+               "Defense": defense_title(defense)}
         for key, title in DETECTION_FIGURES.items():
             summary = summarize((r["detection"].get(key) for r in rs), bounds=None if key == "flagged" else (0, 1))
             if key == "flagged":
@@ -466,8 +482,8 @@ def target_frame(records: list[dict]) -> pd.DataFrame | None:
     a base rate (clean images predicted as their next class) and no target class."""
     summaries = cell_summaries(records)
     rows, titles = [], attack_titles(records)
-    attacks = _order([r["attack"] for r in records], ATTACK_ORDER)
-    defenses = _order([r["defense"] for r in records], DEFENSE_ORDER)
+    attacks = _order([r["attack"] for r in records], attack_order())
+    defenses = _order([r["defense"] for r in records], defense_order())
     for key in sorted(summaries, key=lambda k: (k[0], k[1], k[2], attacks.index(k[3]), defenses.index(k[4]))):
         cell = summaries[key]
         if cell.get("target_acc") is None and cell.get("target_base_rate") is None:
@@ -475,7 +491,7 @@ def target_frame(records: list[dict]) -> pd.DataFrame | None:
         dataset, model, ratio, attack, defense = key
         flag = degenerate(cell, summaries.get((*key[:4], "none"))) if defense != "none" else collapsed_reason(cell)
         rows.append({"Dataset": dataset, "Model": model, "Ratio": _ratio_text(ratio), "Attack": titles[attack],
-                     "Defense": DEFENSE_TITLES.get(defense, defense), "ASR": _cell_text(cell["asr"]),
+                     "Defense": defense_title(defense), "ASR": _cell_text(cell["asr"]),
                      "Base rate": _cell_text(cell["target_base_rate"]), "Target acc": _cell_text(cell["target_acc"]),
                      "n": cell["n"], "Marked": flag or ""})
     return pd.DataFrame(rows) if rows else None
@@ -490,7 +506,7 @@ def benign_frame(records: list[dict]) -> pd.DataFrame | None:
             and r.get("benign")]
     if not rows:
         return None
-    defenses = _order([r["defense"] for r in rows], DEFENSE_ORDER)
+    defenses = _order([r["defense"] for r in rows], defense_order())
     groups: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: (r["dataset"], r["model"], defenses.index(r["defense"]), r["seed"])):
         groups.setdefault((r["dataset"], r["model"], r["defense"]), []).append(r)
@@ -507,7 +523,7 @@ def benign_frame(records: list[dict]) -> pd.DataFrame | None:
                 f"{flagged.mean:.1f} ± {flagged.half_width:.1f} samples (FPR {_cell_text(fpr)}%)"
         elif any(c is not None for c in classes):
             flags = "; ".join("none" if not c else "classes " + " ".join(map(str, c)) for c in classes if c is not None)
-        out.append({"Dataset": dataset, "Model": model, "Defense": DEFENSE_TITLES.get(defense, defense),
+        out.append({"Dataset": dataset, "Model": model, "Defense": defense_title(defense),
                     "C-Acc clean": _cell_text(before), "C-Acc defended": _cell_text(summarize(r["c_acc"] for r in rs)),
                     "Cost": _cell_text(cost), "Flagged (all false positives)": flags,
                     TIME_TITLE: _seconds_text(summarize((defense_seconds(r) for r in rs), bounds=None)),
@@ -527,8 +543,8 @@ def _row_key(r: dict, attacks: list[str], defenses: list[str]) -> tuple:
 def details_frame(records: list[dict]) -> pd.DataFrame | None:
     """Figures defenses report, per seed (pruned channels, NC's flagged classes, ...; lists of at most four
     values) and not-applicable reasons: a log of what each run did, not a result table."""
-    attacks = _order([r["attack"] for r in records], ATTACK_ORDER)
-    defenses = _order([r["defense"] for r in records], DEFENSE_ORDER)
+    attacks = _order([r["attack"] for r in records], attack_order())
+    defenses = _order([r["defense"] for r in records], defense_order())
     rows, titles = [], attack_titles(records)
     for r in sorted(records, key=lambda r: _row_key(r, attacks, defenses)):
         info = {k: v for k, v in (r.get("defense_info") or {}).items() if _detail_value(v)}
@@ -537,7 +553,7 @@ def details_frame(records: list[dict]) -> pd.DataFrame | None:
         if info:
             rows.append({"Dataset": r["dataset"], "Model": r["model"], "Ratio": _ratio_text(r["poison_ratio"]),
                          "Attack": titles[r["attack"]],
-                         "Defense": DEFENSE_TITLES.get(r["defense"], r["defense"]), "Seed": r["seed"],
+                         "Defense": defense_title(r["defense"]), "Seed": r["seed"],
                          "Details": ", ".join(f"{k}={_short(v)}" for k, v in sorted(info.items()))})
     return pd.DataFrame(rows) if rows else None
 

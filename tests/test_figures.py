@@ -13,7 +13,7 @@ from scipy import stats
 from backdoor.cli import main as cli_main
 from backdoor.figures import _ok_cells, figure2, figure3, figure5, figure_links, write_figures
 from backdoor.report_html import render_html
-from backdoor.results import ATTACK_TITLES, DEFENSE_TITLES, read_records, upsert_records
+from backdoor.results import attack_title, defense_title, read_records, upsert_records
 
 MODELS, RATIOS, ATTACKS, DEFENSES, SEEDS = ["cnn_small", "preact_resnet18"], [0.05, 0.1], ["badnets", "blended"], \
     ["none", "ft", "anp"], [0, 1]
@@ -131,7 +131,7 @@ def test_figure2_points_are_the_seed_means_of_their_attack_and_defense(results):
     markers, colours = legend_keys(fig)
     for ax, metric in zip(fig.axes, ("c_acc", "r_acc")):
         asr, values = by_hand(rows, "asr", model="preact_resnet18"), by_hand(rows, metric, model="preact_resnet18")
-        expected = {(ATTACK_TITLES[k[2]], DEFENSE_TITLES[k[3]]): (100 * np.mean(asr[k]), 100 * np.mean(v))
+        expected = {(attack_title(k[2]), defense_title(k[3])): (100 * np.mean(asr[k]), 100 * np.mean(v))
                     for k, v in values.items() if k[1] == 0.1}
         points = {(markers[line.get_marker()], colours[matplotlib.colors.to_hex(line.get_color())]):
                   (line.get_xdata()[0], line.get_ydata()[0])
@@ -153,13 +153,13 @@ def test_figure3_lines_and_error_bars_are_the_seed_means_and_t_intervals(results
         asr = by_hand(rows, "asr", model=model)
         panels = [ax for ax in fig.axes if ax.get_visible()]
         defenses = [d for d in DEFENSES if any(k[3] == d for k in asr)]
-        assert [ax.get_title() for ax in panels] == [DEFENSE_TITLES[d] for d in defenses]
+        assert [ax.get_title() for ax in panels] == [defense_title(d) for d in defenses]
         for ax, defense in zip(panels, defenses):
             assert [t.get_text() for t in ax.get_xticklabels()] == [f"{100 * r:g}%" for r in RATIOS]
             lines = {c.get_label(): c for c in ax.containers}
-            assert sorted(lines) == sorted(ATTACK_TITLES[a] for a in ATTACKS)
+            assert sorted(lines) == sorted(attack_title(a) for a in ATTACKS)
             for i, attack in enumerate(ATTACKS):
-                data_line, _, (bars,) = lines[ATTACK_TITLES[attack]].lines
+                data_line, _, (bars,) = lines[attack_title(attack)].lines
                 values = [asr[(model, r, attack, defense)] for r in RATIOS]
                 xs = np.asarray(data_line.get_xdata(), float)
                 assert np.round(xs).tolist() == list(range(len(RATIOS)))  # the dodge is under 0.5
@@ -177,7 +177,7 @@ def test_figure5_bars_are_the_seed_means_per_model(results):
     fig = figure5(_ok_cells(read_records(results)), "digits", 0.05)
     asr = by_hand(rows, "asr", poison_ratio=0.05)
     panels = [ax for ax in fig.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in panels] == [DEFENSE_TITLES[d] for d in DEFENSES]
+    assert [ax.get_title() for ax in panels] == [defense_title(d) for d in DEFENSES]
     for ax, defense in zip(panels, DEFENSES):
         ticks = {round(t): label.get_text() for t, label in zip(ax.get_xticks(), ax.get_xticklabels())}
         seen = 0
@@ -185,7 +185,7 @@ def test_figure5_bars_are_the_seed_means_per_model(results):
             model = bars.get_label()
             (errors,) = bars.errorbar.lines[2]
             for bar, segment in zip(bars, errors.get_segments()):
-                attack = next(a for a in ATTACKS if ATTACK_TITLES[a] == ticks[round(bar.get_x() + bar.get_width() / 2)])
+                attack = next(a for a in ATTACKS if attack_title(a) == ticks[round(bar.get_x() + bar.get_width() / 2)])
                 values = asr[(model, 0.05, attack, defense)]
                 assert bar.get_height() == pytest.approx(100 * np.mean(values))
                 below, above = interval(values)

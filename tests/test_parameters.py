@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from backdoor import parameters
+from backdoor._registry import Method, Registry
 from backdoor.cli import main
-from backdoor.parameters import (COMMAND, DEFENSE_BUDGETS, END, PAPER_AND_REFERENCE, START, format_value, methods,
-                                 parameter_rows, readme_block, readme_difference, render_parameter_table)
+from backdoor.parameters import (COMMAND, END, START, format_value, methods, parameter_rows, readme_block,
+                                 readme_difference, render_parameter_table)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 METHODS = methods()
@@ -33,19 +34,22 @@ def constructor_defaults(cls) -> dict:
 @pytest.mark.parametrize("family, name, cls", METHODS, ids=IDS)
 def test_every_parameter_has_a_row_and_every_row_a_parameter(family, name, cls):
     params = set(constructor_defaults(cls))
-    declared = set(PAPER_AND_REFERENCE.get(name, {}))
+    declared = set(cls.parameters)
     assert not params - declared, (
-        f"{name}: parameter(s) {sorted(params - declared)} have no row; declare (paper, reference, why) for them in "
-        f"backdoor/parameters.py PAPER_AND_REFERENCE[{name!r}], then run `{COMMAND}`")
+        f"{name}: parameter(s) {sorted(params - declared)} have no row; declare Param(paper, reference, why) for "
+        f"them in {cls.__name__}.parameters ({cls.__module__}), then run `{COMMAND}`")
     assert not declared - params, (
-        f"{name}: PAPER_AND_REFERENCE[{name!r}] declares {sorted(declared - params)}, which {cls.__name__} does not "
-        f"take; remove or rename the row(s) in backdoor/parameters.py, then run `{COMMAND}`")
+        f"{name}: {cls.__name__}.parameters declares {sorted(declared - params)}, which {cls.__name__} does not "
+        f"take; remove or rename the row(s) in {cls.__module__}, then run `{COMMAND}`")
 
 
-def test_no_declaration_for_an_unregistered_method():
-    registered = {name for _, name, _ in METHODS}
-    assert set(PAPER_AND_REFERENCE) <= registered
-    assert set(DEFENSE_BUDGETS) <= registered
+@pytest.mark.parametrize("family, name, cls", METHODS, ids=IDS)
+def test_every_method_declares_its_title_and_order(family, name, cls):
+    assert isinstance(cls.title, str) and cls.title, f"{name}: declare `title` on {cls.__name__}"
+    assert isinstance(cls.order, int), f"{name}: declare `order` (an int, its place in tables) on {cls.__name__}"
+
+
+def test_declarations_are_complete():
     assert parameters.declaration_problems() == []
 
 
@@ -60,8 +64,8 @@ def test_ours_is_the_signature_default(family, name, cls):
         assert all(rows[param][k] and rows[param][k] != "UNDECLARED" for k in ("paper", "reference", "why"))
         argued = rows[param]["why_for"]
         assert argued is inspect.Parameter.empty or argued == default, (
-            f"{name}.{param}: the why in backdoor/parameters.py argues for {argued!r} but the default is now "
-            f"{default!r}; revisit the row (paper, reference, why, {argued!r}), then run `{COMMAND}`")
+            f"{name}.{param}: the why in {cls.__module__} argues for {argued!r} but the default is now "
+            f"{default!r}; revisit its Param(..., argued={argued!r}), then run `{COMMAND}`")
 
 
 def test_format_value():
@@ -80,12 +84,12 @@ def test_declared_budgets_match_what_the_defense_reads(name):
     source = inspect.getsource(sys.modules[cls.__module__])
     reads = {"defense_training": "inputs.training" in source,
              "retraining": "inputs.retraining" in source or "retrain_without(" in source}
-    stages = DEFENSE_BUDGETS[name]
-    text = " ".join(" ".join(stage) for stage in stages)
+    stages = cls.budgets
+    text = " ".join(f"{stage.what} {stage.budget} {stage.set_by}" for stage in stages)
     for budget, used in reads.items():
-        named = any(stage[1] == budget for stage in stages)
+        named = any(stage.budget == budget for stage in stages)
         assert not (named and not used), f"{name}: declares a stage on {budget} but its module never reads it"
-        assert not (used and budget not in text), f"{name}: reads {budget} but DEFENSE_BUDGETS[{name!r}] never names it"
+        assert not (used and budget not in text), f"{name}: reads {budget} but {cls.__name__}.budgets never names it"
 
 
 def test_rendered_tables_are_well_formed():
@@ -98,7 +102,7 @@ def test_rendered_tables_are_well_formed():
         widths = {len(re.findall(r"(?<!\\)\|", line)) for line in lines}
         assert len(widths) <= 1, f"a table row has a stray '|': {block[:200]}"
     body = [line for line in table.splitlines() if line.startswith("| `")]
-    assert len(body) == len(rows) + sum(len(stages) for stages in DEFENSE_BUDGETS.values())
+    assert len(body) == len(rows) + sum(len(cls.budgets) for family, _, cls in METHODS if family == "defense")
 
 
 def test_readme_block_is_the_generated_table():
@@ -129,3 +133,12 @@ def test_cli_check_names_the_difference_and_write_fixes_it(tmp_path, capsys):
     assert main(["params", "--write", str(no_markers)]) == 1 and no_markers.read_text() == "# nothing\n"
     capsys.readouterr()
     assert main(["params"]) == 0 and capsys.readouterr().out == render_parameter_table()
+
+
+def test_registry_display_order_and_titles_come_from_the_classes():
+    """``order`` sorts (ties and undeclared ones by name, undeclared last); ``title`` falls back to the name."""
+    registry = Registry("toy")
+    for name, order, title in (("zeta", 1, "Zeta"), ("alpha", 2, None), ("beta", None, "Beta"), ("gamma", 1, "G")):
+        registry.register(name)(type(name, (Method,), {"order": order, "title": title}))
+    assert registry.order() == ["gamma", "zeta", "alpha", "beta"]
+    assert [registry.title(n) for n in ("zeta", "alpha", "unregistered")] == ["Zeta", "alpha", "unregistered"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from backdoor._checks import ParameterError, check_int
+from backdoor._registry import NOT_STATED, Param
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack
 from backdoor.mutants import Mutant
@@ -23,6 +24,13 @@ class BadNets(Attack):
     """BadNets: white 3x3 square in the bottom-right corner (scaled with image size), dirty label."""
 
     kind = "dirty_label"
+    title = "BadNets"
+    order = 10
+    parameters = {
+        "size": Param("3x3, no margin (enlarged on Tiny ImageNet)", NOT_STATED,
+                      "None scales the side with the image: round(3 H / 32), 3x3 on 32x32, 6x6 on 64x64"),
+        "value": Param("pure white", NOT_STATED, "Table 1 (255 = white)"),
+    }
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

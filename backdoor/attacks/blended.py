@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from backdoor._checks import ParameterError
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack
 from backdoor.mutants import Mutant
@@ -59,6 +60,16 @@ class Blended(Attack):
     """Blended: alpha-blend (0.2) a fixed image into the input, dirty label."""
 
     kind = "dirty_label"
+    title = "Blended"
+    order = 20
+    parameters = {
+        "alpha": Param("0.2", NOT_STATED, "Table 1; the blend is rounded to the nearest grey level (the reference "
+                       "truncates)"),
+        "pattern": Param("hello kitty", "hello kitty image, resized with PIL",
+                         "the cartoon cannot be shipped: seeded uniform noise by default; any image path is accepted "
+                         "and resized as PIL does"),
+        "pattern_seed": Param(NONE, NONE, "seed of the noise pattern"),
+    }
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

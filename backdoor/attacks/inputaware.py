@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backdoor._checks import ParameterError, is_int
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.attacks import register_attack
 from backdoor.attacks._controllable import select_poison_and_cross, batch_poison_count, check_ratio, random_crop_rotate_flip
 from backdoor.attacks.base import Attack, PoisonedSet
@@ -164,6 +165,26 @@ class InputAware(Attack):
     """Input-aware: a learned generator makes a different masked trigger for every input (training controllable)."""
 
     kind = "training_controllable"
+    title = "Input-aware"
+    order = 70
+    parameters = {
+        "channels": Param(NONE, "32-64-128 (MNIST: 16-32)", "as the reference; `[16, 32]` for its MNIST variant"),
+        "mask_density": Param("0.032", NOT_STATED, "Table 1"),
+        "lambda_norm": Param("400", "100 (config)", "the value the code runs with (also the Input-aware authors' "
+                             "default); `lambda_norm: 400` follows the table", argued=100.0),
+        "lambda_div": Param("1", NOT_STATED, "Table 1"),
+        "lr_G": Param("0.01", NOT_STATED, "Table 1; G's milestones (200-500) lie beyond any budget, so constant"),
+        "lr_M": Param("0.01", NOT_STATED, "Table 1; decay x0.1 at 40% and 80% of the mask epochs (Table 1's 10 and "
+                      "20 of 25)"),
+        "mask_epochs": Param("25", "25, inside the classifier's 100 (classifier 75)", "extra attacker compute: the "
+                             "classifier trains for the case's full epochs, like every other attack"),
+        "mask_batch_size": Param(NONE, NOT_STATED, "Table 1's general batch 128; smaller on small data sets"),
+        "cross_ratio": Param("1", NOT_STATED, "Table 1"),
+        "crop_padding": Param(NONE, "5, parsed but never applied", "the Input-aware authors' loader applies it (per "
+                              "sample, before poisoning), and every other attack trains augmented; 0 turns it off"),
+        "rotation": Param(NONE, "10 degrees, parsed but never applied", "the Input-aware authors' loader applies it "
+                          "(RandomRotation(10), not on MNIST); 0 turns it off"),
+    }
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backdoor._checks import ParameterError
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.attacks import register_attack
 from backdoor.attacks.badnets import square_side
 from backdoor.attacks.base import Attack, AttackContext
@@ -99,6 +100,20 @@ class LabelConsistent(Attack):
     """Label-consistent: PGD-hardened target-class images + four-corner checkerboard, clean label."""
 
     kind = "clean_label"
+    title = "LC"
+    order = 30
+    parameters = {
+        "eps": Param("8 (/255)", NOT_STATED, "Table 1; 16/255 is the other budget used in the literature"),
+        "step_size": Param("1.5 (/255)", NOT_STATED, "Table 1"),
+        "steps": Param("100", NOT_STATED, "Table 1"),
+        "reference": Param(NONE, NOT_STATED, "the case's clean model, shared with the clean reference row (no extra "
+                           "training); Turner et al.'s adversarially trained model is `adversarial`"),
+        "adv_epochs": Param(NONE, NONE, "`adversarial` only: None trains the reference model for the case's epochs"),
+        "adv_steps": Param(NONE, NONE, "`adversarial` only: PGD steps of Madry et al.'s adversarial training"),
+        "size": Param(NONE, NOT_STATED, "None scales the 3x3 corner boards with the image, as BadNets"),
+        "amplitude": Param(NONE, "255 (corners overwritten)", "as the reference; lower values give Turner et al.'s "
+                           "reduced-amplitude trigger"),
+    }
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backdoor._checks import ParameterError
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack, AttackContext
 from backdoor.mutants import Mutant
@@ -143,6 +144,25 @@ class LowFrequency(Attack):
     """LF: low-pass-filtered targeted universal adversarial perturbation (|delta| <= 0.2), dirty label."""
 
     kind = "dirty_label"
+    title = "LF"
+    order = 50
+    parameters = {
+        "samples": Param("100", NOT_STATED, "Table 1 (N_sample)"),
+        "max_passes": Param("50", NOT_STATED, "Table 1 (T_ter)"),
+        "overshoot": Param("0.02", NOT_STATED, "Table 1"),
+        "max_iter": Param("200", NOT_STATED, "Table 1 (T_df)"),
+        "fooling_rate": Param("0.2", "label-change rate on a held-out set (10 images per class)",
+                              "Table 1's value on the targeted rate (share of the UAP's samples sent to the target), "
+                              "the stricter rate for an all-to-one attack"),
+        "bound": Param(NONE, "min-max rescale to [0, 0.2] of the pixel range",
+                       "max |delta| = 0.2 of the range, sign kept and no brightness offset (a uniform scale keeps "
+                       "the spectrum's shape)"),
+        "kernel_size": Param(NONE, "30 taps (gauss_smooth.py)", "an odd length keeps the kernel centred (30 taps "
+                             "shift the image by half a pixel); same magnitude response", argued=31),
+        "sigma": Param(NONE, "6 px (gauss_smooth.py sig=6)", "the reference filter", argued=6.0),
+        "deepfool_batch": Param(NONE, "1 (sequential)", "DeepFool on 10 images at once from the same v (a "
+                                "Jacobi-style update); 1 is the sequential original"),
+    }
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

@@ -27,6 +27,7 @@ import math
 import torch
 
 from backdoor._checks import ParameterError
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack
 from backdoor.mutants import Mutant
@@ -49,6 +50,14 @@ class SIG(Attack):
     """SIG: horizontal sinusoid (delta 40, f 6) added to target-class images, clean label."""
 
     kind = "clean_label"
+    title = "SIG"
+    order = 40
+    parameters = {
+        "delta": Param("40", NOT_STATED, "Table 1; rounded to the nearest grey level (the reference truncates)"),
+        "frequency": Param("6", NOT_STATED, "Table 1"),
+        "test_delta": Param(NONE, "the training delta", "None: the training delta, as the reference; Barni et al. "
+                            "treat the test amplitude as a separate knob"),
+    }
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

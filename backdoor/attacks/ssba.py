@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backdoor._checks import ParameterError
+from backdoor._registry import NONE, Param
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack, AttackContext
 from backdoor.mutants import Mutant
@@ -133,6 +134,24 @@ class SSBA(Attack):
     """SSBA: an invisible, sample-specific trigger hidden by a trained StegaStamp-style encoder, dirty label."""
 
     kind = "dirty_label"
+    title = "SSBA"
+    order = 60
+    parameters = {
+        "code_length": Param("1 (encoded bit)", "— (ships precomputed poisoned data)", "Table 1"),
+        "code_seed": Param(NONE, NONE, "draws the fixed code's bits"),
+        "steps": Param("140000", "— (precomputed data)", "Table 1's autoencoder train steps; we train the encoder "
+                       "ourselves, as the reference's poisoned datasets are its most-reported missing resource"),
+        "batch_size": Param(NONE, "— (StegaStamp: 4)", "with lr 1e-3 for our much smaller nets"),
+        "lr": Param(NONE, "— (StegaStamp: 1e-4)", "our much smaller nets train at 1e-3 (batch 32)"),
+        "width": Param(NONE, NONE, "our small U-Net's base width"),
+        "max_residual": Param(NONE, NONE, "L-inf bound of the residual (pixel range [0, 1])"),
+        "image_weight": Param(NONE, NONE, "sets the residual's size: at 1, PSNR ~31 dB, near StegaStamp's 27-30 dB"),
+        "code_weight": Param(NONE, NONE, "weight of the code's BCE"),
+        "clean_weight": Param(NONE, NONE, "ours: pushes the decoder to 1/2 on clean images, so that every code, "
+                              "including the fixed one, leaves a trace"),
+        "texture_floor": Param(NONE, NONE, "perceptual mask s / (s + floor): keeps the residual sample-specific "
+                               "(replaces StegaStamp's LPIPS and critic losses)"),
+    }
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

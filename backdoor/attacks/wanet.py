@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from backdoor._checks import ParameterError
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.attacks import register_attack
 from backdoor.attacks._controllable import select_poison_and_cross, batch_poison_count, check_ratio, random_crop_rotate_flip
 from backdoor.attacks.base import Attack, PoisonedSet, apply_to_float
@@ -88,6 +89,20 @@ class WaNet(Attack):
     """WaNet: a fixed smooth warping field as trigger, with noise-warped cross samples (training controllable)."""
 
     kind = "training_controllable"
+    title = "WaNet"
+    order = 80
+    parameters = {
+        "k": Param(NONE, NOT_STATED, "WaNet paper (Nguyen & Tran)"),
+        "s": Param(NONE, NOT_STATED, "WaNet paper (Nguyen & Tran)"),
+        "grid_rescale": Param("1", NOT_STATED, "Table 1"),
+        "cross_ratio": Param("2", NOT_STATED, "Table 1"),
+        "field_seed": Param(NONE, NOT_STATED, "the warping field is drawn from this seed (the same every time)"),
+        "crop_padding": Param(NONE, "5", "the reference's batch augmentation (PostTensorTransform): every coin, offset "
+                              "and angle drawn once per batch, for the whole batch"),
+        "p_crop": Param(NONE, "0.8", "as the reference"),
+        "rotation": Param(NONE, "10 degrees (nearest-neighbour)", "as the reference, sampled bilinearly"),
+        "p_rotation": Param(NONE, "0.5", "as the reference"),
+    }
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

@@ -71,10 +71,11 @@ from dataclasses import dataclass
 import torch
 
 from backdoor._checks import ParameterError
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.defenses import register_defense
 from backdoor.defenses._data_side import (check_features, label_groups, penultimate_features,
                                           require_poisoned_train, retrain_without)
-from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+from backdoor.defenses.base import BY_RETRAINING, Defense, DefenseInputs, DefenseOutcome, Stage
 from backdoor.mutants import Mutant
 from backdoor.training import predict
 
@@ -225,6 +226,30 @@ class ActivationClustering(Defense):
     reclassification, or relative size) is dropped and a model is retrained from scratch."""
 
     kind = "data_side"
+    title = "AC"
+    order = 60
+    parameters = {
+        "rule": Param(NONE, "`smaller`: the smaller cluster of every label is flagged", "Chen et al.'s exclusionary "
+                      "reclassification, the only rule that does not assume the poison is a minority of its label "
+                      "(about 53% of the target label at ratio 0.1 on 10 classes); `relative_size` is the other",
+                      argued="exclusionary"),
+        "reduction": Param(NONE, "PCA", "ICA, as Chen et al.; `pca` is the reference's reduction"),
+        "n_components": Param("10", NOT_STATED, "Table 2"),
+        "size_threshold": Param(NONE, "— (`smaller`: always; 0.5 reproduces it)", "`relative_size` only: Chen et "
+                                "al.'s relative size, the default of the authors' ART code"),
+        "exclusion_threshold": Param(NONE, "— (no exclusionary reclassification)",
+                                     "`exclusionary` only: a cluster is poisoned when l / p is below it; 1 is the "
+                                     "value Chen et al. found reasonable"),
+        "max_tested_share": Param(NONE, NONE, "`exclusionary` only, ours: a cluster holding more than 2/3 of its "
+                                  "label is not tested (without it too little of the label is left to learn)"),
+        "epochs": Param(NONE, NOT_STATED, f"None: {BY_RETRAINING}, retraining from scratch"),
+    }
+    budgets = (
+        Stage("`exclusionary`: two reclassification models, each trained without one cluster of every label",
+              "retraining",
+              "`epochs`"),
+        Stage("retrain from scratch on the unflagged samples", "retraining", "`epochs`"),
+    )
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

@@ -49,9 +49,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from backdoor._checks import ParameterError
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.data import Split
 from backdoor.defenses import NotApplicable, register_defense
-from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome, Stage
 from backdoor.models import roles
 from backdoor.mutants import Mutant
 from backdoor.training import random_crop_flip
@@ -174,6 +175,28 @@ class AdversarialNeuronPruning(Defense):
     """ANP: learn batch-norm channel masks under adversarial neuron noise, prune masks below 0.2."""
 
     kind = "model_repair"
+    title = "ANP"
+    order = 50
+    parameters = {
+        "iterations": Param("2000", NOT_STATED, "Table 2 (e_i)"),
+        "eps": Param("0.4", "noise unclipped after the ascent step", "Table 2; unclipped as the reference and ANP's "
+                     "code (it reaches 2 eps)"),
+        "alpha": Param("0.2", NOT_STATED, "Table 2"),
+        "mask_lr": Param(NONE, "0.01", "the ANP authors' code (0.2), the rate the paper's threshold was chosen with",
+                         argued=0.2),
+        "threshold": Param("— (tolerance 10%)", "also prunes by number or fraction chosen on test data",
+                           "the ANP paper's fixed threshold; a tolerance needs accuracy the defense may not see"),
+        "noise_steps": Param(NONE, NOT_STATED, "one signed ascent step of eps"),
+        "batch_size": Param(NONE, NOT_STATED, "None: the defense budget's (256); ANP's code uses 128"),
+        "batch_stats": Param(NONE, NOT_STATED, "normalise with batch statistics, as ANP's code (masks optimised in "
+                             "train mode)"),
+    }
+    budgets = (
+        Stage("mask optimisation (SGD on masks)",
+              "own parameters",
+              "`iterations`, `mask_lr`, `batch_size` (None: `defense_training`'s); crop/flip from "
+              "`defense_training`"),
+    )
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

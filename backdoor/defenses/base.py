@@ -23,12 +23,18 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from backdoor._registry import Method
+from backdoor._registry import NONE, Method
 from backdoor.data import Split
 from backdoor.models import Classifier, create_model
 from backdoor.training import TrainConfig, fit
 
 KINDS = ("none", "model_repair", "data_side")
+# What a defense stage trains with: the matrix's ``defense_training`` (``inputs.training``), the attack's budget
+# (``inputs.retraining``, the matrix's ``training``) for training from scratch on the poisoned set, a loop of
+# the defense's own parameters (no TrainConfig at all), or nothing.
+BUDGETS = ("defense_training", "retraining", "own parameters", NONE)
+BY_DEFENSE_TRAINING = "the matrix's `defense_training`"  # for a why: "None: {BY_DEFENSE_TRAINING}"
+BY_RETRAINING = "the attack's budget (`retraining`)"
 
 
 class NotApplicable(Exception):
@@ -97,12 +103,23 @@ class DefenseOutcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One training stage of a defense, for the parameter table: what it does, the budget it trains with (one
+    of ``BUDGETS``) and which of the defense's parameters override that budget."""
+
+    what: str
+    budget: str
+    set_by: str
+
+
 class Defense(Method):
     """Base class. Subclasses set ``name`` and ``kind``, take their parameters (paper defaults) as keyword
-    arguments, and implement ``run``."""
+    arguments, and implement ``run``; beside ``Method``'s metadata they declare ``budgets``, their stages."""
 
     name: ClassVar[str]
     kind: ClassVar[str]
+    budgets: ClassVar[tuple[Stage, ...] | None] = None
 
     def run(self, inputs: DefenseInputs) -> DefenseOutcome:
         raise NotImplementedError

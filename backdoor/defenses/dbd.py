@@ -60,9 +60,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from backdoor._checks import ParameterError
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.defenses import register_defense
 from backdoor.defenses._data_side import fresh_model, per_sample_loss, require_poisoned_train
-from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+from backdoor.defenses.base import BY_DEFENSE_TRAINING, Defense, DefenseInputs, DefenseOutcome, Stage
 from backdoor.models import roles
 from backdoor.mutants import Mutant
 from backdoor.training import TrainHooks, random_crop_flip
@@ -264,6 +265,38 @@ class DecouplingBackdoorDefense(Defense):
     """DBD: SimCLR backbone without labels, SCE warm-up of the head, MixMatch with the high-loss half unlabelled."""
 
     kind = "data_side"
+    title = "DBD"
+    order = 90
+    parameters = {
+        "simclr_epochs": Param("100", "100", "Table 2 (E_se)"),
+        "simclr_batch_size": Param("512", "512", "Table 2 (B_self)"),
+        "simclr_lr": Param(NONE, "0.4 (SGD, wd 1e-4, cosine)", "DBD's SimCLR config"),
+        "temperature": Param(NONE, NOT_STATED, "SimCLR temperature (METHODS.md)"),
+        "projection_dim": Param(NONE, NOT_STATED, "output of the projection MLP"),
+        "warmup_epochs": Param("10", NOT_STATED, "Table 2 (E_wa)"),
+        "warmup_batch_size": Param(NONE, NOT_STATED, "head warm-up batch"),
+        "warmup_lr": Param(NONE, "Adam 0.002, no schedule", f"None: {BY_DEFENSE_TRAINING}: the one trainer's SGD"),
+        "sce_alpha": Param(NONE, NOT_STATED, "symmetric cross entropy: weight of CE"),
+        "sce_beta": Param(NONE, NOT_STATED, "symmetric cross entropy: weight of reverse CE"),
+        "epsilon": Param("0.5", NOT_STATED, "Table 2: the lowest-loss half keeps its labels"),
+        "mixmatch_epochs": Param(NONE, "100 epochs x 1,024 iterations", "passes over the labelled half (the one "
+                                 "trainer's epoch); about a third of the reference's steps on CIFAR-10, kept while the "
+                                 "DBD budget is studied", argued=190),
+        "mixmatch_batch_size": Param("128 (B_semi)", NOT_STATED, "Table 2; labelled batch, as many unlabelled images "
+                                     "(the smoke matrix pins 64)", argued=128),
+        "mixmatch_lr": Param(NONE, "Adam 0.002, no schedule", f"None: {BY_DEFENSE_TRAINING}: the one trainer's SGD"),
+        "lambda_u": Param(NONE, NOT_STATED, "MixMatch unlabelled weight, ramped up over all epochs"),
+        "sharpen_temperature": Param(NONE, NOT_STATED, "MixMatch label sharpening"),
+        "augmentations": Param(NONE, NOT_STATED, "MixMatch views per unlabelled image (K)"),
+        "mixup_alpha": Param(NONE, NOT_STATED, "MixMatch's Beta(alpha, alpha)"),
+    }
+    budgets = (
+        Stage("SimCLR backbone (wd 1e-4, cosine)",
+              "defense_training",
+              "`simclr_epochs`, `simclr_batch_size`, `simclr_lr`"),
+        Stage("SCE warm-up of the head", "defense_training", "`warmup_epochs`, `warmup_batch_size`, `warmup_lr`"),
+        Stage("MixMatch fine-tune", "defense_training", "`mixmatch_epochs`, `mixmatch_batch_size`, `mixmatch_lr`"),
+    )
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

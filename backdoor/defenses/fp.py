@@ -41,9 +41,11 @@ import torch
 from torch import nn
 
 from backdoor._checks import ParameterError
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.data import Split
 from backdoor.defenses import NotApplicable, register_defense
-from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome, split_validation
+from backdoor.defenses.base import (BY_DEFENSE_TRAINING, Defense, DefenseInputs, DefenseOutcome, Stage,
+                                   split_validation)
 from backdoor.models import roles
 from backdoor.mutants import Mutant
 from backdoor.training import TrainHooks, predict
@@ -236,6 +238,20 @@ class FinePruning(Defense):
     """FP: prune the last conv block's least active channels (validation-limited), then fine-tune."""
 
     kind = "model_repair"
+    title = "FP"
+    order = 20
+    parameters = {
+        "step_fraction": Param(NONE, "1% of the channels per step", "as the reference"),
+        "max_drop": Param("10% (relative)", "picked with test accuracy and test ASR", "Table 2's tolerance, checked "
+                          "on a validation split of the defender's data: a defense never sees the test set"),
+        "val_fraction": Param(NONE, "— (test set)", "share of the defender's subset held out for the stopping rule"),
+        "epochs": Param("100", NOT_STATED, f"None: {BY_DEFENSE_TRAINING}"),
+        "lr": Param(NONE, NOT_STATED, f"None: {BY_DEFENSE_TRAINING}"),
+    }
+    budgets = (
+        Stage("pruning search", "own parameters", "`step_fraction`, `max_drop`, `val_fraction` (no training)"),
+        Stage("fine-tune the pruned model", "defense_training", "`epochs`, `lr`"),
+    )
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

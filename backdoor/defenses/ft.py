@@ -7,8 +7,9 @@ wd 5e-4), batch 256, cosine schedule, 100 epochs, with the usual crop/flip augme
 from __future__ import annotations
 
 from backdoor._checks import check_int, check_number
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.defenses import register_defense
-from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+from backdoor.defenses.base import BY_DEFENSE_TRAINING, Defense, DefenseInputs, DefenseOutcome, Stage
 from backdoor.mutants import Mutant
 
 
@@ -17,6 +18,15 @@ class FineTuning(Defense):
     """FT: fine-tune the backdoored model on the defender's clean subset."""
 
     kind = "model_repair"
+    title = "FT"
+    order = 10
+    parameters = {
+        "epochs": Param("100", NOT_STATED, f"None: {BY_DEFENSE_TRAINING}"),
+        "lr": Param(NONE, NOT_STATED, f"None: {BY_DEFENSE_TRAINING}"),
+    }
+    budgets = (
+        Stage("fine-tune on the clean subset", "defense_training", "`epochs`, `lr`"),
+    )
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

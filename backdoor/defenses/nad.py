@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from backdoor._checks import ParameterError, is_number
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.defenses import NotApplicable, register_defense
-from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+from backdoor.defenses.base import BY_DEFENSE_TRAINING, Defense, DefenseInputs, DefenseOutcome, Stage
 from backdoor.models import roles
 from backdoor.mutants import Mutant
 
@@ -65,6 +66,23 @@ class NeuralAttentionDistillation(Defense):
     """NAD: distil a clean-fine-tuned teacher's attention maps into the backdoored model."""
 
     kind = "model_repair"
+    title = "NAD"
+    order = 30
+    parameters = {
+        "betas": Param("500, 1000, 1000", "third map is 1x1 (its term is always 0)", "Table 2, on three maps with "
+                       "spatial extent"),
+        "power": Param("2.0", NOT_STATED, "Table 2"),
+        "teacher_epochs": Param("10", NOT_STATED, "Table 2 (E_ft)"),
+        "teacher_lr": Param(NONE, NOT_STATED, f"None: {BY_DEFENSE_TRAINING}"),
+        "epochs": Param("100", NOT_STATED, f"None: {BY_DEFENSE_TRAINING}"),
+        "lr": Param(NONE, "0.01, then 1e-4 from epoch 20 (wd 1e-4)",
+                    f"None: {BY_DEFENSE_TRAINING} (SGD 0.01, wd 5e-4, cosine), one schedule for every repair "
+                    "defense, so NAD differs from FT by its attention term only"),
+    }
+    budgets = (
+        Stage("teacher fine-tune", "defense_training", "`teacher_epochs`, `teacher_lr`"),
+        Stage("student distillation", "defense_training", "`epochs`, `lr`"),
+    )
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

@@ -49,9 +49,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from backdoor._checks import ParameterError
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.data import Split
 from backdoor.defenses import register_defense
-from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+from backdoor.defenses.base import BY_DEFENSE_TRAINING, Defense, DefenseInputs, DefenseOutcome, Stage
 from backdoor.mutants import Mutant
 
 _TANH_SCALE = 2 - 1e-7
@@ -206,6 +207,38 @@ class NeuralCleanse(Defense):
     """NC: reverse-engineer a trigger per class, flag outliers by MAD, unlearn the flagged triggers."""
 
     kind = "model_repair"
+    title = "NC"
+    order = 40
+    parameters = {
+        "epochs": Param("80", NOT_STATED, "Table 2 (E_r)"),
+        "init_cost": Param(NONE, NOT_STATED, "NC's adaptive cost (METHODS.md)"),
+        "cost_up": Param(NONE, NOT_STATED, "NC's adaptive cost (METHODS.md)"),
+        "cost_down": Param(NONE, NOT_STATED, "NC's adaptive cost (METHODS.md): 2^1.5"),
+        "patience": Param(NONE, NOT_STATED, "NC's adaptive cost (METHODS.md)"),
+        "threshold": Param(NONE, NOT_STATED, "attack success a reversed trigger must reach (METHODS.md)"),
+        "lr": Param(NONE, NOT_STATED, "Adam (betas 0.5, 0.9) on mask and pattern"),
+        "batch_size": Param(NONE, "256", "the reference's reversal batch (the smoke and quick matrices, with a "
+                            "72-image defender's subset, pin 16)", argued=256),
+        "anomaly_threshold": Param(NONE, NOT_STATED, "NC paper: anomaly index > 2"),
+        "unlearn_ratio": Param("0.2", NOT_STATED, "Table 2"),
+        "max_batch": Param(NONE, NONE, "memory only: images per forward pass over all classes (the result does not "
+                           "depend on it)"),
+        "early_stop": Param(NONE, NOT_STATED, "a class stops once its cost moved both ways and its best L1 stopped "
+                            "improving by 1% for `early_stop_patience` epochs"),
+        "early_stop_patience": Param(NONE, "25", "the reference's (was 2 x patience = 10; the smoke and quick "
+                                     "matrices pin 10)", argued=25),
+        "epochs_unlearn": Param("100", NOT_STATED, f"None: {BY_DEFENSE_TRAINING}"),
+        "lr_unlearn": Param(NONE, NOT_STATED, f"None: {BY_DEFENSE_TRAINING}"),
+        "reset_cost_to_zero": Param(NONE, "False (starts at init_cost)", "True: the NC authors' visualizer "
+                                    "(RESET_COST_TO_ZERO = True) starts every class's cost at 0 and sets init_cost "
+                                    "after `patience` successful epochs", argued=True),
+    }
+    budgets = (
+        Stage("trigger reversal (Adam)",
+              "own parameters",
+              "`epochs`, `batch_size`, `lr` and the cost / patience parameters"),
+        Stage("unlearning fine-tune", "defense_training", "`epochs_unlearn`, `lr_unlearn`"),
+    )
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

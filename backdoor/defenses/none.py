@@ -1,8 +1,9 @@
 """No defense: the backdoored model as it is (the first column group of every leaderboard)."""
 from __future__ import annotations
 
+from backdoor._registry import NONE
 from backdoor.defenses import register_defense
-from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome, Stage
 
 
 @register_defense("none")
@@ -10,6 +11,11 @@ class NoDefense(Defense):
     """No defense: evaluate the backdoored model unchanged."""
 
     kind = "none"
+    title = "No defense"
+    order = 0
+    budgets = (
+        Stage("(nothing trains)", NONE, NONE),
+    )
 
     def run(self, inputs: DefenseInputs) -> DefenseOutcome:
         return DefenseOutcome(model=inputs.model)

@@ -38,10 +38,11 @@ from dataclasses import dataclass
 import torch
 
 from backdoor._checks import ParameterError
+from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.defenses import register_defense
 from backdoor.defenses._data_side import (check_features, label_groups, penultimate_features,
                                           rank_within_groups, require_poisoned_train, retrain_without)
-from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome
+from backdoor.defenses.base import BY_RETRAINING, Defense, DefenseInputs, DefenseOutcome, Stage
 from backdoor.mutants import Mutant
 
 
@@ -92,6 +93,17 @@ class SpectralSignatures(Defense):
     """Spectral: per label, drop the 1.5*eps samples most aligned with the top singular vector, retrain."""
 
     kind = "data_side"
+    title = "Spectral"
+    order = 70
+    parameters = {
+        "eps": Param("85th percentile (15% removed)", "fixed 85th percentile of scores of the flattened last-block "
+                     "output (augmented, uncentred)", "Tran et al.'s 1.5 eps per label (15% at 0.1), on the centred "
+                     "penultimate features without augmentation (Tran et al. centre)"),
+        "epochs": Param(NONE, NOT_STATED, f"None: {BY_RETRAINING}, retraining from scratch"),
+    }
+    budgets = (
+        Stage("retrain from scratch on the unflagged samples", "retraining", "`epochs`"),
+    )
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
     # own text here, where the newline is an escape.
     mutants = (

@@ -28,7 +28,7 @@ NONE = "—"
 NOT_STATED = "not stated"
 GENERIC = ("self", "target", "cap_ratio")  # shared by every attack: not listed
 START, END = "<!-- parameters:start -->", "<!-- parameters:end -->"
-COMMAND = "backdoor params --write README.md"
+COMMAND = "backdoor params --write docs/methods.md"
 
 _DEF = "the matrix's `defense_training`"
 _ATT = "the attack's budget (`retraining`)"
@@ -420,7 +420,7 @@ def readme_difference(text: str, table: str | None = None) -> str | None:
         return f"no {START} ... {END} markers"
     if block == table:
         return None
-    diff = list(difflib.unified_diff(block.splitlines(), table.splitlines(), "README.md", "generated", n=0,
+    diff = list(difflib.unified_diff(block.splitlines(), table.splitlines(), "docs/methods.md", "generated", n=0,
                                      lineterm=""))
     shown = diff[:30] + ([f"... ({len(diff) - 30} more diff lines)"] if len(diff) > 30 else [])
     return "\n".join(shown)

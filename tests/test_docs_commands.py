@@ -337,6 +337,15 @@ def test_every_page_has_commands_or_links_and_the_readme_is_a_guide():
     assert {f"docs/{d.name}" for d in DOCS[1:]} <= linked, "a docs page the README does not link"
 
 
+def test_the_readme_installs_and_tests_as_ci_does():
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip().startswith(("python3 -m venv", "pip install", "python -m pytest"))]
+    assert len(ci) == 3, ci
+    readme = "\n".join(b.body for b in read_page(ROOT / "README.md").blocks if b.lang in SHELL)
+    for line in ci:
+        assert line in readme, f".ci/run's `{line}` is not the README's"
+
+
 PLANTED = """# planted
 
 ```bash

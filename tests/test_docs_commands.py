@@ -132,15 +132,24 @@ def exists(path: str, page: Page) -> bool:
     return (ROOT / path).exists() or path in page.written
 
 
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#{1,6} (.+)$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def reference_problems(page: Page) -> list[str]:
     text = page.path.read_text()
     problems = [f"`{p}` does not exist" for p in BACKTICKED_PATH.findall(text) if not exists(p, page)]
     for target in LINK.findall(text):
         if re.match(r"^[a-z]+:", target):
             continue
-        local = target.split("#")[0]
-        if local and not (page.path.parent / local).exists():
+        local, _, anchor = target.partition("#")
+        linked = page.path.parent / local if local else page.path
+        if not linked.exists():
             problems.append(f"link ({target}) does not exist")
+        elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked.read_text()):
+            problems.append(f"link ({target}): no heading #{anchor} in {linked.name}")
     for command in page.commands:
         for token in command.argv:
             if token.startswith(REPO_DIRS) and not exists(token, page):
@@ -382,7 +391,7 @@ echo "unclosed
 def broken(:
 ```
 
-See [the missing page](nowhere.md) and `matrices/missing.yaml`.
+See [the missing page](nowhere.md), [a missing heading](#nowhere) and `matrices/missing.yaml`.
 """
 
 
@@ -398,7 +407,7 @@ def test_planted_bad_commands_are_caught(tmp_path):
         "--sedes": "unrecognized arguments", "badnets and": "pytest", "loadgrop": "invalid choice",
         "benchmarks/nowhere.py": "does not exist", "unclosed": "", "broken(": "python block",
         "(nowhere.md)": "does not exist", "matrices/missing.yaml": "does not exist",
-        "bad.yaml --plan": "exit 4"}
+        "bad.yaml --plan": "exit 4", "(#nowhere)": "no heading"}
     for planted, reason in expected.items():
         hits = [p for p in problems if reason in p and (planted in p or planted == "unclosed" and "bash -n" in p
                                                          or planted == "broken(" and "python block" in p)]

@@ -7,7 +7,8 @@ plugins included, and its ``-k`` expression must compile; every repository path 
 backticked path names must exist. The cheap commands also run: ``backdoor list``, ``--help``, ``backdoor
 params``, ``backdoor run MATRIX --plan`` of a matrix that needs no downloaded data, and the Python scripts a page
 writes itself (a python block whose first line is ``# name.py``; a yaml block ``# name.yaml`` is a matrix file
-the page's commands use), each in a temporary folder. Python blocks must compile.
+the page's commands use), each in a temporary folder. Python blocks must compile, and the method skeletons of
+docs/adding-a-method.md register, their mutants apply and their tests pass.
 """
 from __future__ import annotations
 
@@ -353,6 +354,50 @@ def test_the_readme_installs_and_tests_as_ci_does():
     readme = "\n".join(b.body for b in read_page(ROOT / "README.md").blocks if b.lang in SHELL)
     for line in ci:
         assert line in readme, f".ci/run's `{line}` is not the README's"
+
+
+SKELETON_CHECK = r"""
+import importlib.util, inspect, sys
+from pathlib import Path
+
+def load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+methods, tests = sys.argv[1].split(","), sys.argv[2].split(",")
+for i, path in enumerate(methods):
+    source = Path(path).read_text()
+    module = load(path, f"skeleton_method_{i}")
+    for cls in [c for c in vars(module).values() if inspect.isclass(c) and "mutants" in vars(c)]:
+        assert len(cls.mutants) >= 2, f"{cls.__name__} declares fewer than two mutants"
+        for mutant in cls.mutants:
+            mutant.apply(source, path)  # raises unless its find text occurs exactly once
+for i, path in enumerate(tests):
+    module = load(path, f"skeleton_test_{i}")
+    for name, function in vars(module).items():
+        if name.startswith("test_"):
+            function()
+            print("passed", name)
+"""
+
+
+def test_the_method_skeletons_register_and_pass_their_tests(tmp_path):
+    """docs/adding-a-method.md's skeletons, loaded in a separate process (so that the registries of this one
+    never hold them): they register, their mutants apply, and their tests pass."""
+    page = read_page(ROOT / "docs" / "adding-a-method.md")
+    paths = {name: tmp_path / Path(name).name for name in page.written}
+    for name, body in page.written.items():
+        paths[name].write_text(body)
+    methods = [str(p) for n, p in paths.items() if n.startswith(("backdoor/attacks/", "backdoor/defenses/"))]
+    tests = [str(p) for n, p in paths.items() if n.startswith("tests/")]
+    assert len(methods) == 2 and len(tests) == 2, sorted(page.written)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", SKELETON_CHECK, ",".join(methods), ",".join(tests)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("passed test_") == 2, done.stdout
 
 
 PLANTED = """# planted

@@ -1,7 +1,7 @@
 """The parameter table (``backdoor params``): every parameter of every registered method has a declared row, the
-"ours" column is the signature's default, each defense declares the budgets it trains with, and README.md's
+"ours" column is the signature's default, each defense declares the budgets it trains with, and docs/methods.md's
 block is the generated table (the anti-drift check: it fails whenever a default changes until
-``backdoor params --write README.md`` is run)."""
+``backdoor params --write docs/methods.md`` is run)."""
 import inspect
 import re
 import sys
@@ -15,7 +15,7 @@ from backdoor.cli import main
 from backdoor.parameters import (COMMAND, END, START, format_value, methods, parameter_rows, readme_block,
                                  readme_difference, render_parameter_table)
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 METHODS = methods()
 IDS = [f"{family}-{name}" for family, name, _ in METHODS]
 
@@ -107,10 +107,10 @@ def test_rendered_tables_are_well_formed():
 
 def test_readme_block_is_the_generated_table():
     text = README.read_text()
-    assert readme_block(text) is not None, f"README.md lacks the {START} ... {END} markers"
+    assert readme_block(text) is not None, f"docs/methods.md lacks the {START} ... {END} markers"
     difference = readme_difference(text)
     assert difference is None, (
-        f"README.md's parameter table is out of date (a default or a declared row changed): run `{COMMAND}`\n"
+        f"docs/methods.md's parameter table is out of date (a default or a declared row changed): run `{COMMAND}`\n"
         f"{difference}")
 
 

@@ -36,7 +36,7 @@ Departures, and why:
   default) samples nearest-neighbour. Kept as it was (the issue 9 audit did not cover it); integer crops and
   flips are exact in both.
 - Aligned (issue 9): an earlier version drew the augmentation per sample; the audit of BackdoorBench f02e353
-  found one draw per batch, which METHODS.md asks for too, and which is what we do now.
+  found one draw per batch (BackdoorBench's protocol), which is what we do now.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ Which cluster is poisoned is decided by ``rule`` (Chen et al. give three ways an
   and p the number classified as another class; the cluster is poisoned when l / p < ``exclusion_threshold``
   = 1 (Chen et al.'s value), i.e. when most of it falls to other classes. It is the only rule that does not
   assume the poison is a minority of its label: at poison ratio 0.1 on 10 balanced classes the poison is
-  about 53% of the target label, which the relative-size rule can never flag (METHODS.md).
+  about 53% of the target label, which the relative-size rule can never flag.
 - ``"relative_size"``: the smaller cluster is poisoned when its share of the label's samples is below
   ``size_threshold`` = 0.35 (the paper's "relative size comparison", the default of the authors' ART
   implementation). One clustering, no extra training.

@@ -271,7 +271,7 @@ class DecouplingBackdoorDefense(Defense):
         "simclr_epochs": Param("100", "100", "Table 2 (E_se)"),
         "simclr_batch_size": Param("512", "512", "Table 2 (B_self)"),
         "simclr_lr": Param(NONE, "0.4 (SGD, wd 1e-4, cosine)", "DBD's SimCLR config"),
-        "temperature": Param(NONE, NOT_STATED, "SimCLR temperature (METHODS.md)"),
+        "temperature": Param(NONE, NOT_STATED, "SimCLR temperature of DBD's self-supervised stage (Chen et al. 2020's usual value)"),
         "projection_dim": Param(NONE, NOT_STATED, "output of the projection MLP"),
         "warmup_epochs": Param("10", NOT_STATED, "Table 2 (E_wa)"),
         "warmup_batch_size": Param(NONE, NOT_STATED, "head warm-up batch"),

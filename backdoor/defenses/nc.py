@@ -211,11 +211,11 @@ class NeuralCleanse(Defense):
     order = 40
     parameters = {
         "epochs": Param("80", NOT_STATED, "Table 2 (E_r)"),
-        "init_cost": Param(NONE, NOT_STATED, "NC's adaptive cost (METHODS.md)"),
-        "cost_up": Param(NONE, NOT_STATED, "NC's adaptive cost (METHODS.md)"),
-        "cost_down": Param(NONE, NOT_STATED, "NC's adaptive cost (METHODS.md): 2^1.5"),
-        "patience": Param(NONE, NOT_STATED, "NC's adaptive cost (METHODS.md)"),
-        "threshold": Param(NONE, NOT_STATED, "attack success a reversed trigger must reach (METHODS.md)"),
+        "init_cost": Param(NONE, NOT_STATED, "NC's adaptive cost schedule (Wang et al. 2019's code)"),
+        "cost_up": Param(NONE, NOT_STATED, "NC's adaptive cost schedule (Wang et al. 2019's code)"),
+        "cost_down": Param(NONE, NOT_STATED, "NC's adaptive cost schedule (Wang et al. 2019's code): 2^1.5"),
+        "patience": Param(NONE, NOT_STATED, "NC's adaptive cost schedule (Wang et al. 2019's code)"),
+        "threshold": Param(NONE, NOT_STATED, "attack success a reversed trigger must reach (Wang et al. 2019's code)"),
         "lr": Param(NONE, NOT_STATED, "Adam (betas 0.5, 0.9) on mask and pattern"),
         "batch_size": Param(NONE, "256", "the reference's reversal batch (the smoke and quick matrices, with a "
                             "72-image defender's subset, pin 16)", argued=256),

@@ -41,6 +41,23 @@ def workers_of(extra: list[str]) -> int:
     return 1
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def workers_warning(workers: int, cores: int) -> str | None:
+    """One line when ``-n`` asks for more workers than cores: each case runs one thread, so the extra workers
+    only share the cores with the others and the run is slower, not faster."""
+    if workers <= cores:
+        return None
+    return (f"backdoor: warning: -n {workers} starts {workers} workers on {cores} CPU core(s); they would share "
+            f"the cores and run slower than -n {cores}")
+
+
 def run_in_own_group(command: list[str], on_stop: Callable[[str], None]) -> int:
     """Run ``command`` (pytest) as the leader of its own process group, which its xdist workers join. SIGTERM,
     SIGINT and SIGHUP to this process are forwarded to the whole group (a second one, or ``GRACE_SECONDS``

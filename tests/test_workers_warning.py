@@ -1,0 +1,33 @@
+"""``-n`` beyond the machine's cores is said in one line at the start of a run (it is slower, not faster)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backdoor.launch import cpu_cores, workers_warning
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # a nested run is not a worker
+
+
+def test_more_workers_than_cores_is_one_line():
+    assert workers_warning(2, 2) is None and workers_warning(1, 2) is None
+    line = workers_warning(4, 2)
+    assert line is not None and "\n" not in line
+    assert "-n 4" in line and "2 CPU core(s)" in line and "-n 2" in line
+
+
+def test_cores_are_the_ones_this_process_may_use():
+    assert cpu_cores() == (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+
+
+@pytest.mark.parametrize("extra, warned", [(1, True), (0, False)])
+def test_a_pytest_run_warns_once(extra, warned):
+    workers = cpu_cores() + extra
+    done = subprocess.run([sys.executable, "-m", "pytest", "-n", str(workers), "--collect-only", "-q",
+                           "-p", "no:cacheprovider", str(ROOT / "tests" / "test_stats.py")],
+                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if "CPU core(s)" in line]
+    assert lines == ([workers_warning(workers, cpu_cores())] if warned else []), done.stdout + done.stderr

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 from backdoor.matrix import load_matrix
+from backdoor.progress import eta_seconds
 from backdoor.plan import _recorded_seconds, estimate_line, stage_estimates, timing_key, timing_records
 from backdoor.results import RECORDS
 
@@ -69,3 +70,23 @@ def test_a_first_plan_says_the_estimate_is_unknown(tmp_path):
     estimate = [line for line in done.stdout.splitlines() if line.startswith("estimate:")]
     assert estimate == ["estimate: unknown: no record times any of the 4 build(s) (no run of these cases or methods "
                         "yet); a first run records them for the next plan"], done.stdout
+
+
+# -- the ETA of a running grid ------------------------------------------------------------------------------------
+
+def _finished(case_id: str, total: float, defense: float, loaded: bool) -> dict:
+    return {"case_id": case_id, "total_seconds": total, "stage_seconds": {"defense": defense},
+            "cache_hits": {"backdoor_model": loaded}}
+
+
+def test_the_eta_counts_a_groups_model_once():
+    """Group A's model took 100 s to build; its FT case loaded it (2 s) and defended (10 s). Left: A's FP
+    (load + the defenses' median), and group B, whose first case builds its model again."""
+    finished = [_finished("d-m-badnets-p0.1-s0-none", 100.0, 0.0, loaded=False),
+                _finished("d-m-badnets-p0.1-s0-ft", 12.0, 10.0, loaded=True)]
+    pending = ["d-m-badnets-p0.1-s0-fp", "d-m-blended-p0.1-s0-none", "d-m-blended-p0.1-s0-ft",
+               "d-m-blended-p0.1-s0-fp"]
+    assert eta_seconds(finished, pending, workers=1) == (5 + 2) + (0 + 100) + (10 + 2) + (5 + 2)
+    assert eta_seconds(finished, pending, workers=2) == 126 / 2
+    assert eta_seconds([], pending, workers=1) is None  # nothing measured yet: no ETA rather than a guess
+    assert eta_seconds(finished, [], workers=1) == 0.0

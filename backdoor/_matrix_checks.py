@@ -132,20 +132,38 @@ def build_all(datasets: dict[str, dict], models: dict[str, dict], attacks: dict[
     """Check every dataset (its files too with ``check_data``), then build every model, attack (with the
     matrix's ``target``; ``attacks`` as the cases carry them) and defense. Returns each dataset's image side
     (None where only loading can tell)."""
+    errors: list[Exception] = []
+
+    def check(key: str, owner: str, build: Callable[[], Any]) -> Any:
+        """``_convert``, keeping its error in ``errors`` (None then) so that every object is checked."""
+        try:
+            return _convert(fail, key, owner, build)
+        except ValueError as e:  # what ``fail`` made: _convert turns every ValueError into one
+            errors.append(e)
+            return None
+
     shapes = {}
     for name, params in datasets.items():
-        shapes[name] = _convert(fail, f"datasets.{name}", name, lambda: _dataset_side(name, params, check_data))
+        shapes[name] = check(f"datasets.{name}", name, lambda: _dataset_side(name, params, check_data))
+    _raise_collected(errors)  # models are built for the datasets' class count, which a bad dataset cannot give
     classes = [num_classes_of(name, params) or 10 for name, params in datasets.items()]
     for name, params in models.items():
-        _convert(fail, f"models.{name}", name, lambda: create_model(name, num_classes=max(classes), **params))
+        check(f"models.{name}", name, lambda: create_model(name, num_classes=max(classes), **params))
     for name, params in attacks.items():
-        attack = _convert(fail, f"attacks.{name}", name, lambda: ATTACKS.create(name, target=target, **params))
+        attack = check(f"attacks.{name}", name, lambda: ATTACKS.create(name, target=target, **params))
         for side in shapes.values():
-            if side is not None:
-                _convert(fail, f"attacks.{name}", name, lambda: attack.check_image_shape((3, side, side)))
+            if side is not None and attack is not None:
+                check(f"attacks.{name}", name, lambda: attack.check_image_shape((3, side, side)))
     for name, params in defenses.items():
-        _convert(fail, f"defenses.{name}", name, lambda: DEFENSES.create(name, **params))
+        check(f"defenses.{name}", name, lambda: DEFENSES.create(name, **params))
+    _raise_collected(errors)
     return shapes
+
+
+def _raise_collected(errors: list[Exception]) -> None:
+    """The errors ``fail`` made, raised as one of its kind, one per line (the matrix keeps each line)."""
+    if errors:
+        raise type(errors[0])("\n".join(str(e) for e in errors))
 
 
 def _dataset_side(name: str, params: dict, check_data: bool) -> int | None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +63,15 @@ def _median_spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(xs), xs[0], xs[-1]
 
 
+Step = Callable[[str], None]  # told what the bench starts next (its progress lines)
+
+
+def _silent(_: str) -> None:
+    pass
+
+
 def poisoning_rows(pattern: str, images: int, device: torch.device, model_name: str, overrides: dict,
-                   repeats: int = 5) -> list[dict]:
+                   repeats: int = 5, step: Step = _silent) -> list[dict]:
     """Per attack: material time (once), then ``repeats`` rounds of the trigger on all images, interleaved over
     the attacks (round 1 of every attack, then round 2, ...) so a load spike on a shared machine hits all of them
     alike; the median throughput and its range are reported."""
@@ -74,12 +83,14 @@ def poisoning_rows(pattern: str, images: int, device: torch.device, model_name: 
         attack = create_attack(name, cap_ratio=True, **overrides.get(name, {}))
         if attack.kind == "training_controllable":
             continue  # they poison each batch inside the trainer (their cost is in the training time)
+        step(f"{name}: material")
         start = time.perf_counter()
         attack.prepare(ctx)
         rows[name] = {"attack": name, "kind": attack.kind, "material_s": time.perf_counter() - start, "rates": [],
                       "poison_s": []}
         attacks.append((name, attack))
-    for _ in range(repeats):
+    for round_ in range(repeats):
+        step(f"poisoning round {round_ + 1}/{repeats} ({len(attacks)} attack(s))")
         for name, attack in attacks:
             start = time.perf_counter()
             attack.apply_trigger(train.x)
@@ -127,14 +138,16 @@ def _timed_fit(runner: str, model_name: str, data: Split, config: TrainConfig, d
     return time.perf_counter() - start
 
 
-def training_rows(model_name: str, images: int, epochs: int, device: torch.device, repeats: int = 5) -> dict:
+def training_rows(model_name: str, images: int, epochs: int, device: torch.device, repeats: int = 5,
+                  step: Step = _silent) -> dict:
     """``repeats`` interleaved rounds of (bare loop, trainer, trainer with crop + flip) on the same data; returns
     the median images/s of each with its range, and the median and range of the per-round trainer/bare ratio
     (a round's two runs are adjacent in time, so the ratio cancels most of a shared machine's load)."""
     data = cifar_shaped(images)
     plain, augmented = TrainConfig(epochs=epochs, crop_padding=0, hflip=False), TrainConfig(epochs=epochs)
     runs = {"bare loop": [], "trainer": [], "trainer, crop + flip": []}
-    for _ in range(repeats):
+    for round_ in range(repeats):
+        step(f"training round {round_ + 1}/{repeats} (bare loop, trainer, trainer + crop/flip)")
         runs["bare loop"].append(_timed_fit("bare loop", model_name, data, plain, device))
         runs["trainer"].append(_timed_fit("trainer", model_name, data, plain, device))
         runs["trainer, crop + flip"].append(_timed_fit("trainer", model_name, data, augmented, device))
@@ -144,6 +157,21 @@ def training_rows(model_name: str, images: int, epochs: int, device: torch.devic
 
 
 def main(args) -> int:
+    """Print the figures, with a progress line on stderr as each step starts; Ctrl-C ends it with one line."""
+    started = time.perf_counter()
+
+    def step(what: str) -> None:
+        print(f"  [{time.perf_counter() - started:5.0f} s] {what}", file=sys.stderr, flush=True)
+
+    try:
+        return _bench(args, step)
+    except KeyboardInterrupt:
+        print(f"backdoor bench: interrupted after {time.perf_counter() - started:.0f} s; the figures printed above "
+              "are complete, the rest were not measured", file=sys.stderr, flush=True)
+        return 130
+
+
+def _bench(args, step: Step) -> int:
     from backdoor import progress
 
     progress.set_quiet(True)
@@ -155,12 +183,12 @@ def main(args) -> int:
           f"rounds; median (min-max). Training-controllable attacks poison inside the trainer and are not listed")
     print(f"{'attack':<12} {'kind':<22} {'trigger on all, img/s: median (min-max)':>42} {'poison_train (s)':>17} "
           f"{'material (s)':>13}")
-    for r in poisoning_rows(args.attacks, args.images, device, args.model, overrides, args.repeats):
+    for r in poisoning_rows(args.attacks, args.images, device, args.model, overrides, args.repeats, step):
         spread = f"{r['trigger_img_s']:,.0f} ({r['trigger_min']:,.0f}-{r['trigger_max']:,.0f})"
         print(f"{r['attack']:<12} {r['kind']:<22} {spread:>42} {r['poison_train_s']:>17.3f} {r['material_s']:>13.2f}")
     print(f"\ntraining {args.model} on {args.train_images:,} CIFAR-shaped images, {args.epochs} epoch(s), batch 128, "
           f"{args.repeats} interleaved rounds (bare, trainer, trainer + crop/flip, bare, ...)")
-    result = training_rows(args.model, args.train_images, args.epochs, device, args.repeats)
+    result = training_rows(args.model, args.train_images, args.epochs, device, args.repeats, step)
     for name, (median, low, high) in result["rates"].items():
         print(f"{name:<22} {median:>10,.0f} img/s (min {low:,.0f}, max {high:,.0f})")
     median, low, high = result["ratio"]

@@ -1,5 +1,9 @@
 """The ``backdoor`` command: run a matrix (through pytest), list the registries, render leaderboards,
-refresh regression expectations, print speed benchmarks, and run the methods' mutants against their tests."""
+refresh regression expectations, print speed benchmarks, and run the methods' mutants against their tests.
+
+Each command imports what it needs when it runs, not at the top of this module: the library imports torch
+(about 5 s), and ``backdoor --help`` and ``backdoor list`` need none of it (``list`` reads the registered
+modules' source, ``backdoor._catalog``); ``tests/test_cli_speed.py`` keeps them free of torch."""
 from __future__ import annotations
 
 import argparse
@@ -62,32 +66,15 @@ def _after_signal(name: str, matrix: Path, results: Path) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from backdoor.attacks import ATTACKS
-    from backdoor.data import DATASETS
-    from backdoor.defenses import DEFENSES
-    from backdoor.models import MODELS, model_summary
+    from backdoor._catalog import catalog
 
-    print("datasets:")
-    for name in DATASETS.names():
-        print(f"  {name:<20} {_module_line(DATASETS.get(name))}")
-    print("models:")
-    for name in MODELS.names():
-        print(f"  {name:<20} {model_summary(name)}")
-    print("attacks:")
-    for name in ATTACKS.names():
-        cls = ATTACKS.get(name)
-        print(f"  {name:<20} [{cls.kind.replace('_', ' ')}] {cls.summary()}")
-    print("defenses:")
-    for name in DEFENSES.names():
-        cls = DEFENSES.get(name)
-        print(f"  {name:<20} [{cls.kind.replace('_', ' ')}] {cls.summary()}")
+    for title, family in (("datasets", "data"), ("models", "models"), ("attacks", "attacks"),
+                          ("defenses", "defenses")):
+        print(f"{title}:")
+        for entry in catalog(family):
+            kind = f"[{entry.kind.replace('_', ' ')}] " if entry.kind else ""
+            print(f"  {entry.name:<20} {kind}{entry.summary}")
     return 0
-
-
-def _module_line(factory) -> str:
-    """A dataset's summary: its factory's docstring, else its module's (first line)."""
-    doc = (factory.__doc__ or sys.modules[factory.__module__].__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else ""
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -245,8 +232,10 @@ def cmd_mutate(args: argparse.Namespace) -> int:
     return exit_status(results)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="backdoor", description=__doc__)
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; ``argv`` (the command line) limits the analysis tools and studies whose own options
+    are added (importing one imports torch) to the one it names."""
+    parser = argparse.ArgumentParser(prog="backdoor", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a matrix as a pytest grid; extra arguments go to pytest (-k, -n 2, -q)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -322,11 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     mutate.add_argument("--out", metavar="FILE", help="also write the table: markdown, or JSON if FILE ends in .json")
     mutate.add_argument("--timeout", type=float, default=None,
                         help="seconds per mutant before it is an ERROR (default 1800)")
-    add_analysis_commands(sub)
+    add_analysis_commands(sub, argv)
     return parser
 
 
-def add_analysis_commands(sub) -> None:
+def add_analysis_commands(sub, argv: list[str] | None = None) -> None:
     """Figures, analysis tools and studies (``backdoor plot | analyze | study``), when that module is present.
     Each of its sub-parsers sets ``func`` (args -> exit code)."""
     try:
@@ -335,12 +324,12 @@ def add_analysis_commands(sub) -> None:
         if e.name != "backdoor.cli_analysis":
             raise
         return
-    add_commands(sub)
+    add_commands(sub, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    parser = build_parser(argv)
     if argv[:1] == ["run"]:
         args, extra = parser.parse_known_args(argv)
         return cmd_run(args, extra)

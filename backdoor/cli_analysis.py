@@ -81,8 +81,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
 
 
-def add_commands(sub) -> None:
-    """Add the ``plot``, ``analyze`` and ``study`` sub-commands to the ``backdoor`` parser's ``sub``."""
+def add_commands(sub, argv: list[str] | None = None) -> None:
+    """Add the ``plot``, ``analyze`` and ``study`` sub-commands to the ``backdoor`` parser's ``sub``. A tool's
+    or study's own options come from importing its module, which imports torch: with the command line
+    ``argv`` given, only the one it names is imported (``backdoor --help`` stays fast)."""
     from backdoor.analysis import TOOL_SUMMARIES, tool
     from backdoor.studies import STUDY_SUMMARIES, study
 
@@ -97,7 +99,8 @@ def add_commands(sub) -> None:
         p.add_argument("folder", metavar="RESULTS_DIR")
         p.add_argument("--case", required=True, help="case id, e.g. digits-cnn_small-badnets-p0.1-s0-ft")
         _common(p)
-        tool(name).add_arguments(p)
+        if _named(argv, "analyze", name):
+            tool(name).add_arguments(p)
         p.set_defaults(func=cmd_analyze)
 
     studies = sub.add_parser("study", help="a training-dynamics study (quick learning, forgetting, generalisation)")
@@ -106,5 +109,11 @@ def add_commands(sub) -> None:
         p = names.add_parser(name, help=summary, description=summary)
         p.add_argument("--out", help="output folder (default results/studies/NAME)")
         _common(p)
-        study(name).add_arguments(p)
+        if _named(argv, "study", name):
+            study(name).add_arguments(p)
         p.set_defaults(func=cmd_study)
+
+
+def _named(argv: list[str] | None, command: str, name: str) -> bool:
+    """Whether the command line runs ``backdoor COMMAND NAME`` (every name when there is no command line)."""
+    return argv is None or argv[:2] == [command, name]

@@ -41,17 +41,39 @@ def workers_of(extra: list[str]) -> int:
     return 1
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def workers_warning(workers: int, cores: int) -> str | None:
+    """One line when ``-n`` asks for more workers than cores: each case runs one thread, so the extra workers
+    only share the cores with the others and the run is slower, not faster."""
+    if workers <= cores:
+        return None
+    return (f"backdoor: warning: -n {workers} starts {workers} workers on {cores} CPU core(s); they would share "
+            f"the cores and run slower than -n {cores}")
+
+
 def run_in_own_group(command: list[str], on_stop: Callable[[str], None]) -> int:
     """Run ``command`` (pytest) as the leader of its own process group, which its xdist workers join. SIGTERM,
-    SIGINT and SIGHUP to this process are forwarded to the whole group (a second one, or ``GRACE_SECONDS``
-    without an end, kills the group), so no worker runs on; then ``on_stop(signal name)`` runs and the exit
-    status is 128 + the signal's number. Otherwise pytest's own exit status is returned."""
+    SIGINT and SIGHUP to this process end the whole group (a second one, or ``GRACE_SECONDS`` without an end,
+    kills it), so no worker runs on; then ``on_stop(signal name)`` runs and the exit status is 128 + the
+    signal's number. Otherwise pytest's own exit status is returned.
+
+    The group is sent SIGTERM whatever was received: a SIGINT would raise KeyboardInterrupt in pytest and in
+    every worker, each printing its traceback and xdist its teardown warnings (``OSError: cannot send``) about
+    workers already gone, while SIGTERM ends them silently. Records are written atomically as each case
+    finishes, so the finished ones are kept either way, and ``on_stop`` says so."""
     child = subprocess.Popen(command, start_new_session=True)
     received: list[int] = []
 
     def forward(signum, _frame):
         received.append(signum)
-        _signal_group(child.pid, signum if len(received) == 1 else signal.SIGKILL)
+        _signal_group(child.pid, signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:

@@ -10,6 +10,7 @@ matrix there too. Expansion is deterministic
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 import inspect
@@ -140,6 +141,21 @@ def _fail(path: Path, key: str, message: str) -> MatrixError:
     return MatrixError(f"{path}: {key}: {message}")
 
 
+def did_you_mean(word: Any, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a misspelt ``word``, else nothing."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _raise_all(messages: list[MatrixError], partial: Any = None) -> None:
+    """Raise a section's problems together, one per line; ``partial`` is what of the section is valid, which
+    ``Problems.attempt`` goes on with, so that the values of its valid entries are checked too."""
+    if messages:
+        error = MatrixError("\n".join(str(m) for m in messages))
+        error.partial = partial
+        raise error
+
+
 def _allowed_params(factory, reserved: set[str]) -> set[str] | None:
     """Keyword parameters a factory or class accepts (None = anything), less those the harness sets."""
     if hasattr(factory, "param_names"):
@@ -161,25 +177,40 @@ def _named_axis(path: Path, key: str, value: Any, registry: Registry, glob: bool
     if not isinstance(value, dict):
         raise _fail(path, key, f"expected a list of names or a mapping name -> parameters, got {value!r}")
     out: dict[str, dict] = {}
+    problems: list[MatrixError] = []
     for pattern, params in value.items():
         params = {} if params is None else params
         if not isinstance(params, dict):
-            raise _fail(path, f"{key}.{pattern}", f"parameters must be a mapping, got {params!r}")
+            problems.append(_fail(path, f"{key}.{pattern}", f"parameters must be a mapping, got {params!r}"))
+            continue
         try:
             names = registry.expand([str(pattern)]) if glob else [registry.get(str(pattern)) and str(pattern)]
-        except UnknownNameError as e:
-            raise _fail(path, key, f"{pattern!r} is not a registered {registry.family}; "
-                                   f"allowed: {', '.join(registry.names())}") from e
+        except UnknownNameError:
+            problems.append(_fail(path, key, f"{pattern!r} is not a registered {registry.family}"
+                                             f"{did_you_mean(pattern, registry.names())}; "
+                                             f"allowed: {', '.join(registry.names())}"))
+            continue
         for name in names:
             if name in out:
-                raise _fail(path, f"{key}.{pattern}", f"names {name!r} again (an earlier entry already does); "
-                                                      "expected each name once, by one entry or one wildcard")
+                problems.append(_fail(path, f"{key}.{pattern}", f"names {name!r} again (an earlier entry already "
+                                                                "does); expected each name once, by one entry or one "
+                                                                "wildcard"))
+                continue
             allowed = _allowed_params(registry.get(name), set(reserved))
             unknown = sorted(set(params) - allowed) if allowed is not None else []
             if unknown:
-                raise _fail(path, f"{key}.{name}", f"unknown parameter(s) {unknown}; allowed: {sorted(allowed)}")
+                problems.append(_fail(path, f"{key}.{name}", f"unknown parameter(s) {unknown}"
+                                                             f"{_hints(unknown, allowed)}; allowed: {sorted(allowed)}"))
+                continue
             out[name] = dict(params)
+    _raise_all(problems, partial=out)
     return out
+
+
+def _hints(unknown: list[str], allowed) -> str:
+    """Did-you-mean for each unknown name that resembles an allowed one."""
+    return "".join(did_you_mean(u, allowed).replace(" (did", f" ({u!r}: did") for u in unknown
+                   if did_you_mean(u, allowed))
 
 
 def _train_config(path: Path, key: str, value: Any, base: TrainConfig, extra: set[str]) -> tuple[TrainConfig, dict]:
@@ -188,24 +219,37 @@ def _train_config(path: Path, key: str, value: Any, base: TrainConfig, extra: se
         raise _fail(path, key, f"expected a mapping, got {value!r}")
     allowed = {f.name for f in fields(TrainConfig)} | extra
     unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise _fail(path, key, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    check_train_types(key, value, lambda k, message: _fail(path, k, message))
-    for name, (kind, low, low_open, high, high_open) in TRAIN_RANGES.items():
-        if name not in value:
-            continue
-        if kind == "int" and (not is_int(value[name]) or value[name] < low):
-            allowed = "a positive integer" if low == 1 else f"an integer >= {low}"
-            raise _fail(path, f"{key}.{name}", f"{value[name]!r} is not allowed; expected {allowed}")
+    problems = [_fail(path, key, f"unknown key(s) {unknown}{_hints(unknown, allowed)}; allowed: {sorted(allowed)}")
+                ] if unknown else []
+    for name in value:
         try:
-            if kind == "number":
-                check_number(key, name, value[name], low, low_open=low_open, high=high, high_open=high_open)
-        except ParameterError as e:
-            raise _fail(path, f"{key}.{name}", e.detail) from None
-    if "schedule" in value and value["schedule"] not in ("cosine", "constant"):
-        raise _fail(path, f"{key}.schedule", f"{value['schedule']!r} is not allowed; expected cosine or constant")
+            _check_train_value(path, key, name, value[name])
+        except MatrixError as e:
+            problems.append(e)
+    _raise_all(problems)
     rest = {k: value[k] for k in extra if k in value}
     return base.with_(**{k: v for k, v in value.items() if k not in extra}), rest
+
+
+def _check_train_value(path: Path, key: str, name: str, value: Any) -> None:
+    """One value of a training budget: its type, then its range."""
+    check_train_types(key, {name: value}, lambda k, message: _fail(path, k, message))
+    if name in TRAIN_RANGES:
+        kind, low, low_open, high, high_open = TRAIN_RANGES[name]
+        if kind == "int" and (not is_int(value) or value < low):
+            allowed = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise _fail(path, f"{key}.{name}", f"{value!r} is not allowed; expected {allowed}")
+        try:
+            if kind == "number":
+                check_number(key, name, value, low, low_open=low_open, high=high, high_open=high_open)
+        except ParameterError as e:
+            raise _fail(path, f"{key}.{name}", e.detail) from None
+    if name == "schedule" and value not in SCHEDULES:
+        raise _fail(path, f"{key}.schedule", f"{value!r} is not allowed{did_you_mean(value, SCHEDULES)}; expected "
+                                             "cosine or constant")
+
+
+SCHEDULES = ("cosine", "constant")
 
 
 def _read_text(path: Path) -> str:
@@ -240,24 +284,27 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
     path = Path(path)
     text = _read_text(path)
     raw = _parse_yaml(path, text)
-    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
-    if unknown:
-        raise _fail(path, unknown[0], f"unknown key; allowed keys: {', '.join(TOP_LEVEL_KEYS)}")
-    for required in ("datasets", "models", "defenses"):
-        if required not in raw:
-            raise _fail(path, required, f"missing ({TOP_LEVEL_KEYS[required]})")
-
     problems = Problems()
     attempt = problems.attempt
-    datasets = attempt(lambda: _named_axis(path, "datasets", raw["datasets"], DATASETS, glob=False), {})
+    for key in sorted(set(raw) - set(TOP_LEVEL_KEYS), key=str):
+        attempt(lambda: _raise(_fail(path, key, f"unknown key{did_you_mean(key, TOP_LEVEL_KEYS)}; allowed keys: "
+                                                f"{', '.join(TOP_LEVEL_KEYS)}")))
+    for required in ("datasets", "models", "defenses"):
+        if required not in raw:
+            attempt(lambda: _raise(_fail(path, required, f"missing ({TOP_LEVEL_KEYS[required]})")))
+    missing = {k for k in ("datasets", "models", "defenses") if k not in raw}
+    raw = {**raw, **{k: {} for k in missing}}  # the rest is still checked; a missing axis is said once
+    datasets = {} if "datasets" in missing else attempt(
+        lambda: _named_axis(path, "datasets", raw["datasets"], DATASETS, glob=False), {})
     registered_models, user_entries = _split_user_models(raw["models"])
-    models = {} if registered_models is None else attempt(lambda: _named_axis(
+    models = {} if registered_models is None or "models" in missing else attempt(lambda: _named_axis(
         path, "models", registered_models, MODELS, glob=False, reserved=frozenset({"num_classes", "seed"})), {})
     attempt(lambda: _attack_keys_fit_models(path, raw, grid=registered_models is not None))
     attack_entries, training_overrides = _split_attack_training(path, raw.get("attacks", {}))
     attacks = attempt(lambda: _named_axis(path, "attacks", attack_entries, ATTACKS, glob=True,
                                           reserved=frozenset({"target"})), {}) if "attacks" in raw and models else {}
-    defenses = attempt(lambda: _named_axis(path, "defenses", raw["defenses"], DEFENSES, glob=True), {})
+    defenses = {} if "defenses" in missing else attempt(
+        lambda: _named_axis(path, "defenses", raw["defenses"], DEFENSES, glob=True), {})
     ratios = attempt(lambda: _ratios(path, raw["poison_ratios"]), []) if "poison_ratios" in raw and models else []
     seeds = attempt(lambda: parse_seeds(raw.get("seeds", [0]), lambda message: _fail(path, "seeds", message)), [0])
     target = raw.get("target", 0)
@@ -326,9 +373,8 @@ class Problems:
         try:
             return check()
         except MatrixError as e:
-            if str(e) not in self.lines:
-                self.lines.append(str(e))
-            return default
+            self.lines += [line for line in str(e).splitlines() if line not in self.lines]
+            return getattr(e, "partial", None) or default
 
     def raise_if_any(self) -> None:
         if self.lines:

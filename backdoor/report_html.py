@@ -3,8 +3,10 @@
 The paper's full-result layout (one row per dataset x model x ratio x attack, one column group per defense with
 C-Acc, ASR, R-Acc) under grouped defense headers; each ASR cell is shaded from white (0%) to red (100%); cells
 give the mean over seeds and, with several seeds, the half-width of the 95% Student-t interval
-(``backdoor.results.cell_summaries``). The poison-detection table of the markdown leaderboard follows, and the
-figures written by ``backdoor plot`` are embedded as base64 PNG.
+(``backdoor.results.cell_summaries``). Everything of ``leaderboard.md`` follows, its tables and notes converted
+as they are (the † and ‡ marks, the defenses' time columns, the target-class, benign, poison-detection and
+defense-details tables), so the page never says less than the markdown; the figures written by ``backdoor
+plot`` are embedded as base64 PNG.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from backdoor.figures import FIGURES, figure_entries
 from backdoor.results import (METRIC_TITLES, attack_order, attack_titles, cell_summaries, defense_order,
-                              defense_title, detection_frame, read_records)
+                              defense_title, read_records, render_markdown)
 from backdoor.stats import INTERVAL_KIND
 
 CSS = """
@@ -107,6 +109,34 @@ def table_html(records: list[dict]) -> str:
             "</tr></thead><tbody>" + "\n".join(body) + "</tbody></table></div>")
 
 
+def markdown_html(markdown: str) -> str:
+    """``render_markdown``'s text as HTML: its ``#`` headings, pipe tables and paragraphs, each cell and line
+    escaped as written (the markdown holds no other markup)."""
+    parts, table = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table:
+            parts.append(_pipe_table_html(table))
+            table = []
+        if line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")) + 1, 3)
+            parts.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            parts.append(f'<p class="legend">{html.escape(line)}</p>')
+    return "\n".join(parts)
+
+
+def _pipe_table_html(lines: list[str]) -> str:
+    """A pipe table (header, ``|:---|`` rule, rows) as an HTML table."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    head, body = rows[0], [r for r in rows[2:]]
+    return ('<div class="wrap"><table><thead><tr>' + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+            + "</tr></thead><tbody>" + "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row)
+                                                + "</tr>" for row in body) + "</tbody></table></div>")
+
+
 def figures_html(folder: Path) -> str:
     """Each figure's PNG, base64-embedded, with its title."""
     parts = []
@@ -126,10 +156,7 @@ def render_html(folder: str | Path) -> str:
     records = read_records(folder)
     seeds = sorted({r["seed"] for r in records})
     figures = figures_html(folder)
-    detection = detection_frame(records)
-    detection_html = "" if detection is None else (
-        "<h2>Poison detection (data-side defenses, scored against the true poison mask)</h2>"
-        '<div class="wrap">' + detection.to_html(index=False, border=0, escape=True) + "</div>")
+    markdown = markdown_html(render_markdown(records, folder.name).split("\n", 1)[1])  # its title is the page's
     legend = (f"C-Acc, ASR and R-Acc in percent: the mean over seeds, ± the half-width of its {INTERVAL_KIND} "
               f"when there are several seeds; n: seeds with a result; n/a: the defense does not apply. ASR cells "
               f"are shaded from white (0%) to red (100%). {len(records)} records, seeds {', '.join(map(str, seeds))}.")
@@ -137,7 +164,8 @@ def render_html(folder: str | Path) -> str:
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Leaderboard: {html.escape(folder.name)}'
             f'</title><style>{CSS}</style></head><body><h1>Leaderboard: {html.escape(folder.name)}</h1>'
             f'<p class="legend">{html.escape(legend)} Rendered {stamp} from records.jsonl.</p>{table_html(records)}'
-            + detection_html + (f"<h2>Figures</h2>{figures}" if figures else "") + "</body></html>\n")
+            + "<h2>leaderboard.md</h2>" + markdown + (f"<h2>Figures</h2>{figures}" if figures else "")
+            + "</body></html>\n")
 
 
 def write_html(folder: str | Path) -> Path:

@@ -300,10 +300,13 @@ def _pytest_leader(wrapper_pid: int) -> int | None:
     return None
 
 
-def test_sigterm_to_backdoor_run_mid_grid_keeps_finished_records_and_ends_every_worker(tmp_path):
-    """End to end: `backdoor run -n 2` on a grid of twelve cases, SIGTERM to the command once a record is
-    written: it exits 128 + 15 with one line, the finished records stay and the leaderboard is rendered from
-    them, the unfinished cases have none, and no process of pytest's group (controller, xdist workers) runs on."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_backdoor_run_mid_grid_keeps_finished_records_and_ends_every_worker(tmp_path, signum):
+    """End to end: `backdoor run -n 2` on a grid of twelve cases, SIGTERM (``kill``) or SIGINT (Ctrl-C) to the
+    command once a record is written: it exits 128 + the signal with one line saying where the records are
+    and that the leaderboard was re-rendered (no traceback, no teardown warning of xdist), the finished
+    records stay and the leaderboard is rendered from them, the unfinished cases have none, and no process of
+    pytest's group (controller, xdist workers) runs on."""
     matrix = tmp_path / "sig.yaml"
     matrix.write_text(textwrap.dedent("""\
         name: sig
@@ -329,13 +332,18 @@ def test_sigterm_to_backdoor_run_mid_grid_keeps_finished_records_and_ends_every_
             time.sleep(0.2)
         leader = _pytest_leader(wrapper.pid)
         assert leader is not None and len(group_members(leader)) >= 3, "pytest and two workers run"
-        wrapper.send_signal(signal.SIGTERM)
+        wrapper.send_signal(signum)
         out, err = wrapper.communicate(timeout=120)
     finally:
         if wrapper.poll() is None:
             wrapper.kill()
-    assert wrapper.returncode == 128 + signal.SIGTERM, out + err
-    assert "backdoor run: stopped by SIGTERM; every process of the run ended" in err
+    assert wrapper.returncode == 128 + signum, out + err
+    name = signal.Signals(signum).name
+    stop = [line for line in err.splitlines() if line.startswith("backdoor run: stopped")]
+    assert stop == [f"backdoor run: stopped by {name}; every process of the run ended; finished records kept in "
+                    f"{records}; leaderboard re-rendered: {records.parent / 'leaderboard.md'}"], err
+    for noise in ("Traceback", "KeyboardInterrupt", "PluggyTeardownRaisedWarning", "OSError", "Error"):
+        assert noise not in out + err, out + err
     time.sleep(0.5)
     assert group_members(leader) == []
     kept = read_records(records.parent)

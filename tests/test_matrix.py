@@ -57,17 +57,17 @@ def test_wildcards_expand_over_the_registry(tmp_path):
 BAD = [
     ("datasets: [digits]", "datasets: [mnist]", r"datasets: 'mnist' is not a registered dataset; allowed: .*digits"),
     ("models: [cnn_small]", "models: [resnet50]", r"models: 'resnet50' is not a registered model; allowed: .*cnn_small"),
-    ("attacks: {badnets: {}, blended: {alpha: 0.1}}", "attacks: {badnet: {}}", r"attacks: 'badnet' is not a registered attack"),
+    ("attacks: {badnets: {}, blended: {alpha: 0.1}}", "attacks: {badnet: {}}", r"attacks: 'badnet' is not a registered attack \(did you mean 'badnets'\?\)"),
     ("defenses: [none, ft]", "defenses: [none, finetune]", r"defenses: 'finetune' is not a registered defense"),
     ("poison_ratios: [0.1, 0.05]", "poison_ratios: [0.1, 0]", r"poison_ratios: 0 is outside the allowed range \(0, 1\]"),
     ("poison_ratios: [0.1, 0.05]", "poison_ratios: [1.5]", r"poison_ratios: 1.5 is outside the allowed range \(0, 1\]"),
     ("poison_ratios: [0.1, 0.05]", "poison_ratios: [-0.1]", r"poison_ratios: -0.1 is outside"),
     ("seeds: [0, 1]", "seeds: [0, 1]\ntarget: 10", r"target: 10 is outside digits's classes; allowed: 0..9"),
-    ("seeds: [0, 1]", "seeds: [0, 1]\ntargte: 1", r"targte: unknown key; allowed keys: name, description"),
-    ("training: {epochs: 2}", "training: {epochs: 2, epocs: 3}", r"training: unknown key\(s\) \['epocs'\]; allowed: \[.*'epochs'"),
+    ("seeds: [0, 1]", "seeds: [0, 1]\ntargte: 1", r"targte: unknown key \(did you mean 'target'\?\); allowed keys: name, description"),
+    ("training: {epochs: 2}", "training: {epochs: 2, epocs: 3}", r"training: unknown key\(s\) \['epocs'\] \('epocs': did you mean 'epochs'\?\); allowed: \[.*'epochs'"),
     ("training: {epochs: 2}", "training: {epochs: -2}", r"training.epochs: -2 is not allowed; expected a positive integer"),
     ("attacks: {badnets: {}, blended: {alpha: 0.1}}", "attacks: {blended: {alhpa: 0.1}}",
-     r"attacks.blended: unknown parameter\(s\) \['alhpa'\]; allowed: \[.*'alpha'"),
+     r"attacks.blended: unknown parameter\(s\) \['alhpa'\] \('alhpa': did you mean 'alpha'\?\); allowed: \[.*'alpha'"),
     ("seeds: [0, 1]", "seeds: [0, 1]\ndefense_training: {clean_fraction: 2}", r"defense_training.clean_fraction: 2 is not allowed"),
 ]
 

@@ -239,3 +239,58 @@ def test_grid_with_a_bad_value_exits_4_quickly_with_one_line(tmp_path):
 def test_missing_cifar_files_stop_at_load(tmp_path, dataset):
     text = GOOD.replace("datasets: [digits]", f"datasets: {{{dataset}: {{root: {tmp_path / 'nothing'}}}}}")
     rejects(write(tmp_path, text), f"datasets.{dataset}: dataset files not found")
+
+
+# -- every mistake at once ----------------------------------------------------------------------------------------
+
+SEVERAL_MISTAKES = {  # (old, new) -> the line that must say it
+    ("poison_ratios: [0.1]", "poison_ratio: [0.1]"):
+        "poison_ratio: unknown key (did you mean 'poison_ratios'?)",
+    ("badnets: {}", "badnet: {}"): "attacks: 'badnet' is not a registered attack (did you mean 'badnets'?)",
+    ("blended: {alpha: 0.1}", "blended: {alpah: 0.1}"):
+        "attacks.blended: unknown parameter(s) ['alpah'] ('alpah': did you mean 'alpha'?)",
+    ("sig: {}", "sig: {delta: -5}"): "attacks.sig.delta: -5 is not allowed",
+    ("none: {}", "nonee: {}"): "defenses: 'nonee' is not a registered defense (did you mean 'none'?)",
+    ("ft: {epochs: 2}", "ft: {epochs: -3}"): "defenses.ft.epochs: -3 is not allowed",
+    ("training: {epochs: 2}", "training: {epochs: 2, schedule: cosin, batchsize: 8, lr: true}"):
+        "training.schedule: 'cosin' is not allowed (did you mean 'cosine'?)",
+}
+TRAINING_KEY = "training: unknown key(s) ['batchsize'] ('batchsize': did you mean 'batch_size'?)"
+TRAINING_LR = "training.lr: True is not allowed; expected a number"
+RATIOS_MISSING = "poison_ratios: missing"  # the misspelt key leaves the right one missing
+
+
+def several_mistakes_matrix(tmp_path: Path) -> Path:
+    text = GOOD
+    for old, new in SEVERAL_MISTAKES:
+        text = text.replace(old, new, 1)
+    return write(tmp_path, text, name="several.yaml")
+
+
+def test_every_mistake_of_a_matrix_is_reported_at_once(tmp_path):
+    path = several_mistakes_matrix(tmp_path)
+    error = rejects(path, "poison_ratio: unknown key")
+    lines = str(error).splitlines()
+    for message in [*SEVERAL_MISTAKES.values(), TRAINING_KEY, TRAINING_LR, RATIOS_MISSING]:
+        assert sum(message in line for line in lines) == 1, (message, lines)
+    assert all(line.startswith(f"{path}: ") for line in lines), lines
+    assert len(lines) == len(set(lines)) == len(SEVERAL_MISTAKES) + 3
+
+
+def test_a_missing_axis_is_said_once_and_the_rest_still_checked(tmp_path):
+    text = GOOD.replace("defenses: {none: {}, ft: {epochs: 2}}\n", "").replace("sig: {}", "sig: {delta: -5}")
+    lines = str(rejects(write(tmp_path, text), "defenses: missing")).splitlines()
+    assert [line.split(": ")[1] for line in lines] == ["defenses", "attacks.sig.delta"], lines
+
+
+def test_grid_reports_every_mistake_before_anything_runs(tmp_path):
+    path = several_mistakes_matrix(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--matrix", str(path),
+                           "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "res"), "-p",
+                           "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 4, output
+    for message in [*SEVERAL_MISTAKES.values(), TRAINING_KEY, TRAINING_LR, RATIOS_MISSING]:
+        assert message in output, output
+    assert "Traceback" not in output, output
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "res").exists()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from backdoor import parameters
-from backdoor.cli import main
-from backdoor.parameters import (COMMAND, DEFENSE_BUDGETS, END, PAPER_AND_REFERENCE, START, format_value, methods,
+from backdoor.harness import parameters
+from backdoor.harness.cli import main
+from backdoor.harness.parameters import (COMMAND, DEFENSE_BUDGETS, END, PAPER_AND_REFERENCE, START, format_value, methods,
                                  parameter_rows, readme_block, readme_difference, render_parameter_table)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -21,7 +21,7 @@ IDS = [f"{family}-{name}" for family, name, _ in METHODS]
 
 def constructor_defaults(cls) -> dict:
     """Keyword parameters of every ``__init__`` in the hierarchy with their defaults, read independently of
-    ``backdoor.parameters`` (``Method.param_names`` lists them)."""
+    ``backdoor.harness.parameters`` (``Method.param_names`` lists them)."""
     out = {}
     for klass in cls.__mro__[:-1]:
         if "__init__" in vars(klass):
@@ -36,10 +36,10 @@ def test_every_parameter_has_a_row_and_every_row_a_parameter(family, name, cls):
     declared = set(PAPER_AND_REFERENCE.get(name, {}))
     assert not params - declared, (
         f"{name}: parameter(s) {sorted(params - declared)} have no row; declare (paper, reference, why) for them in "
-        f"backdoor/parameters.py PAPER_AND_REFERENCE[{name!r}], then run `{COMMAND}`")
+        f"backdoor/harness/parameters.py PAPER_AND_REFERENCE[{name!r}], then run `{COMMAND}`")
     assert not declared - params, (
         f"{name}: PAPER_AND_REFERENCE[{name!r}] declares {sorted(declared - params)}, which {cls.__name__} does not "
-        f"take; remove or rename the row(s) in backdoor/parameters.py, then run `{COMMAND}`")
+        f"take; remove or rename the row(s) in backdoor/harness/parameters.py, then run `{COMMAND}`")
 
 
 def test_no_declaration_for_an_unregistered_method():
@@ -60,7 +60,7 @@ def test_ours_is_the_signature_default(family, name, cls):
         assert all(rows[param][k] and rows[param][k] != "UNDECLARED" for k in ("paper", "reference", "why"))
         argued = rows[param]["why_for"]
         assert argued is inspect.Parameter.empty or argued == default, (
-            f"{name}.{param}: the why in backdoor/parameters.py argues for {argued!r} but the default is now "
+            f"{name}.{param}: the why in backdoor/harness/parameters.py argues for {argued!r} but the default is now "
             f"{default!r}; revisit the row (paper, reference, why, {argued!r}), then run `{COMMAND}`")
 
 

@@ -3,7 +3,7 @@
 The paper's full-result layout (one row per dataset x model x ratio x attack, one column group per defense with
 C-Acc, ASR, R-Acc) under grouped defense headers; each ASR cell is shaded from white (0%) to red (100%); cells
 give the mean over seeds and, with several seeds, the half-width of the 95% Student-t interval
-(``backdoor.results.cell_summaries``). The poison-detection table of the markdown leaderboard follows, and the
+(``backdoor.harness.report.leaderboard.cell_summaries``). The poison-detection table of the markdown leaderboard follows, and the
 figures written by ``backdoor plot`` are embedded as base64 PNG.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import html
 import os
 from pathlib import Path
 
-from backdoor.figures import FIGURES, figure_entries
-from backdoor.results import (ATTACK_ORDER, DEFENSE_ORDER, DEFENSE_TITLES, METRIC_TITLES,
+from backdoor.harness.report.figures import FIGURES, figure_entries
+from backdoor.harness.report.leaderboard import (ATTACK_ORDER, DEFENSE_ORDER, DEFENSE_TITLES, METRIC_TITLES,
                               attack_titles, cell_summaries, detection_frame, read_records)
 from backdoor.stats import INTERVAL_KIND
 

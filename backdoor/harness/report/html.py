@@ -14,9 +14,10 @@ import html
 import os
 from pathlib import Path
 
-from backdoor.harness.report.figures import FIGURES, figure_entries
+from backdoor.harness.report.figure_index import FIGURES, figure_entries
+from backdoor.harness.records import read_records
 from backdoor.harness.report.leaderboard import (ATTACK_ORDER, DEFENSE_ORDER, DEFENSE_TITLES, METRIC_TITLES,
-                              attack_titles, cell_summaries, detection_frame, read_records)
+                                                 attack_titles, cell_summaries, detection_frame)
 from backdoor.stats import INTERVAL_KIND
 
 CSS = """

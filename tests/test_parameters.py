@@ -11,8 +11,9 @@ import pytest
 
 from backdoor.harness import parameters
 from backdoor.harness.cli import main
-from backdoor.harness.parameters import (COMMAND, DEFENSE_BUDGETS, END, PAPER_AND_REFERENCE, START, format_value, methods,
-                                 parameter_rows, readme_block, readme_difference, render_parameter_table)
+from backdoor.harness.parameters import (COMMAND, DEFENSE_BUDGETS, END, PAPER_AND_REFERENCE, START, format_value,
+                                         methods, parameter_rows, readme_block, readme_difference,
+                                         render_parameter_table)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 METHODS = methods()

@@ -3,8 +3,8 @@
 The paper's full-result layout (one row per dataset x model x ratio x attack, one column group per defense with
 C-Acc, ASR, R-Acc) under grouped defense headers; each ASR cell is shaded from white (0%) to red (100%); cells
 give the mean over seeds and, with several seeds, the half-width of the 95% Student-t interval
-(``backdoor.harness.report.leaderboard.cell_summaries``). The poison-detection table of the markdown leaderboard follows, and the
-figures written by ``backdoor plot`` are embedded as base64 PNG.
+(``backdoor.harness.report.leaderboard.cell_summaries``). The poison-detection table of the markdown
+leaderboard follows, and the figures written by ``backdoor plot`` are embedded as base64 PNG.
 """
 from __future__ import annotations
 

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.defenses.abl import AntiBackdoorLearning, ascent_loss
-from backdoor.matrix import load_matrix
-from backdoor.pipeline import Runner, StageLog
+from backdoor.harness.matrix import load_matrix
+from backdoor.harness.runner import Runner, StageLog
 from backdoor.training import fit
 
 MARKS = (1, 2, 4, 8, 12, 20, 30, 40)

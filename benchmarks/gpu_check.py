@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-CLI = [sys.executable, "-m", "backdoor.cli"]  # the one place that names the command line's module
+CLI = [sys.executable, "-m", "backdoor.harness.cli"]  # the one place that names the command line's module
 
 ATTACKS = {"badnets": {}, "blended": {"alpha": 0.2}}
 DEFENSES = ("none", "ft", "nc", "anp")

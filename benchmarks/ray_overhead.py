@@ -2,7 +2,7 @@
 
     python benchmarks/ray_overhead.py [--rounds 3]
 
-Starts a one-node loopback cluster (``backdoor.ray_local``, one CPU, so tasks run one at a time as a serial run
+Starts a one-node loopback cluster (``backdoor.harness.ray_local``, one CPU, so tasks run one at a time as a serial run
 does), then times whole grid runs (``pytest benchmarks --matrix tiny``, one process each, wall clock): a cold
 serial run and a cold Ray run (each on its own empty cache, so both build everything once), then ``--rounds``
 interleaved warm rounds (serial, Ray), where every artifact loads from the cache and what is left is harness
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from backdoor.ray_local import LOOPBACK, LocalCluster
+from backdoor.harness.ray_local import LOOPBACK, LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX = ROOT / "matrices" / "cluster_drill.yaml"  # the tiny grid (name: tiny)

@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 
 from backdoor._checks import ParameterError
 from backdoor.attacks import create_attack
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import Dataset, Split
-from backdoor.export import export_case, read_export
-from backdoor.matrix import MatrixError, load_matrix
+from backdoor.harness.export import export_case, read_export
+from backdoor.harness.matrix import MatrixError, load_matrix
 from backdoor.metrics import backdoor_metrics, target_class_figures
-from backdoor.pipeline import Case, Runner
-from backdoor.results import render_markdown, upsert_records
+from backdoor.harness.runner import Case, Runner
+from backdoor.harness.report.leaderboard import render_markdown, upsert_records
 from backdoor.targets import ALL_TO_ALL, attack_labels, target_problem, triggered_test_keep
 from backdoor.training import TrainConfig
 

@@ -17,13 +17,13 @@ from backdoor.analysis.gradcam import fullgrad_maps, gradcam_maps
 from backdoor.analysis.shapley import DEFAULT_PERMUTATIONS, shapley_maps, superpixel_mask
 from backdoor.analysis.tsne import clean_target_neighbour_share, embed, knn_purity, target_neighbour_share
 from backdoor.attacks import create_attack
-from backdoor.cache import ArtifactCache
-from backdoor.cli import main as cli_main
+from backdoor.harness.cache import ArtifactCache
+from backdoor.harness.cli import main as cli_main
 from backdoor.data import load_dataset
 from backdoor.defenses._data_side import penultimate_features
 from backdoor.models import create_model
-from backdoor.pipeline import Case, Runner
-from backdoor.results import upsert_records
+from backdoor.harness.runner import Case, Runner
+from backdoor.harness.report.leaderboard import upsert_records
 from backdoor.training import TrainConfig, fit
 
 @pytest.fixture(autouse=True, scope="module")

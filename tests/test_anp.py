@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import Split
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
 from backdoor.defenses.anp import NeuronMasks, optimize_masks, prune_by_threshold
 from backdoor.models import create_model, roles
-from backdoor.pipeline import Case, Runner, StageLog
+from backdoor.harness.runner import Case, Runner, StageLog
 from backdoor.training import TrainConfig, fit
 
 CPU = torch.device("cpu")

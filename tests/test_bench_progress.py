@@ -11,7 +11,7 @@ SMALL = ["--images", "64", "--train-images", "128", "--epochs", "1", "--attacks"
 
 
 def test_bench_prints_a_line_per_step():
-    done = subprocess.run([sys.executable, "-m", "backdoor.cli", "bench", *SMALL, "--repeats", "2"],
+    done = subprocess.run([sys.executable, "-m", "backdoor.harness.cli", "bench", *SMALL, "--repeats", "2"],
                           capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr
     steps = [line.split("] ", 1)[1] for line in done.stderr.splitlines() if line.startswith("  [")]
@@ -22,7 +22,7 @@ def test_bench_prints_a_line_per_step():
 
 
 def test_an_interrupted_bench_ends_with_one_line():
-    bench = subprocess.Popen([sys.executable, "-m", "backdoor.cli", "bench", *SMALL, "--repeats", "200"],
+    bench = subprocess.Popen([sys.executable, "-m", "backdoor.harness.cli", "bench", *SMALL, "--repeats", "200"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     try:
         for line in bench.stderr:

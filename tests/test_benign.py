@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from backdoor.cache import ArtifactCache
-from backdoor.matrix import MatrixError, load_matrix
-from backdoor.pipeline import Runner
-from backdoor.results import leaderboard_frame, render_markdown
+from backdoor.harness.cache import ArtifactCache
+from backdoor.harness.matrix import MatrixError, load_matrix
+from backdoor.harness.runner import Runner
+from backdoor.harness.report.leaderboard import leaderboard_frame, render_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX = """

@@ -13,9 +13,9 @@ import pytest
 import torch
 from filelock import FileLock
 
-import backdoor.cache
-from backdoor.cache import HOST, ArtifactCache
-from backdoor.pipeline import Case, Runner
+import backdoor.harness.cache
+from backdoor.harness.cache import HOST, ArtifactCache
+from backdoor.harness.runner import Case, Runner
 from backdoor.training import TrainConfig
 
 
@@ -147,7 +147,7 @@ def _killed_mid_write(cache_dir, spec):
         Path(path).write_bytes(b"\0" * 1000)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    backdoor.cache.save_file = half_then_die
+    backdoor.harness.cache.save_file = half_then_die
     ArtifactCache(cache_dir).get_or_build("k", spec, lambda: ({"w": torch.ones(4)}, {}))
 
 
@@ -199,7 +199,7 @@ def test_sweep_never_touches_a_build_in_progress_or_a_live_builder(tmp_path):
     live = fake_tmp(cache, {"a": 1}, f"{HOST}-{os.getpid()}-")  # this very process: alive
     locked = fake_tmp(cache, {"a": 2}, f"{HOST}-{dead_pid()}-")  # builder gone, but its key's lock is held
     young_unknown = fake_tmp(cache, {"a": 3}, "")  # the old name (no builder), written a minute ago
-    old_unknown = fake_tmp(cache, {"a": 4}, "", age=2 * backdoor.cache.STALE_SECONDS)
+    old_unknown = fake_tmp(cache, {"a": 4}, "", age=2 * backdoor.harness.cache.STALE_SECONDS)
     other_host = fake_tmp(cache, {"a": 5}, f"elsewhere-{dead_pid()}-")
     ready, release = tmp_path / "ready", tmp_path / "release"
     holder = mp.get_context("spawn").Process(target=_hold_lock, args=(

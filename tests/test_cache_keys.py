@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backdoor import code_digest as cd
-from backdoor import pipeline
+from backdoor.harness import code_digest as cd
+from backdoor.harness import runner as pipeline
 from backdoor.attacks import ATTACKS
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import DATASETS
 from backdoor.defenses import DEFENSES
 from backdoor.models import MODELS
-from backdoor.pipeline import Case, Runner, StageLog
+from backdoor.harness.runner import Case, Runner, StageLog
 
 PACKAGE = Path(cd.__file__).resolve().parent
 
@@ -37,9 +37,9 @@ def package_copy(tmp_path_factory) -> Path:
 
 def test_every_key_covers_the_pipeline_trainer_target_rule_and_the_builder_family():
     for module in builder_modules():
-        closure = cd.source_closure(module, "backdoor.pipeline")
+        closure = cd.source_closure(module, "backdoor.harness.runner")
         family = module.rsplit(".", 1)[0]
-        assert {module, family, "backdoor.pipeline", "backdoor.training", "backdoor.targets", "backdoor.data",
+        assert {module, family, "backdoor.harness.runner", "backdoor.training", "backdoor.targets", "backdoor.data",
                 "backdoor._checks", "backdoor._registry"} <= set(closure), module
         if family == "backdoor.attacks":
             assert "backdoor.attacks.base" in closure
@@ -51,18 +51,18 @@ def test_an_edit_of_any_module_a_builder_imports_changes_its_key_and_no_other(pa
     """Every module in any builder's closure is edited once; the key of a builder that imports it moves, the key of
     one that does not (where there is one) stays."""
     roots = builder_modules()
-    closures = {root: set(cd.source_closure(root, "backdoor.pipeline", package_dir=package_copy)) for root in roots}
+    closures = {root: set(cd.source_closure(root, "backdoor.harness.runner", package_dir=package_copy)) for root in roots}
     edited_files = sorted(set().union(*closures.values()))
     assert len(edited_files) > 20
     for module in edited_files:
         inside = next(root for root in roots if module in closures[root])
         outside = [root for root in roots if module not in closures[root]][:1]
-        before = {root: cd.code_digest(root, "backdoor.pipeline", package_dir=package_copy) for root in [inside, *outside]}
+        before = {root: cd.code_digest(root, "backdoor.harness.runner", package_dir=package_copy) for root in [inside, *outside]}
         file = cd.module_file(module, package_copy)
         original = file.read_bytes()
         file.write_bytes(original + b"\n# an edit\n")
         try:
-            after = {root: cd.code_digest(root, "backdoor.pipeline", package_dir=package_copy) for root in before}
+            after = {root: cd.code_digest(root, "backdoor.harness.runner", package_dir=package_copy) for root in before}
         finally:
             file.write_bytes(original)
         assert after[inside] != before[inside], (module, inside)
@@ -73,24 +73,24 @@ def test_a_new_import_extends_the_key_by_itself(package_copy):
     """The closure is derived: a module a builder starts to import is digested from then on."""
     badnets = package_copy / "attacks" / "badnets.py"
     original = badnets.read_bytes()
-    assert "backdoor.plan" not in cd.source_closure("backdoor.attacks.badnets", "backdoor.pipeline",
+    assert "backdoor.harness.plan" not in cd.source_closure("backdoor.attacks.badnets", "backdoor.harness.runner",
                                                     package_dir=package_copy)
     try:
         badnets.write_bytes(original + b"\ndef _helper():\n    from backdoor import plan\n    return plan\n")
-        closure = cd.source_closure("backdoor.attacks.badnets", "backdoor.pipeline", package_dir=package_copy)
-        assert "backdoor.plan" in closure
-        before = cd.code_digest("backdoor.attacks.badnets", "backdoor.pipeline", package_dir=package_copy)
+        closure = cd.source_closure("backdoor.attacks.badnets", "backdoor.harness.runner", package_dir=package_copy)
+        assert "backdoor.harness.plan" in closure
+        before = cd.code_digest("backdoor.attacks.badnets", "backdoor.harness.runner", package_dir=package_copy)
         plan = package_copy / "plan.py"
         plan.write_bytes(plan.read_bytes() + b"\n# an edit\n")
-        assert cd.code_digest("backdoor.attacks.badnets", "backdoor.pipeline", package_dir=package_copy) != before
+        assert cd.code_digest("backdoor.attacks.badnets", "backdoor.harness.runner", package_dir=package_copy) != before
     finally:
         badnets.write_bytes(original)
 
 
 def test_a_lazy_module_attribute_is_not_followed(package_copy):
     """``backdoor.load_model`` imports the exporter on first use only; no builder runs it."""
-    assert "backdoor.export" in cd.imported_modules("backdoor.user_models", package_copy / "user_models.py")
-    assert "backdoor.export" not in cd.imported_modules("backdoor", package_copy / "__init__.py")
+    assert "backdoor.harness.export" in cd.imported_modules("backdoor.checkpoints.user_models", package_copy / "user_models.py")
+    assert "backdoor.harness.export" not in cd.imported_modules("backdoor", package_copy / "__init__.py")
 
 
 def _case(**kw) -> Case:
@@ -118,7 +118,7 @@ def test_an_edit_of_pipeline_py_is_a_miss_for_every_stage(monkeypatch, tmp_path)
         "case.clean_fraction * len(data.train)", "2 * case.clean_fraction * len(data.train)"))
     try:
         original = keys()
-        monkeypatch.setattr(sys.modules["backdoor.pipeline"], "__file__", str(copy))
+        monkeypatch.setattr(sys.modules["backdoor.harness.runner"], "__file__", str(copy))
         edited = keys()
     finally:
         monkeypatch.undo()

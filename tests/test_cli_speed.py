@@ -17,7 +17,7 @@ from backdoor.models import MODELS
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
 import sys
-from backdoor.cli import main
+from backdoor.harness.cli import main
 try:
     main(sys.argv[1:])
 except SystemExit:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from backdoor.results import DAMAGED, RecordShapeError, read_records, upsert_records
+from backdoor.harness.report.leaderboard import DAMAGED, RecordShapeError, read_records, upsert_records
 
 FIXTURE = Path(__file__).parent / "data" / "records.jsonl"
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def test_a_folder_that_cannot_be_written_is_read_around_the_damage(tmp_path, cap
     def read_only(path):
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr("backdoor.results.FileLock", read_only)  # root ignores chmod; this does not
+    monkeypatch.setattr("backdoor.harness.report.leaderboard.FileLock", read_only)  # root ignores chmod; this does not
     assert read_records(tmp_path) == good
     assert (tmp_path / "records.jsonl").read_bytes() == before and not (tmp_path / DAMAGED).exists()
     assert "1 damaged line(s) skipped (cannot move them aside: [Errno 13] Permission denied" in capsys.readouterr().err
@@ -89,7 +89,7 @@ def test_wrong_field_types_are_named(tmp_path, record, says):
 
 def test_leaderboard_cli_gives_one_line_for_a_wrong_shape(tmp_path):
     damaged_copy(tmp_path, [b"[1,2]", b"{}"])
-    done = subprocess.run([sys.executable, "-m", "backdoor.cli", "leaderboard", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "backdoor.harness.cli", "leaderboard", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines() == [
@@ -99,7 +99,7 @@ def test_leaderboard_cli_gives_one_line_for_a_wrong_shape(tmp_path):
 
 def test_leaderboard_cli_renders_around_unreadable_lines(tmp_path):
     damaged_copy(tmp_path, [HALF_LINE, GARBAGE])
-    done = subprocess.run([sys.executable, "-m", "backdoor.cli", "leaderboard", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "backdoor.harness.cli", "leaderboard", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "2 damaged line(s) moved to" in done.stderr and "| BadNets" in done.stdout

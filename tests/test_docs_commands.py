@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-CLI_MODULE = "backdoor.cli"  # the console script `backdoor` is this module's main()
+CLI_MODULE = "backdoor.harness.cli"  # the console script `backdoor` is this module's main()
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL = {"bash", "sh", "shell", "console"}

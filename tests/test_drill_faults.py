@@ -19,9 +19,9 @@ from torch import nn
 
 from backdoor.attacks import PoisonedSet
 from backdoor.data import Dataset, Split
-from backdoor.pipeline import Case, collapsed, thin_inputs
-from backdoor.ray_local import group_members
-from backdoor.results import (RECORDS, ResultsFolderError, other_matrix_hashes, prepare_results_folder, read_records,
+from backdoor.harness.runner import Case, collapsed, thin_inputs
+from backdoor.harness.ray_local import group_members
+from backdoor.harness.report.leaderboard import (RECORDS, ResultsFolderError, other_matrix_hashes, prepare_results_folder, read_records,
                               render_markdown, set_records_aside, upsert_records)
 from backdoor.training import NonFiniteLossError, TrainConfig, fit
 from fixtures import plugin
@@ -39,7 +39,7 @@ def _record(case_id: str, matrix_hash: str = "h1", **fields) -> dict:
 GROUP_SCRIPT = """
 import subprocess, sys, time
 from pathlib import Path
-from backdoor.launch import run_in_own_group
+from backdoor.harness.launch import run_in_own_group
 out = Path(sys.argv[1])
 child = '''
 import os, signal, subprocess, sys, time
@@ -89,7 +89,7 @@ def test_a_signal_to_the_wrapper_stops_the_whole_group(tmp_path, signum):
 
 
 def test_an_unsignalled_run_returns_pytests_status(tmp_path):
-    from backdoor.launch import run_in_own_group
+    from backdoor.harness.launch import run_in_own_group
 
     stopped = []
     assert run_in_own_group([sys.executable, "-c", "raise SystemExit(3)"], stopped.append) == 3
@@ -280,7 +280,7 @@ def test_a_bad_matrix_given_to_backdoor_run_is_one_line_before_anything_trains(t
         poison_ratios: [0.1]
         training: {epochs: 1, lr: .nan}
         """))
-    done = subprocess.run([sys.executable, "-m", "backdoor.cli", "run", str(matrix), "--cache-dir",
+    done = subprocess.run([sys.executable, "-m", "backdoor.harness.cli", "run", str(matrix), "--cache-dir",
                            str(tmp_path / "c"), "--results-dir", str(tmp_path / "r"), "-q"], capture_output=True,
                           text=True, cwd=tmp_path, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 4, done.stdout + done.stderr
@@ -321,7 +321,7 @@ def test_a_signal_to_backdoor_run_mid_grid_keeps_finished_records_and_ends_every
         training: {epochs: 3, batch_size: 128, lr: 0.05}
         """))
     records = tmp_path / "r" / "sig" / RECORDS
-    wrapper = subprocess.Popen([sys.executable, "-m", "backdoor.cli", "run", str(matrix), "-n", "2", "--cache-dir",
+    wrapper = subprocess.Popen([sys.executable, "-m", "backdoor.harness.cli", "run", str(matrix), "-n", "2", "--cache-dir",
                                 str(tmp_path / "c"), "--results-dir", str(tmp_path / "r"), "-q"], cwd=tmp_path,
                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)

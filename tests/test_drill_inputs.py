@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from backdoor.data._files import read_images
-from backdoor.matrix import MAX_CASES, MatrixError, load_matrix
+from backdoor.harness.matrix import MAX_CASES, MatrixError, load_matrix
 from backdoor.models import create_model
 
 SECONDS = 10.0  # the longest a rejection may take (this machine is shared; a rejection takes well under 1 s alone)

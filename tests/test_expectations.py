@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backdoor.expectations import (CHAOTIC_WIDTH, FLOOR, RegressionError, case_key, drift, load_expected,
+from backdoor.harness.expectations import (CHAOTIC_WIDTH, FLOOR, RegressionError, case_key, drift, load_expected,
                                    parse_regression, write_expected)
-from backdoor.matrix import load_matrix
-from backdoor.pipeline import CLEAN
+from backdoor.harness.matrix import load_matrix
+from backdoor.harness.runner import CLEAN
 
 SMOKE = Path(__file__).resolve().parent.parent / "matrices" / "smoke.yaml"
 ASR_CHECKS = ("asr", "d_asr")
@@ -95,7 +95,7 @@ def test_the_smoke_expectations_cover_every_case():
 
 
 def test_a_partial_calibration_selects_its_cells_at_every_seed_and_keeps_the_other_bands(tmp_path):
-    from backdoor.calibration import _keep_other_cells, selected_cases, selection_args
+    from backdoor.harness.calibration import _keep_other_cells, selected_cases, selection_args
 
     for name in ("smoke.yaml", "smoke.expected.yaml"):
         (tmp_path / name).write_text((SMOKE.parent / name).read_text())
@@ -122,7 +122,7 @@ def test_a_partial_calibration_selects_its_cells_at_every_seed_and_keeps_the_oth
 def test_calibration_runs_add_to_the_earlier_calibrations_records(tmp_path, monkeypatch):
     """A partial recalibration reruns cells of an edited matrix (another matrix hash) into the folder of the
     earlier calibration: the grid's guard against mixing matrices must be told to add, or the run is refused."""
-    from backdoor import calibration
+    from backdoor.harness import calibration
 
     seen = []
     monkeypatch.setattr(calibration.subprocess, "call", lambda command, env: seen.append((command, env)) or 0)

@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 import backdoor
-from backdoor.cli import main as cli_main
-from backdoor.export import ExportError, export_case, read_export
-from backdoor.pipeline import Case, Runner
-from backdoor.cache import ArtifactCache
-from backdoor.results import upsert_records
+from backdoor.harness.cli import main as cli_main
+from backdoor.harness.export import ExportError, export_case, read_export
+from backdoor.harness.runner import Case, Runner
+from backdoor.harness.cache import ArtifactCache
+from backdoor.harness.report.leaderboard import upsert_records
 from backdoor.training import TrainConfig
 
 TINY = dict(matrix="tiny", dataset="digits", model="cnn_small", ratio=0.1, seed=0,

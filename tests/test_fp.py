@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import Split
 from backdoor.defenses import DefenseInputs, create_defense
 from backdoor.defenses.base import split_validation
 from backdoor.defenses.fp import ChannelSilencer, accuracy, mean_channel_activation, prune_search
 from backdoor.models import MODELS, Classifier, LayerRoles, create_model, roles
-from backdoor.pipeline import Case, Runner, StageLog
+from backdoor.harness.runner import Case, Runner, StageLog
 from backdoor.training import TrainConfig, fit, predict
 
 CPU = torch.device("cpu")

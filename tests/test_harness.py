@@ -145,7 +145,7 @@ def test_drift_outside_a_band_fails_strictly_is_reported_otherwise_and_keeps_the
 
 
 def backdoor_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "backdoor.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "backdoor.harness.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=600, env=ENV)
 
 

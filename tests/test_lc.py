@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from backdoor.attacks import ATTACKS, AttackContext, InfeasibleRatioError, create_attack
 from backdoor.attacks.lc import pgd_linf
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import load_dataset
 from backdoor.models import create_model
 from backdoor.training import TrainConfig, fit

@@ -5,7 +5,7 @@ from torch import nn
 
 from backdoor.attacks import ATTACKS, AttackContext, create_attack
 from backdoor.attacks.lf import deepfool_to_target, gaussian_lowpass, low_frequency_share
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import load_dataset
 from backdoor.models import create_model
 from backdoor.training import TrainConfig, fit, predict

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from backdoor.matrix import MatrixError, load_matrix
+from backdoor.harness.matrix import MatrixError, load_matrix
 
 GOOD = """
 name: t

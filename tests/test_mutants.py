@@ -6,12 +6,12 @@ import subprocess
 
 import pytest
 
-from backdoor import cli
+from backdoor.harness import cli
 from backdoor.attacks import ATTACKS
 from backdoor.defenses import DEFENSES
 from backdoor.mutants import DO_NOTHING, Mutant, do_nothing, mutants_of, source_file
 from backdoor.mutants import tests_of as declared_tests  # not collected as a test
-from backdoor.mutate import (CAUGHT, ERROR, SURVIVED, Job, MutationResult, Target, checkout_files, exit_status,
+from backdoor.harness.mutate import (CAUGHT, ERROR, SURVIVED, Job, MutationResult, Target, checkout_files, exit_status,
                              registered_methods, repo_root, run_job, run_jobs, select_jobs, target_of)
 
 ROOT = repo_root()
@@ -160,7 +160,7 @@ def test_cli_prints_the_table_writes_json_and_exits_1_unless_all_caught(monkeypa
         asked.update(jobs=[(j.target.method, j.mutant.name) for j in jobs], workers=workers, timeout=timeout)
         return rows
 
-    monkeypatch.setattr("backdoor.mutate.run_jobs", fake_run_jobs)
+    monkeypatch.setattr("backdoor.harness.mutate.run_jobs", fake_run_jobs)
     out = tmp_path / "table.json"
     assert cli.main(["mutate", "ft", "--mutant", "zero-lr", "-n", "2", "--timeout", "60", "--out", str(out)]) == 1
     assert asked == {"jobs": [("ft", "zero-lr")], "workers": 2, "timeout": 60.0}
@@ -168,7 +168,7 @@ def test_cli_prints_the_table_writes_json_and_exits_1_unless_all_caught(monkeypa
     assert "| ft | defense | zero-lr | lr 0 | SURVIVED | 2.0 |" in table
     assert "| tests/test_ft.py::test_a |" in table
     assert [r["caught_by"] for r in json.loads(out.read_text())] == ["tests/test_ft.py::test_a", SURVIVED]
-    monkeypatch.setattr("backdoor.mutate.run_jobs", lambda *a, **k: rows[:1])
+    monkeypatch.setattr("backdoor.harness.mutate.run_jobs", lambda *a, **k: rows[:1])
     assert cli.main(["mutate", "ft", "--do-nothing-only"]) == 0
     assert cli.main(["mutate", "no-such-method"]) == 4
     assert cli.main(["mutate", "ft", "--mutant", "no-such-mutant"]) == 4

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import Split
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
 from backdoor.defenses.nad import attention_loss, attention_losses, attention_map
 from backdoor.models import create_model, roles
-from backdoor.pipeline import Case, Runner, StageLog
+from backdoor.harness.runner import Case, Runner, StageLog
 from backdoor.training import TrainConfig, cross_entropy_loss, fit
 
 CPU = torch.device("cpu")

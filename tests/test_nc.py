@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import Split
 from backdoor.defenses import DefenseInputs, create_defense
 from backdoor.defenses.nc import anomaly_index, flag_classes, reverse_triggers, stamp_uint8
 from backdoor.models import create_model
-from backdoor.pipeline import CLEAN, Case, Runner, StageLog
+from backdoor.harness.runner import CLEAN, Case, Runner, StageLog
 from backdoor.training import TrainConfig, fit, predict
 
 CPU = torch.device("cpu")

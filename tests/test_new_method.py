@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from backdoor.mutate import checkout_files, copy_checkout
-from backdoor.parameters import COMMAND
+from backdoor.harness.mutate import checkout_files, copy_checkout
+from backdoor.harness.parameters import COMMAND
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "tests" / "data" / "new_method"
@@ -61,7 +61,7 @@ def changed_files(copy: Path) -> set[str]:
 
 def test_the_new_methods_run_through_a_matrix_and_the_leaderboard(checkout, tmp_path):
     (tmp_path / "tiny.yaml").write_text(textwrap.dedent(MATRIX))
-    done = run("-m", "backdoor.cli", "run", "tiny.yaml", "-q", cwd=tmp_path, checkout=checkout)
+    done = run("-m", "backdoor.harness.cli", "run", "tiny.yaml", "-q", cwd=tmp_path, checkout=checkout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     board = (tmp_path / "results" / "tiny" / "leaderboard.md").read_text()
     assert "synthetic-cnn_small-checkerboard-p0.1-s0-shrink" in (tmp_path / "results" / "tiny" / "records.jsonl").read_text()
@@ -73,9 +73,9 @@ def test_the_new_methods_run_through_a_matrix_and_the_leaderboard(checkout, tmp_
 
 
 def test_the_parameter_table_names_their_rows_and_its_tests_pass_once_regenerated(checkout):
-    stale = run("-m", "backdoor.cli", "params", "--check", TABLE_FILE, cwd=checkout, checkout=checkout)
+    stale = run("-m", "backdoor.harness.cli", "params", "--check", TABLE_FILE, cwd=checkout, checkout=checkout)
     assert stale.returncode == 1 and "checkerboard.size" in stale.stderr and "shrink.factor" in stale.stderr, stale.stderr
-    wrote = run("-m", "backdoor.cli", "params", "--write", TABLE_FILE, cwd=checkout, checkout=checkout)
+    wrote = run("-m", "backdoor.harness.cli", "params", "--write", TABLE_FILE, cwd=checkout, checkout=checkout)
     assert wrote.returncode == 0, wrote.stderr
     table = (checkout / TABLE_FILE).read_text()
     assert "| `checkerboard.size` | — | — | `4` | side of the board in pixels |" in table
@@ -91,7 +91,7 @@ def test_the_parameter_table_names_their_rows_and_its_tests_pass_once_regenerate
 
 def test_backdoor_mutate_runs_the_new_methods_mutants_against_their_tests(checkout):
     """The do-nothing mutant and one of each file's own (all of them would take twice as long)."""
-    done = run("-m", "backdoor.cli", "mutate", "checkerboard", "shrink", "-n", "2", "--mutant", "do-nothing",
+    done = run("-m", "backdoor.harness.cli", "mutate", "checkerboard", "shrink", "-n", "2", "--mutant", "do-nothing",
                "--mutant", "top-left-corner", "--mutant", "squared", cwd=checkout, checkout=checkout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [[cell.strip() for cell in line.split("|")] for line in done.stdout.splitlines()

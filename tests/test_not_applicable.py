@@ -1,8 +1,8 @@
 """A defense that does not apply (ANP on a model without batch norm) is recorded as n/a, not crashed."""
 
-from backdoor.cache import ArtifactCache
-from backdoor.pipeline import Case, Runner, StageLog
-from backdoor.results import leaderboard_frame
+from backdoor.harness.cache import ArtifactCache
+from backdoor.harness.runner import Case, Runner, StageLog
+from backdoor.harness.report.leaderboard import leaderboard_frame
 from backdoor.training import TrainConfig
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from backdoor import parameters
+from backdoor.harness import parameters
 from backdoor._registry import Method, Registry
-from backdoor.cli import main
-from backdoor.parameters import (COMMAND, END, START, format_value, methods, parameter_rows, readme_block,
+from backdoor.harness.cli import main
+from backdoor.harness.parameters import (COMMAND, END, START, format_value, methods, parameter_rows, readme_block,
                                  readme_difference, render_parameter_table)
 
 README = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
@@ -22,7 +22,7 @@ IDS = [f"{family}-{name}" for family, name, _ in METHODS]
 
 def constructor_defaults(cls) -> dict:
     """Keyword parameters of every ``__init__`` in the hierarchy with their defaults, read independently of
-    ``backdoor.parameters`` (``Method.param_names`` lists them)."""
+    ``backdoor.harness.parameters`` (``Method.param_names`` lists them)."""
     out = {}
     for klass in cls.__mro__[:-1]:
         if "__init__" in vars(klass):

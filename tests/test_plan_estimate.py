@@ -8,10 +8,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from backdoor.matrix import load_matrix
+from backdoor.harness.matrix import load_matrix
 from backdoor.progress import eta_seconds
-from backdoor.plan import _recorded_seconds, estimate_line, stage_estimates, timing_key, timing_records
-from backdoor.results import RECORDS
+from backdoor.harness.plan import _recorded_seconds, estimate_line, stage_estimates, timing_key, timing_records
+from backdoor.harness.report.leaderboard import RECORDS
 
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX = """
@@ -64,7 +64,7 @@ def test_timings_come_from_other_matrices_records_of_the_same_builds(tmp_path):
 
 def test_a_first_plan_says_the_estimate_is_unknown(tmp_path):
     (tmp_path / "m.yaml").write_text(textwrap.dedent(MATRIX))
-    done = subprocess.run([sys.executable, "-m", "backdoor.cli", "run", "m.yaml", "--plan"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "backdoor.harness.cli", "run", "m.yaml", "--plan"], capture_output=True,
                           text=True, cwd=tmp_path, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stdout + done.stderr
     estimate = [line for line in done.stdout.splitlines() if line.startswith("estimate:")]

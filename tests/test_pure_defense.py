@@ -18,12 +18,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import backdoor
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.checkpoints import CheckpointError, read_backdoorbench, torch_load_safely
-from backdoor.export import export_case
-from backdoor.matrix import MatrixError, load_matrix
-from backdoor.pipeline import Case, Runner
-from backdoor.results import render_markdown, upsert_records
+from backdoor.harness.export import export_case
+from backdoor.harness.matrix import MatrixError, load_matrix
+from backdoor.harness.runner import Case, Runner
+from backdoor.harness.report.leaderboard import render_markdown, upsert_records
 from backdoor.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +79,7 @@ def test_round_trip_through_the_grid_equals_the_joint_path(exported):
           trigger: {attack: badnets, params: {}}
           poisoned_train: export/poisoned_train.safetensors
         """)
-    done = subprocess.run([sys.executable, "-m", "backdoor.cli", "run", str(path), "--cache-dir", str(tmp / "cache"),
+    done = subprocess.run([sys.executable, "-m", "backdoor.harness.cli", "run", str(path), "--cache-dir", str(tmp / "cache"),
                            "--results-dir", str(tmp / "results"), "-q"], capture_output=True, text=True, cwd=tmp,
                           timeout=600, env=ENV)
     assert done.returncode == 0, done.stdout + done.stderr

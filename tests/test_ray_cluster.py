@@ -18,7 +18,7 @@ import pytest
 if os.environ.get("BACKDOOR_RAY_TEST") != "required":
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install -c constraints.txt -e .[ray])")
 
-from backdoor.ray_local import LOOPBACK, LocalCluster, command_line  # noqa: E402
+from backdoor.harness.ray_local import LOOPBACK, LocalCluster, command_line  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX = ROOT / "matrices" / "cluster_drill.yaml"  # the tiny grid (name: tiny)
@@ -134,7 +134,7 @@ def test_a_rerun_loads_every_artifact_the_cluster_built(runs):
 
 
 def test_ray_options_are_checked():
-    from backdoor.distributed import RayGrid
+    from backdoor.harness.distributed import RayGrid
 
     with pytest.raises(ValueError, match=r"--ray-cpus: 0 is not allowed; expected a number of CPUs per task > 0"):
         RayGrid("cache", cpus=0)

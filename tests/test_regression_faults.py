@@ -14,14 +14,14 @@ import torch
 
 from backdoor.attacks.badnets import BadNets
 from backdoor.attacks.base import Attack
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import Split
 from backdoor.defenses import nc as nc_module
 from backdoor.defenses.base import DefenseOutcome
 from backdoor.defenses.ft import FineTuning
-from backdoor.expectations import case_key, drift, load_expected
-from backdoor.matrix import load_matrix
-from backdoor.pipeline import Runner
+from backdoor.harness.expectations import case_key, drift, load_expected
+from backdoor.harness.matrix import load_matrix
+from backdoor.harness.runner import Runner
 
 SMOKE = Path(__file__).resolve().parent.parent / "matrices" / "smoke.yaml"
 NC_ATTACK = "lc"  # NC's flag on BadNets is a coin toss over seeds at the smoke budget; on LC it flags every seed

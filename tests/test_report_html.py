@@ -3,8 +3,8 @@ import html
 import json
 from pathlib import Path
 
-from backdoor.report_html import render_html
-from backdoor.results import render_markdown, upsert_records
+from backdoor.harness.report.html import render_html
+from backdoor.harness.report.leaderboard import render_markdown, upsert_records
 
 FIXTURE = Path(__file__).parent / "data" / "records.jsonl"
 

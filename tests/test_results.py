@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from backdoor.results import leaderboard_frame, read_records, render_markdown, upsert_records, write_leaderboard
+from backdoor.harness.report.leaderboard import leaderboard_frame, read_records, render_markdown, upsert_records, write_leaderboard
 
 FIXTURE = Path(__file__).parent / "data" / "records.jsonl"
 
@@ -45,7 +45,7 @@ def test_markdown_has_detection_and_details_tables():
 
 def test_cli_rerenders_from_records_alone(tmp_path):
     shutil.copy(FIXTURE, tmp_path / "records.jsonl")
-    done = subprocess.run([sys.executable, "-m", "backdoor.cli", "leaderboard", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "backdoor.harness.cli", "leaderboard", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == (tmp_path / "leaderboard.md").read_text() + "\n"
@@ -75,7 +75,7 @@ def test_upsert_replaces_a_case_and_keeps_the_others(tmp_path):
 
 
 def test_missing_records_is_a_clear_error(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "backdoor.cli", "leaderboard", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "backdoor.harness.cli", "leaderboard", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "no records.jsonl in" in done.stderr
 

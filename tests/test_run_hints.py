@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backdoor.launch import cpu_cores, workers_warning
+from backdoor.harness.launch import cpu_cores, workers_warning
 from fixtures.plugin import SERIAL_HINT
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ import torch
 
 from backdoor.attacks import AttackContext, create_attack
 from backdoor.attacks.ssba import bit_accuracy, texture_mask
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import load_dataset
 from backdoor.training import TrainConfig
 
@@ -139,7 +139,7 @@ def test_an_edit_of_ssba_py_is_a_cache_miss(monkeypatch, tmp_path, data):
     import shutil
     import sys
 
-    from backdoor import pipeline
+    from backdoor.harness import runner as pipeline
 
     module = sys.modules["backdoor.attacks.ssba"]
     original = Path(module.__file__)

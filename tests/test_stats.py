@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from backdoor.matrix import MatrixError, parse_seeds
+from backdoor.harness.matrix import MatrixError, parse_seeds
 from backdoor.stats import summarize
 
 

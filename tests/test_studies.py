@@ -11,7 +11,7 @@ from torch import nn
 
 from backdoor.attacks import create_attack
 from backdoor.attacks.blended import blend_pattern
-from backdoor.cli import main as cli_main
+from backdoor.harness.cli import main as cli_main
 from backdoor.data import Dataset, Split, load_dataset
 from backdoor.models import create_model
 from backdoor.studies import forgetting, quick_learning, trigger_generalisation

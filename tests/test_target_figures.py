@@ -5,8 +5,8 @@ import torch
 from backdoor.data import Dataset, Split
 from backdoor.attacks import PoisonedSet
 from backdoor.metrics import target_class_figures
-from backdoor.pipeline import target_class_poisoning
-from backdoor.results import render_markdown
+from backdoor.harness.runner import target_class_poisoning
+from backdoor.harness.report.leaderboard import render_markdown
 
 
 def test_base_rate_and_target_accuracy():

@@ -17,23 +17,25 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from backdoor import pipeline, training
+from backdoor.harness import runner as pipeline
+
+from backdoor import training
 from backdoor.attacks import Attack, AttackContext, PoisonedSet
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import Dataset, Split
 from backdoor.defenses import DEFENSES, Defense, DefenseInputs, DefenseOutcome
-from backdoor.matrix import load_matrix
+from backdoor.harness.matrix import load_matrix
 from backdoor.models import create_model
-from backdoor.pipeline import Case, Runner, StageLog, derive_seed
+from backdoor.harness.runner import Case, Runner, StageLog, derive_seed
 from backdoor.training import TrainConfig
-from backdoor.user_models import UserModel
+from backdoor.checkpoints.user_models import UserModel
 
 GRANTED = {"model", "clean", "num_classes", "device", "seed", "training", "retraining", "new_model", "fit",
            "poisoned_train"}
 DEFENSE_DIR = Path(__file__).resolve().parent.parent / "backdoor" / "defenses"
 # Modules through which test data, masks or targets could be reached.
-FORBIDDEN_IMPORTS = ("backdoor.pipeline", "backdoor.cache", "backdoor.attacks", "backdoor.matrix",
-                     "backdoor.results", "backdoor.data.")  # backdoor.data itself: only for the Split type
+FORBIDDEN_IMPORTS = ("backdoor.harness.runner", "backdoor.harness.cache", "backdoor.attacks", "backdoor.harness.matrix",
+                     "backdoor.harness.report.leaderboard", "backdoor.data.")  # backdoor.data itself: only for the Split type
 FORBIDDEN_NAMES = {"load_dataset", "DATASETS", "poison_test", "PoisonedSet", "ArtifactCache", "Runner"}
 
 

@@ -15,7 +15,7 @@ from backdoor._checks import ParameterError
 from backdoor.attacks import ATTACKS
 from backdoor.data import load_dataset
 from backdoor.defenses import DEFENSES
-from backdoor.matrix import MatrixError, load_matrix
+from backdoor.harness.matrix import MatrixError, load_matrix
 from backdoor.models import create_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """Load what a finished case cached (dataset, trigger, backdoored and defended model), never training.
 
 The analysis tools of BackdoorBench (paper section 3.2) work on a case's saved outputs. Here a case is rebuilt
-from the fields of its record in ``records.jsonl`` and its specs are computed by ``backdoor.pipeline.Runner``,
+from the fields of its record in ``records.jsonl`` and its specs are computed by ``backdoor.harness.runner.Runner``,
 so the cache keys are the ones the run used. The cache is wrapped so that every build function raises
 ``NotCachedError``: a missing artifact is an error telling to run the case first, never a silent retrain.
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from backdoor.attacks import Attack
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import Dataset, Split
 from backdoor.models import Classifier
-from backdoor.pipeline import CLEAN, Case, Runner, StageLog
-from backdoor.results import read_records
+from backdoor.harness.runner import CLEAN, Case, Runner, StageLog
+from backdoor.harness.report.leaderboard import read_records
 from backdoor.training import TrainConfig
 
 

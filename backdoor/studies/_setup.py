@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from backdoor.attacks import ATTACKS, Attack, PoisonedSet
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import Dataset
-from backdoor.pipeline import Case, Runner, StageLog, derive_seed
+from backdoor.harness.runner import Case, Runner, StageLog, derive_seed
 from backdoor.training import TrainConfig, TrainHooks, fit
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from backdoor.attacks import Attack, create_attack
 from backdoor.data import Dataset
 from backdoor.metrics import backdoor_metrics
-from backdoor.pipeline import StageLog
+from backdoor.harness.runner import StageLog
 from backdoor.studies._setup import add_training_arguments, make_case, runner_for, save_figure, write_json
 from backdoor.training import predict
 

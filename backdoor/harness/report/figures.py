@@ -8,7 +8,7 @@
 - Figure 5 (section 4.4): per dataset x poison ratio, when the records hold several models: ASR per attack,
   one bar per model, one panel per defense.
 
-Cells are the per-seed means of ``backdoor.results.cell_summaries``. Each figure is written as PNG and SVG under
+Cells are the per-seed means of ``backdoor.harness.report.leaderboard.cell_summaries``. Each figure is written as PNG and SVG under
 ``RESULTS_DIR/figures/``, with ``figures.json`` listing them; ``figure_links`` turns that list into markdown.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backdoor.results import attack_order, attack_title, cell_summaries, defense_order, defense_title, read_records
+from backdoor.harness.report.leaderboard import attack_order, attack_title, cell_summaries, defense_order, defense_title, read_records
 
 FIGURES = "figures"
 MANIFEST = "figures.json"

@@ -1,4 +1,4 @@
-"""What ``backdoor.matrix`` checks beyond names and keys: duplicate YAML keys, the results folder name, the
+"""What ``backdoor.harness.matrix`` checks beyond names and keys: duplicate YAML keys, the results folder name, the
 types of training budgets, and every value of every dataset, model, attack and defense.
 
 The values are checked by building each object at load, cheaply: datasets run their ``check`` (parameters

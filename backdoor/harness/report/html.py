@@ -3,7 +3,7 @@
 The paper's full-result layout (one row per dataset x model x ratio x attack, one column group per defense with
 C-Acc, ASR, R-Acc) under grouped defense headers; each ASR cell is shaded from white (0%) to red (100%); cells
 give the mean over seeds and, with several seeds, the half-width of the 95% Student-t interval
-(``backdoor.results.cell_summaries``). Everything of ``leaderboard.md`` follows, its tables and notes converted
+(``backdoor.harness.report.leaderboard.cell_summaries``). Everything of ``leaderboard.md`` follows, its tables and notes converted
 as they are (the † and ‡ marks, the defenses' time columns, the target-class, benign, poison-detection and
 defense-details tables), so the page never says less than the markdown; the figures written by ``backdoor
 plot`` are embedded as base64 PNG.
@@ -16,8 +16,8 @@ import html
 import os
 from pathlib import Path
 
-from backdoor.figures import FIGURES, figure_entries
-from backdoor.results import (METRIC_TITLES, attack_order, attack_titles, cell_summaries, defense_order,
+from backdoor.harness.report.figures import FIGURES, figure_entries
+from backdoor.harness.report.leaderboard import (METRIC_TITLES, attack_order, attack_titles, cell_summaries, defense_order,
                               defense_title, read_records, render_markdown)
 from backdoor.stats import INTERVAL_KIND
 

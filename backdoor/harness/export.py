@@ -35,11 +35,11 @@ from safetensors.torch import load_file, save_file
 
 import backdoor
 from backdoor.analysis._artifacts import CaseNotFoundError, case_from_record, find_record
-from backdoor.cache import ArtifactCache, file_sha256
+from backdoor.harness.cache import ArtifactCache, file_sha256
 from backdoor.data import DATASETS
 from backdoor.models import MODELS, Classifier, create_model
-from backdoor.pipeline import CLEAN, Runner, StageLog, code_version
-from backdoor.results import RECORDS
+from backdoor.harness.runner import CLEAN, Runner, StageLog, code_version
+from backdoor.harness.report.leaderboard import RECORDS
 from backdoor.targets import triggered_test_keep
 
 FORMAT = "backdoor-bench-export"

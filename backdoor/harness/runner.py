@@ -20,8 +20,8 @@ import torch
 
 import backdoor
 from backdoor.attacks import Attack, AttackContext, PoisonedSet, create_attack
-from backdoor.cache import ArtifactCache, module_to_tensors, tensors_with_prefix
-from backdoor.code_digest import code_digest
+from backdoor.harness.cache import ArtifactCache, module_to_tensors, tensors_with_prefix
+from backdoor.harness.code_digest import code_digest
 from backdoor.data import DATASETS, Dataset, Split, dataset_from_tensors, dataset_to_tensors, load_dataset
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
 from backdoor.defenses.base import FitOnDevice, ModelRecipe
@@ -30,8 +30,8 @@ from backdoor.models import MODELS, Classifier
 from backdoor.progress import log
 from backdoor.targets import Target, attack_labels, target_problem
 from backdoor.training import TrainConfig, fit, predict
-from backdoor import user_models
-from backdoor.user_models import UserModel
+from backdoor.checkpoints import user_models
+from backdoor.checkpoints.user_models import UserModel
 
 CLEAN = "clean"  # the attack name of reference rows: a clean model trained the same way
 
@@ -76,7 +76,7 @@ class Case:
 def code_version(module_name: str) -> str:
     """Digest of the source that builds an artifact: the module of a method (or dataset/model), this module
     (which derives seeds, chooses the defender's clean subset and calls the builders) and every module of the
-    package either imports, transitively (``backdoor.code_digest``). Part of every cache key, so changing any
+    package either imports, transitively (``backdoor.harness.code_digest``). Part of every cache key, so changing any
     code that decides an artifact's content never serves artifacts built by the old code."""
     return code_digest(module_name, __name__)
 

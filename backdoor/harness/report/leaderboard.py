@@ -612,7 +612,7 @@ def render_markdown(records: list[dict], title: str, folder: Path | None = None)
     if details is not None:
         parts += ["", "## Defense details (per seed)", "", details.to_markdown(index=False, disable_numparse=True)]
     if folder is not None:
-        from backdoor.figures import figure_links  # lazy: figures imports this module
+        from backdoor.harness.report.figures import figure_links  # lazy: figures imports this module
         links = figure_links(folder)
         if links:
             parts += ["", *links]

@@ -4,7 +4,7 @@ A matrix names its axes (datasets, models, attacks, defenses, poison ratios, see
 and, optionally, regression expectations. Everything is validated on load, before any training: an unknown
 name, key or parameter, a ratio outside (0, 1], a target outside the dataset, malformed YAML or a key given twice
 raises ``MatrixError`` naming the file, the key, the bad value and what is allowed. Every dataset, model, attack
-and defense is also built at load, cheaply (``backdoor._matrix_checks``), so a bad parameter value stops the
+and defense is also built at load, cheaply (``backdoor.harness._matrix_checks``), so a bad parameter value stops the
 matrix there too. Expansion is deterministic
 (axis order as written; no sets), so every pytest-xdist worker collects the same cases in the same order.
 """
@@ -21,24 +21,24 @@ from typing import Any
 import yaml
 
 from backdoor._checks import ParameterError, check_number, is_int
-from backdoor._matrix_checks import build_all, check_folder_name, check_train_types, load_yaml
+from backdoor.harness._matrix_checks import build_all, check_folder_name, check_train_types, load_yaml
 from backdoor._registry import Registry, UnknownNameError
 from backdoor.attacks import ATTACKS
 from backdoor.data import DATASETS, num_classes_of, test_classes_of
-from backdoor.expectations import Regression, RegressionError, parse_regression
+from backdoor.harness.expectations import Regression, RegressionError, parse_regression
 from backdoor.defenses import DEFENSES
 from backdoor.models import MODELS
-from backdoor.pipeline import CLEAN, Case
+from backdoor.harness.runner import CLEAN, Case
 from backdoor.targets import is_all_to_all, target_problem
 from backdoor.training import TrainConfig
-from backdoor.user_models import UserModel, check_user_model, is_user_entry, parse_user_model
+from backdoor.checkpoints.user_models import UserModel, check_user_model, is_user_entry, parse_user_model
 
 TOP_LEVEL_KEYS = {
     "name": "results folder name (default: the file's stem)",
     "description": "free text",
     "datasets": "dataset names, or name -> parameters",
     "models": "model names, or name -> parameters; or a label -> {checkpoint: ..., arch: ...} for a model you bring "
-              "(backdoor.user_models)",
+              "(backdoor.checkpoints.user_models)",
     "attacks": "attack names (wildcards allowed), or name -> parameter overrides (and an optional training budget)",
     "defenses": "defense names (wildcards allowed), or name -> parameter overrides; 'none' is no defense",
     "poison_ratios": "poison ratios in (0, 1]",

@@ -1,7 +1,7 @@
 """Digests of the source code that decides an artifact's content, for cache keys.
 
 The code of an artifact is derived, never listed by hand: the modules that build it (a method's, dataset's or
-model's module, and ``backdoor.pipeline``, which derives seeds, chooses the defender's clean subset and calls
+model's module, and ``backdoor.harness.runner``, which derives seeds, chooses the defender's clean subset and calls
 the builders), and every module of the ``backdoor`` package they import, followed transitively. Imports are
 found by parsing each file (``ast``), at any depth of it (a function-level import counts too), plus the
 ``__init__.py`` of every package on the way, which Python runs when it imports a submodule. Only a module's
@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 PACKAGE = "backdoor"
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 LAZY_HOOKS = ("__getattr__",)  # module functions whose imports no builder runs
 
 

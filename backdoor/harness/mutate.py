@@ -100,7 +100,7 @@ class MutationResult:
 
 def repo_root() -> Path:
     """The checkout this library was imported from (the folder above ``backdoor/``)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def checkout_files(root: Path) -> list[str]:

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from backdoor.launch import grid_command, run_in_own_group
+from backdoor.harness.launch import grid_command, run_in_own_group
 
 
 RUN_OPTIONS = {  # backdoor run option -> (pytest option, default, help)
@@ -30,7 +30,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"backdoor run: matrix file {args.matrix} does not exist", file=sys.stderr)
         return 4
     if args.plan:
-        from backdoor.plan import print_plan
+        from backdoor.harness.plan import print_plan
         return print_plan(matrix, args, extra)
     forwarded = []
     for option in RUN_OPTIONS:
@@ -48,8 +48,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _after_signal(name: str, matrix: Path, results: Path) -> None:
     """A run stopped by a signal: its finished records stay; the leaderboard is rendered from them; one line."""
-    from backdoor.matrix import MatrixError, load_matrix
-    from backdoor.results import RECORDS, write_leaderboard
+    from backdoor.harness.matrix import MatrixError, load_matrix
+    from backdoor.harness.report.leaderboard import RECORDS, write_leaderboard
 
     try:
         folder = results / load_matrix(matrix, check_data=False).name
@@ -78,7 +78,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from backdoor.results import write_leaderboard
+    from backdoor.harness.report.leaderboard import write_leaderboard
 
     try:
         md, csv = write_leaderboard(args.folder)
@@ -91,8 +91,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_expect(args: argparse.Namespace) -> int:
-    from backdoor.calibration import calibrate
-    from backdoor.matrix import MatrixError, load_matrix
+    from backdoor.harness.calibration import calibrate
+    from backdoor.harness.matrix import MatrixError, load_matrix
 
     try:
         matrix = load_matrix(args.matrix)
@@ -137,7 +137,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from backdoor.analysis._artifacts import CaseNotFoundError
-    from backdoor.export import ExportError, export_case
+    from backdoor.harness.export import ExportError, export_case
 
     torch.set_num_threads(args.threads)  # a rebuild trains: one thread gives the grid's numbers
     try:
@@ -160,14 +160,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from backdoor.bench import main as bench_main
+    from backdoor.harness.bench import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_params(args: argparse.Namespace) -> int:
     """Print the method-parameter table, or check / rewrite a README's block of it."""
-    from backdoor.parameters import (COMMAND, END, START, declaration_problems, readme_difference,
+    from backdoor.harness.parameters import (COMMAND, END, START, declaration_problems, readme_difference,
                                      render_parameter_table, replace_block)
 
     for problem in declaration_problems():
@@ -204,7 +204,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_mutate(args: argparse.Namespace) -> int:
     """Apply each selected mutant to a copy of the checkout and run its method's tests; table of verdicts."""
     from backdoor._registry import UnknownNameError
-    from backdoor.mutate import (DEFAULT_TIMEOUT, exit_status, markdown_table, registered_methods, repo_root,
+    from backdoor.harness.mutate import (DEFAULT_TIMEOUT, exit_status, markdown_table, registered_methods, repo_root,
                                  run_jobs, select_jobs, write_report)
 
     root = repo_root()
@@ -319,9 +319,9 @@ def add_analysis_commands(sub, argv: list[str] | None = None) -> None:
     """Figures, analysis tools and studies (``backdoor plot | analyze | study``), when that module is present.
     Each of its sub-parsers sets ``func`` (args -> exit code)."""
     try:
-        from backdoor.cli_analysis import add_commands
+        from backdoor.harness.cli_analysis import add_commands
     except ImportError as e:
-        if e.name != "backdoor.cli_analysis":
+        if e.name != "backdoor.harness.cli_analysis":
             raise
         return
     add_commands(sub, argv)

@@ -18,14 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from backdoor import user_models
+from backdoor.checkpoints import user_models
 from backdoor.attacks import create_attack
-from backdoor.cache import ArtifactCache
+from backdoor.harness.cache import ArtifactCache
 from backdoor.defenses import create_defense
-from backdoor.launch import grid_command, workers_of
-from backdoor.matrix import MatrixError, load_matrix, parse_seeds
-from backdoor.pipeline import CLEAN, Case, Runner
-from backdoor.results import RECORDS, read_records
+from backdoor.harness.launch import grid_command, workers_of
+from backdoor.harness.matrix import MatrixError, load_matrix, parse_seeds
+from backdoor.harness.runner import CLEAN, Case, Runner
+from backdoor.harness.report.leaderboard import RECORDS, read_records
 
 STAGES = ("dataset", "clean_model", "poison", "backdoor_model", "defense")
 STAGE_ARTIFACTS = {"dataset": "dataset", "clean_model": "clean_model", "poison": "poisoned",

@@ -24,11 +24,11 @@ import torch
 
 import yaml
 
-from backdoor.expectations import (ALL_METRICS, FLOOR, VARIANTS, WIDEN, calibrate_bands, case_key,
+from backdoor.harness.expectations import (ALL_METRICS, FLOOR, VARIANTS, WIDEN, calibrate_bands, case_key,
                                    chaotic, leave_one_out_coverage, load_expected, write_expected)
-from backdoor.launch import grid_command
-from backdoor.matrix import Matrix
-from backdoor.results import RECORDS, read_records
+from backdoor.harness.launch import grid_command
+from backdoor.harness.matrix import Matrix
+from backdoor.harness.report.leaderboard import RECORDS, read_records
 
 
 def variant_results(results_root: Path, variant: str) -> Path:

@@ -1,6 +1,6 @@
 """``backdoor plot | analyze | study``: the paper's figures, its five analysis tools and its three studies.
 
-Wired into ``backdoor.cli`` by ``add_commands(sub)``; every sub-parser sets ``func`` (args -> exit code).
+Wired into ``backdoor.harness.cli`` by ``add_commands(sub)``; every sub-parser sets ``func`` (args -> exit code).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ def _threads(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from backdoor.figures import write_figures
-    from backdoor.report_html import write_html
-    from backdoor.results import write_leaderboard
+    from backdoor.harness.report.figures import write_figures
+    from backdoor.harness.report.html import write_html
+    from backdoor.harness.report.leaderboard import write_leaderboard
 
     try:
         written, skipped = write_figures(args.folder)

@@ -102,7 +102,7 @@ class CacheRelay:
 def relay_cache_class():
     """``RelayCache``: an ``ArtifactCache`` that, on a miss, loads the entry from the relay, and remembers the
     entries it built (defined here so that importing this module imports neither torch nor ray)."""
-    from backdoor.cache import ArtifactCache
+    from backdoor.harness.cache import ArtifactCache
 
     class RelayCache(ArtifactCache):
         def __init__(self, root, relay=None):
@@ -141,7 +141,7 @@ def run_group(cases: list, cache_dir: str, cache_mode: str, relay, device: str, 
     import torch
 
     from backdoor import progress
-    from backdoor.pipeline import Runner
+    from backdoor.harness.runner import Runner
 
     ray = require_ray()
     torch.set_num_threads(threads)

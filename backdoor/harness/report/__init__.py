@@ -1,0 +1,1 @@
+"""Leaderboards, figures and the HTML report, rendered from records alone."""

@@ -11,7 +11,7 @@ def __getattr__(name: str):
     """``backdoor.load_model(folder)``: an exported model (``backdoor export``), imported on first use so that
     ``import backdoor`` stays light."""
     if name == "load_model":
-        from backdoor.harness.export import load_model
+        from backdoor.checkpoints.export import load_model
 
         return load_model
     raise AttributeError(f"module 'backdoor' has no attribute {name!r}")

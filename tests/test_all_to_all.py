@@ -12,7 +12,8 @@ from backdoor._checks import ParameterError
 from backdoor.attacks import create_attack
 from backdoor.harness.cache import ArtifactCache
 from backdoor.data import Dataset, Split
-from backdoor.harness.export import export_case, read_export
+from backdoor.checkpoints.export import read_export
+from backdoor.harness.export import export_case
 from backdoor.harness.matrix import MatrixError, load_matrix
 from backdoor.metrics import backdoor_metrics, target_class_figures
 from backdoor.harness.runner import Case, Runner

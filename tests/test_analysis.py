@@ -9,7 +9,7 @@ from scipy import stats
 from torch import nn
 
 from backdoor.analysis import tool
-from backdoor.analysis._artifacts import NotCachedError, load_case
+from backdoor.harness.cached_case import NotCachedError, load_case
 from backdoor.analysis._common import predictions
 from backdoor.analysis.activation import STYLE
 from backdoor.analysis.frequency import frequency_saliency

@@ -19,7 +19,7 @@ from backdoor.defenses import DEFENSES
 from backdoor.models import MODELS
 from backdoor.harness.runner import Case, Runner, StageLog
 
-PACKAGE = Path(cd.__file__).resolve().parent
+PACKAGE = Path(cd.__file__).resolve().parents[1]
 
 
 def builder_modules() -> list[str]:
@@ -73,24 +73,25 @@ def test_a_new_import_extends_the_key_by_itself(package_copy):
     """The closure is derived: a module a builder starts to import is digested from then on."""
     badnets = package_copy / "attacks" / "badnets.py"
     original = badnets.read_bytes()
-    assert "backdoor.harness.plan" not in cd.source_closure("backdoor.attacks.badnets", "backdoor.harness.runner",
-                                                    package_dir=package_copy)
+    assert "backdoor.stats" not in cd.source_closure("backdoor.attacks.badnets", "backdoor.harness.runner",
+                                                     package_dir=package_copy)
     try:
-        badnets.write_bytes(original + b"\ndef _helper():\n    from backdoor import plan\n    return plan\n")
+        badnets.write_bytes(original + b"\ndef _helper():\n    from backdoor import stats\n    return stats\n")
         closure = cd.source_closure("backdoor.attacks.badnets", "backdoor.harness.runner", package_dir=package_copy)
-        assert "backdoor.harness.plan" in closure
+        assert "backdoor.stats" in closure
         before = cd.code_digest("backdoor.attacks.badnets", "backdoor.harness.runner", package_dir=package_copy)
-        plan = package_copy / "plan.py"
-        plan.write_bytes(plan.read_bytes() + b"\n# an edit\n")
+        stats = package_copy / "stats.py"
+        stats.write_bytes(stats.read_bytes() + b"\n# an edit\n")
         assert cd.code_digest("backdoor.attacks.badnets", "backdoor.harness.runner", package_dir=package_copy) != before
     finally:
         badnets.write_bytes(original)
 
 
 def test_a_lazy_module_attribute_is_not_followed(package_copy):
-    """``backdoor.load_model`` imports the exporter on first use only; no builder runs it."""
-    assert "backdoor.harness.export" in cd.imported_modules("backdoor.checkpoints.user_models", package_copy / "user_models.py")
-    assert "backdoor.harness.export" not in cd.imported_modules("backdoor", package_copy / "__init__.py")
+    """``backdoor.load_model`` imports the export reader on first use only; no builder runs it."""
+    user_models = package_copy / "checkpoints" / "user_models.py"
+    assert "backdoor.checkpoints.export" in cd.imported_modules("backdoor.checkpoints.user_models", user_models)
+    assert "backdoor.checkpoints.export" not in cd.imported_modules("backdoor", package_copy / "__init__.py")
 
 
 def _case(**kw) -> Case:

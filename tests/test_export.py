@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 import backdoor
 from backdoor.harness.cli import main as cli_main
-from backdoor.harness.export import ExportError, export_case, read_export
+from backdoor.checkpoints.export import ExportError, read_export
+from backdoor.harness.export import export_case
 from backdoor.harness.runner import Case, Runner
 from backdoor.harness.cache import ArtifactCache
 from backdoor.harness.report.leaderboard import upsert_records

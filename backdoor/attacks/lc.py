@@ -52,7 +52,7 @@ from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.attacks import register_attack
 from backdoor.attacks.badnets import square_side
 from backdoor.attacks.base import Attack, AttackContext
-from backdoor.harness.cache import module_to_tensors, tensors_with_prefix
+from backdoor._storage import module_to_tensors, tensors_with_prefix
 from backdoor.mutants import Mutant
 from backdoor.training import fit
 

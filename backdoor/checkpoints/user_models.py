@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 from backdoor._checks import ParameterError, is_finite_number
-from backdoor.harness.cache import memo_file_sha256
+from backdoor._storage import memo_file_sha256
 from backdoor.checkpoints import (BACKDOORBENCH_ARCHS, CheckpointError, checkpoint_format,
                                   map_names, read_backdoorbench, read_state_dict,
                                   safetensors_shapes)
@@ -122,7 +122,7 @@ def backdoorbench(path: Path):
 
 
 def _export_description(folder: Path) -> dict:
-    from backdoor.harness.export import read_export
+    from backdoor.checkpoints.export import read_export
 
     return read_export(folder)
 

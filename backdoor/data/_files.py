@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from backdoor.harness.cache import memo_file_sha256
+from backdoor._storage import memo_file_sha256
 from backdoor.data import DatasetNotFoundError, default_data_root
 from backdoor.progress import progress
 

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from backdoor._checks import ParameterError, check_int, is_int
-from backdoor.harness.cache import memo_file_sha256
+from backdoor._storage import memo_file_sha256
 from backdoor.data import Dataset, DatasetNotFoundError, Split, register_dataset
 from backdoor.data._files import ROOT_HELP, chunked_channel_stats, resolve_root
 

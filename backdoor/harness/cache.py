@@ -27,13 +27,14 @@ import sys
 import time
 import uuid
 from collections import OrderedDict
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import torch
 from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
+
+from backdoor._storage import file_sha256
 
 Artifact = tuple[dict[str, torch.Tensor], dict]
 FORMAT_VERSION = 1
@@ -50,24 +51,6 @@ def canonical_json(obj) -> str:
 def spec_key(kind: str, spec: dict) -> str:
     payload = canonical_json({"kind": kind, "spec": spec, "format": FORMAT_VERSION})
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (hex), read in blocks."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def memo_file_sha256(path: str | os.PathLike) -> str:
-    """``file_sha256`` memoised per path and stat (size, mtime, ctime, inode): a file changed or replaced under
-    its name is hashed again."""
-    st = os.stat(path)
-    return _memo_sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-
-
-@lru_cache(maxsize=200_000)  # an image tree's files too (backdoor.data._files.files_fingerprint)
-def _memo_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
-    return file_sha256(path)  # the stat fields are part of the memo key only
 
 
 def say(message: str) -> None:
@@ -240,10 +223,3 @@ class ArtifactCache:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             return f"unreadable manifest: {type(e).__name__}"
 
-
-def module_to_tensors(module: torch.nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:
-    return {prefix + k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def tensors_with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -136,8 +136,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Pure attack: write a case's backdoored model, poisoned sets and trigger material to a folder."""
     import torch
 
-    from backdoor.analysis._artifacts import CaseNotFoundError
-    from backdoor.harness.export import ExportError, export_case
+    from backdoor.harness.cached_case import CaseNotFoundError
+    from backdoor.checkpoints.export import ExportError
+    from backdoor.harness.export import export_case
 
     torch.set_num_threads(args.threads)  # a rebuild trains: one thread gives the grid's numbers
     try:

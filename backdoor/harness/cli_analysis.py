@@ -40,7 +40,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from backdoor.analysis import tool
-    from backdoor.analysis._artifacts import NotCachedError, load_case, output_dir
+    from backdoor.harness.cached_case import NotCachedError, load_case, output_dir
 
     _threads(args)
     started = time.perf_counter()
@@ -57,6 +57,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from backdoor.harness.study_cases import StudyCases
     from backdoor.studies import study
 
     _threads(args)
@@ -64,7 +65,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     out = Path(args.out or Path(os.environ.get("BACKDOOR_RESULTS", "results")) / "studies" / args.study)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        paths = study(args.study).run(args, out)
+        paths = study(args.study).run(args, out, StudyCases(args))
     except ValueError as e:
         print(f"backdoor study {args.study}: {e}", file=sys.stderr)
         return 1

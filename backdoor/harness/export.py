@@ -31,26 +31,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import backdoor
-from backdoor.analysis._artifacts import CaseNotFoundError, case_from_record, find_record
-from backdoor.harness.cache import ArtifactCache, file_sha256
+from backdoor.harness.cached_case import CaseNotFoundError, case_from_record, find_record
+from backdoor._storage import file_sha256
+from backdoor.harness.cache import ArtifactCache
 from backdoor.data import DATASETS
-from backdoor.models import MODELS, Classifier, create_model
+from backdoor.checkpoints.export import FORMAT, FORMAT_VERSION, ExportError
+from backdoor.models import MODELS
 from backdoor.harness.runner import CLEAN, Runner, StageLog, code_version
 from backdoor.harness.report.leaderboard import RECORDS
 from backdoor.targets import triggered_test_keep
 
-FORMAT = "backdoor-bench-export"
-FORMAT_VERSION = 1
 FILES = ("model.safetensors", "model.json", "poisoned_train.safetensors", "poisoned_test.safetensors",
          "trigger.safetensors")
 HARNESS_KINDS = {"dataset", "clean_model", "poisoned", "backdoor_model", "defended_model"}  # not trigger material
-
-
-class ExportError(ValueError):
-    """A case that cannot be exported, or a folder that is not an export; the message says why."""
 
 
 class RecordingCache(ArtifactCache):
@@ -192,39 +188,3 @@ def export_case(results_dir: str | Path, case_id: str, out_dir: str | Path, cach
     }
     (out_dir / "model.json").write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
     return ExportReport(out_dir, case.case_id, [*files, "model.json"], rebuilt, metrics, record_metrics)
-
-
-def read_export(folder: str | Path) -> dict:
-    """An export folder's ``model.json``, checked: its format and that every listed file matches its SHA-256."""
-    folder = Path(folder)
-    path = folder / "model.json"
-    try:
-        description = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{folder} is not a backdoor-bench export (no model.json)") from None
-    except ValueError as e:
-        raise ExportError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise ExportError(f"{path} is not a backdoor-bench export's description (format {FORMAT!r})")
-    if description.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{path}: format version {description.get('format_version')!r}; this version reads "
-                          f"{FORMAT_VERSION}")
-    for name, digest in (description.get("files") or {}).items():
-        file = folder / name
-        if not file.is_file():
-            raise ExportError(f"{folder}: {name} is missing (listed in model.json)")
-        if file_sha256(file) != digest:
-            raise ExportError(f"{folder}: {name} does not match its SHA-256 in model.json (changed or damaged)")
-    return description
-
-
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Classifier:
-    """The exported model, ready to use: a ``Classifier`` in eval mode on ``device`` that takes float RGB
-    images in [0, 1] ``[N, C, H, W]`` and normalises inside (its ``mean``/``std`` are in the state dict)."""
-    folder = Path(folder)
-    description = read_export(folder)
-    arch = description["architecture"]
-    norm = description["normalization"]
-    model = create_model(arch["name"], arch["num_classes"], norm["mean"], norm["std"], **(arch.get("params") or {}))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return model.to(device).eval()

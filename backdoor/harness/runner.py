@@ -20,7 +20,8 @@ import torch
 
 import backdoor
 from backdoor.attacks import Attack, AttackContext, PoisonedSet, create_attack
-from backdoor.harness.cache import ArtifactCache, module_to_tensors, tensors_with_prefix
+from backdoor._storage import module_to_tensors, tensors_with_prefix
+from backdoor.harness.cache import ArtifactCache
 from backdoor.harness.code_digest import code_digest
 from backdoor.data import DATASETS, Dataset, Split, dataset_from_tensors, dataset_to_tensors, load_dataset
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
@@ -143,6 +144,11 @@ def numerics_key() -> dict[str, str]:
 
 def derive_seed(seed: int, stage: str) -> int:
     return int(hashlib.sha256(f"{seed}:{stage}".encode()).hexdigest()[:8], 16)
+
+
+def backdoor_model_seed(case: Case) -> int:
+    """The seed a case's backdoored model trains with (the grid's, and a study's retraining of it)."""
+    return derive_seed(case.seed, "backdoor-model")
 
 
 def git_commit() -> str | None:
@@ -279,7 +285,7 @@ class Runner:
     def backdoored_model(self, case: Case, attack: Attack, data: Dataset, log_: StageLog) -> tuple[Classifier, PoisonedSet]:
         spec = self.backdoor_spec(case, attack)
         config = self.train_config(case, data)
-        seed = derive_seed(case.seed, "backdoor-model")
+        seed = backdoor_model_seed(case)
         if attack.kind == "training_controllable":
             def build():
                 model = self.new_model(case, data)

@@ -1,8 +1,8 @@
 """What the studies share: their cases, the poisoned training set from the cache, training through ``fit`` with
 hooks that measure the model after every epoch, and their common command-line options.
 
-A study trains exactly as the grid trains a backdoored model (same ``Runner`` specs, poisoned set, seed and
-training config), through the one trainer, with ``TrainHooks`` that only observe: the state after epoch ``t``
+A study trains exactly as the grid trains a backdoored model (same specs, poisoned set, seed and training
+config: the harness hands a study its cases as ``StudyCases``), through the one trainer, with ``TrainHooks`` that only observe: the state after epoch ``t``
 is measured in ``on_epoch_start(t + 1)`` and, for the last epoch, in ``on_train_end``, in eval mode without
 augmentation, and the model is put back in train mode; nothing random is drawn, so training is unchanged.
 """
@@ -11,15 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from backdoor.attacks import ATTACKS, Attack, PoisonedSet
-from backdoor.harness.cache import ArtifactCache
+
+from backdoor.attacks import Attack, PoisonedSet
 from backdoor.data import Dataset
-from backdoor.harness.runner import Case, Runner, StageLog, derive_seed
-from backdoor.training import TrainConfig, TrainHooks, fit
+from backdoor.training import TrainHooks
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, attacks: list[str] | None = None,
@@ -40,36 +40,21 @@ def add_training_arguments(parser: argparse.ArgumentParser, attacks: list[str] |
     parser.add_argument("--batch-size", type=int, default=128)
 
 
-def make_case(args: argparse.Namespace, attack: str, ratio: float, attack_params: dict | None = None) -> Case:
-    """A no-defense case of the study's dataset/model with the given attack and ratio."""
-    cls = ATTACKS.get(attack)
-    if cls.kind == "training_controllable":
-        raise ValueError(f"{attack} poisons inside the trainer with its own hooks; studies take data-poisoning attacks")
-    params = {"cap_ratio": True, **(attack_params or {})}
-    return Case(matrix="study", dataset=args.dataset, dataset_params=args.dataset_params, model=args.model,
-                attack=attack, defense="none", ratio=ratio,
-                seed=args.seed, target=args.target, attack_params=params,
-                training=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr))
+class StudyCases(Protocol):
+    """What a study asks of the harness (``backdoor.harness.study_cases`` gives it, as ``run``'s argument): the
+    cases it trains, built and trained exactly as the grid builds and trains them, through the cache."""
 
+    def case(self, attack: str, ratio: float, attack_params: dict | None = None) -> Any:
+        """A no-defense case of the study's dataset and model (its ``case_id``, ``target``, ``attack``)."""
 
-def runner_for(args: argparse.Namespace) -> Runner:
-    return Runner(ArtifactCache(args.cache_dir), args.device)
+    def poisoned_data(self, case: Any) -> tuple[Dataset, Attack, PoisonedSet]:
+        """The dataset, the prepared attack and the poisoned training set."""
 
+    def backdoored_model(self, case: Any) -> tuple[nn.Module, Attack, Dataset]:
+        """The grid's backdoored model of ``case`` (from the cache, or trained), its attack and data."""
 
-def poisoned_data(runner: Runner, case: Case) -> tuple[Dataset, Attack, PoisonedSet]:
-    """The dataset, the prepared attack and the poisoned training set, through the cache as the grid builds them."""
-    log_ = StageLog()
-    data = runner.dataset(case, log_)
-    attack = runner.attack(case, data, log_)
-    return data, attack, runner.poisoned(case, attack, data, log_, runner.attack_spec(case, attack))
-
-
-def train_observed(runner: Runner, case: Case, data: Dataset, poisoned: PoisonedSet, hooks: TrainHooks) -> nn.Module:
-    """Train the case's backdoored model as the grid does (same init, config and seed) with observing hooks."""
-    model = runner.new_model(case, data)
-    fit(model, poisoned.split, runner.train_config(case, data), device=runner.device,
-        seed=derive_seed(case.seed, "backdoor-model"), hooks=hooks, desc=f"{case.attack} study")
-    return model
+    def train_observed(self, case: Any, data: Dataset, poisoned: PoisonedSet, hooks: TrainHooks) -> nn.Module:
+        """Train the case's backdoored model as the grid does (same init, config and seed) with ``hooks``."""
 
 
 class EpochEndHooks(TrainHooks):

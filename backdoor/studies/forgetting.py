@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backdoor.studies._setup import (EpochEndHooks, add_training_arguments, make_case, poisoned_data, runner_for,
-                                     save_figure, train_observed, write_json)
+from backdoor.studies._setup import EpochEndHooks, StudyCases, add_training_arguments, save_figure, write_json
 from backdoor.training import predict
 
 NAME = "forgetting"
@@ -76,16 +75,15 @@ def summarise(counts: np.ndarray, learned: np.ndarray, mask: np.ndarray) -> dict
     return {group: summarise_group(counts[sel], learned[sel]) for group, sel in (("clean", ~mask), ("poisoned", mask))}
 
 
-def run(args: argparse.Namespace, folder: Path) -> list[Path]:
+def run(args: argparse.Namespace, folder: Path, cases: StudyCases) -> list[Path]:
     """Train each attack at each ratio, count forgetting events; write forgetting.json and the figure."""
     runs = []
     for attack_name in args.attacks:
         for ratio in args.ratios:
-            case = make_case(args, attack_name, ratio)
-            runner = runner_for(args)
-            data, attack, poisoned = poisoned_data(runner, case)
+            case = cases.case(attack_name, ratio)
+            data, attack, poisoned = cases.poisoned_data(case)
             hooks = ForgettingHooks(poisoned.x, poisoned.y)
-            train_observed(runner, case, data, poisoned, hooks)
+            cases.train_observed(case, data, poisoned, hooks)
             correct = np.stack(hooks.correct)
             counts, learned = forgetting_counts(correct), ever_learned(correct)
             runs.append({"attack": attack_name, "ratio": ratio, "effective_ratio": poisoned.effective_ratio,

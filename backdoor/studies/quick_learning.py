@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backdoor.studies._setup import (EpochEndHooks, add_training_arguments, make_case, poisoned_data, runner_for,
-                                     save_figure, train_observed, write_json)
+from backdoor.studies._setup import EpochEndHooks, StudyCases, add_training_arguments, save_figure, write_json
 
 NAME = "quick-learning"
 GROUPS = ("poisoned", "clean", "all")
@@ -113,14 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure gradients on a seeded subset of this many training samples (default: all)")
 
 
-def run(args: argparse.Namespace, folder: Path) -> list[Path]:
+def run(args: argparse.Namespace, folder: Path, cases: StudyCases) -> list[Path]:
     """Train each attack at each ratio with the hooks; write quick-learning.json and the figure."""
     runs = []
     for attack_name in args.attacks:
         for ratio in args.ratios:
-            case = make_case(args, attack_name, ratio)
-            runner = runner_for(args)
-            data, attack, poisoned = poisoned_data(runner, case)
+            case = cases.case(attack_name, ratio)
+            data, attack, poisoned = cases.poisoned_data(case)
             index = torch.arange(len(poisoned.y))
             if args.max_samples is not None and args.max_samples < len(index):
                 g = torch.Generator().manual_seed(args.seed)
@@ -129,7 +127,7 @@ def run(args: argparse.Namespace, folder: Path) -> list[Path]:
             tests = {"clean_test": (data.test.x, data.test.y),
                      "poisoned_test": (triggered.x, torch.full_like(triggered.y, case.target))}
             hooks = QuickLearningHooks(poisoned.x[index], poisoned.y[index], poisoned.mask[index], tests)
-            train_observed(runner, case, data, poisoned, hooks)
+            cases.train_observed(case, data, poisoned, hooks)
             runs.append({"attack": attack_name, "ratio": ratio, "case": case.case_id, "epochs": hooks.rows,
                          "measured_samples": len(index), "poisoned_samples": int(poisoned.mask[index].sum())})
     payload = {"study": NAME, "dataset": args.dataset, "model": args.model, "seed": args.seed,

@@ -17,8 +17,7 @@ from torch import nn
 from backdoor.attacks import Attack, create_attack
 from backdoor.data import Dataset
 from backdoor.metrics import backdoor_metrics
-from backdoor.harness.runner import StageLog
-from backdoor.studies._setup import add_training_arguments, make_case, runner_for, save_figure, write_json
+from backdoor.studies._setup import StudyCases, add_training_arguments, save_figure, write_json
 from backdoor.training import predict
 
 NAME = "trigger-generalisation"
@@ -31,14 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-alphas", nargs="+", type=float, default=[0.1, 0.2, 0.3])
 
 
-def backdoored_blended(args: argparse.Namespace, train_alpha: float) -> tuple[nn.Module, Attack, Dataset]:
+def backdoored_blended(args: argparse.Namespace, cases: StudyCases,
+                       train_alpha: float) -> tuple[nn.Module, Attack, Dataset]:
     """The grid's Blended model trained with ``train_alpha`` (from the cache, or trained), its attack and data."""
-    case = make_case(args, "blended", args.ratio, {"alpha": train_alpha})
-    runner, log_ = runner_for(args), StageLog()
-    data = runner.dataset(case, log_)
-    attack = runner.attack(case, data, log_)
-    model, _ = runner.backdoored_model(case, attack, data, log_)
-    return model, attack, data
+    return cases.backdoored_model(cases.case("blended", args.ratio, {"alpha": train_alpha}))
 
 
 def asr_row(model: nn.Module, attack: Attack, data: Dataset, test_alphas: list[float],
@@ -55,20 +50,20 @@ def asr_row(model: nn.Module, attack: Attack, data: Dataset, test_alphas: list[f
     return asr, metrics.c_acc
 
 
-def asr_matrix(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[float]]:
+def asr_matrix(args: argparse.Namespace, cases: StudyCases) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """ASR [train alphas, test alphas], C-Acc [train alphas], and the alpha each model's attack was trained with
     (read back from the attack, so the record shows what was trained, not what was asked)."""
     rows, c_acc, trained = [], [], []
     for train_alpha in args.train_alphas:
-        model, attack, data = backdoored_blended(args, train_alpha)
+        model, attack, data = backdoored_blended(args, cases, train_alpha)
         row, acc = asr_row(model, attack, data, args.test_alphas, torch.device(args.device))
         rows.append(row), c_acc.append(acc), trained.append(attack.params()["alpha"])
     return np.stack(rows), np.array(c_acc), trained
 
 
-def run(args: argparse.Namespace, folder: Path) -> list[Path]:
+def run(args: argparse.Namespace, folder: Path, cases: StudyCases) -> list[Path]:
     """The ASR matrix as trigger-generalisation.json and a heat map."""
-    asr, c_acc, trained = asr_matrix(args)
+    asr, c_acc, trained = asr_matrix(args, cases)
     payload = {"study": NAME, "dataset": args.dataset, "model": args.model, "seed": args.seed, "ratio": args.ratio,
                "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size},
                "train_alphas": args.train_alphas, "trained_alphas": trained, "test_alphas": args.test_alphas,

@@ -23,7 +23,7 @@ from backdoor.data import load_dataset
 from backdoor.defenses._data_side import penultimate_features
 from backdoor.models import create_model
 from backdoor.harness.runner import Case, Runner
-from backdoor.harness.report.leaderboard import upsert_records
+from backdoor.harness.records import upsert_records
 from backdoor.training import TrainConfig, fit
 
 @pytest.fixture(autouse=True, scope="module")

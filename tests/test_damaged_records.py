@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from backdoor.harness.report.leaderboard import DAMAGED, RecordShapeError, read_records, upsert_records
+from backdoor.harness.records import DAMAGED, RecordShapeError, read_records, upsert_records
 
 FIXTURE = Path(__file__).parent / "data" / "records.jsonl"
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def test_a_folder_that_cannot_be_written_is_read_around_the_damage(tmp_path, cap
     def read_only(path):
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr("backdoor.harness.report.leaderboard.FileLock", read_only)  # root ignores chmod; this does not
+    monkeypatch.setattr("backdoor.harness.records.FileLock", read_only)  # root ignores chmod; this does not
     assert read_records(tmp_path) == good
     assert (tmp_path / "records.jsonl").read_bytes() == before and not (tmp_path / DAMAGED).exists()
     assert "1 damaged line(s) skipped (cannot move them aside: [Errno 13] Permission denied" in capsys.readouterr().err

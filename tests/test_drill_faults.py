@@ -21,8 +21,9 @@ from backdoor.attacks import PoisonedSet
 from backdoor.data import Dataset, Split
 from backdoor.harness.runner import Case, collapsed, thin_inputs
 from backdoor.harness.ray_local import group_members
-from backdoor.harness.report.leaderboard import (RECORDS, ResultsFolderError, other_matrix_hashes, prepare_results_folder, read_records,
-                              render_markdown, set_records_aside, upsert_records)
+from backdoor.harness.records import (RECORDS, ResultsFolderError, other_matrix_hashes, prepare_results_folder,
+                                      read_records, set_records_aside, upsert_records)
+from backdoor.harness.report.leaderboard import render_markdown
 from backdoor.training import NonFiniteLossError, TrainConfig, fit
 from fixtures import plugin
 

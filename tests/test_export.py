@@ -12,7 +12,7 @@ from backdoor.checkpoints.export import ExportError, read_export
 from backdoor.harness.export import export_case
 from backdoor.harness.runner import Case, Runner
 from backdoor.harness.cache import ArtifactCache
-from backdoor.harness.report.leaderboard import upsert_records
+from backdoor.harness.records import upsert_records
 from backdoor.training import TrainConfig
 
 TINY = dict(matrix="tiny", dataset="digits", model="cnn_small", ratio=0.1, seed=0,

@@ -11,9 +11,11 @@ from PIL import Image
 from scipy import stats
 
 from backdoor.harness.cli import main as cli_main
-from backdoor.harness.report.figures import _ok_cells, figure2, figure3, figure5, figure_links, write_figures
+from backdoor.harness.report.figure_index import figure_links
+from backdoor.harness.report.figures import _ok_cells, figure2, figure3, figure5, write_figures
 from backdoor.harness.report.html import render_html
-from backdoor.harness.report.leaderboard import attack_title, defense_title, read_records, upsert_records
+from backdoor.harness.records import read_records, upsert_records
+from backdoor.harness.report.leaderboard import attack_title, defense_title
 
 MODELS, RATIOS, ATTACKS, DEFENSES, SEEDS = ["cnn_small", "preact_resnet18"], [0.05, 0.1], ["badnets", "blended"], \
     ["none", "ft", "anp"], [0, 1]

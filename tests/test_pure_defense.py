@@ -23,7 +23,8 @@ from backdoor.checkpoints import CheckpointError, read_backdoorbench, torch_load
 from backdoor.harness.export import export_case
 from backdoor.harness.matrix import MatrixError, load_matrix
 from backdoor.harness.runner import Case, Runner
-from backdoor.harness.report.leaderboard import render_markdown, upsert_records
+from backdoor.harness.records import upsert_records
+from backdoor.harness.report.leaderboard import render_markdown
 from backdoor.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent

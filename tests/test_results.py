@@ -5,7 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from backdoor.harness.report.leaderboard import leaderboard_frame, read_records, render_markdown, upsert_records, write_leaderboard
+from backdoor.harness.records import read_records, upsert_records
+from backdoor.harness.report.leaderboard import leaderboard_frame, render_markdown, write_leaderboard
 
 FIXTURE = Path(__file__).parent / "data" / "records.jsonl"
 

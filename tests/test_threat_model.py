@@ -34,8 +34,7 @@ GRANTED = {"model", "clean", "num_classes", "device", "seed", "training", "retra
            "poisoned_train"}
 DEFENSE_DIR = Path(__file__).resolve().parent.parent / "backdoor" / "defenses"
 # Modules through which test data, masks or targets could be reached.
-FORBIDDEN_IMPORTS = ("backdoor.harness.runner", "backdoor.harness.cache", "backdoor.attacks", "backdoor.harness.matrix",
-                     "backdoor.harness.report.leaderboard", "backdoor.data.")  # backdoor.data itself: only for the Split type
+FORBIDDEN_IMPORTS = ("backdoor.harness", "backdoor.attacks", "backdoor.data.")  # backdoor.data itself: only for Split
 FORBIDDEN_NAMES = {"load_dataset", "DATASETS", "poison_test", "PoisonedSet", "ArtifactCache", "Runner"}
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from backdoor.analysis._artifacts import CaseArtifacts
 from backdoor.harness.cache import ArtifactCache
-from backdoor.harness.report.leaderboard import read_records
+from backdoor.harness.records import read_records
 from backdoor.harness.runner import CLEAN, Case, Runner, StageLog
 from backdoor.training import TrainConfig
 

@@ -28,7 +28,7 @@ from backdoor.harness.expectations import (ALL_METRICS, FLOOR, VARIANTS, WIDEN, 
                                    chaotic, leave_one_out_coverage, load_expected, write_expected)
 from backdoor.harness.launch import grid_command
 from backdoor.harness.matrix import Matrix
-from backdoor.harness.report.leaderboard import RECORDS, read_records
+from backdoor.harness.records import RECORDS, read_records
 
 
 def variant_results(results_root: Path, variant: str) -> Path:

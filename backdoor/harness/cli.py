@@ -49,7 +49,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
 def _after_signal(name: str, matrix: Path, results: Path) -> None:
     """A run stopped by a signal: its finished records stay; the leaderboard is rendered from them; one line."""
     from backdoor.harness.matrix import MatrixError, load_matrix
-    from backdoor.harness.report.leaderboard import RECORDS, write_leaderboard
+    from backdoor.harness.records import RECORDS
+    from backdoor.harness.report.leaderboard import write_leaderboard
 
     try:
         folder = results / load_matrix(matrix, check_data=False).name

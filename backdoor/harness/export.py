@@ -41,7 +41,7 @@ from backdoor.data import DATASETS
 from backdoor.checkpoints.export import FORMAT, FORMAT_VERSION, ExportError
 from backdoor.models import MODELS
 from backdoor.harness.runner import CLEAN, Runner, StageLog, code_version
-from backdoor.harness.report.leaderboard import RECORDS
+from backdoor.harness.records import RECORDS
 from backdoor.targets import triggered_test_keep
 
 FILES = ("model.safetensors", "model.json", "poisoned_train.safetensors", "poisoned_test.safetensors",

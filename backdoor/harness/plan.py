@@ -25,7 +25,7 @@ from backdoor.defenses import create_defense
 from backdoor.harness.launch import grid_command, workers_of
 from backdoor.harness.matrix import MatrixError, load_matrix, parse_seeds
 from backdoor.harness.runner import CLEAN, Case, Runner
-from backdoor.harness.report.leaderboard import RECORDS, read_records
+from backdoor.harness.records import RECORDS, read_records
 
 STAGES = ("dataset", "clean_model", "poison", "backdoor_model", "defense")
 STAGE_ARTIFACTS = {"dataset": "dataset", "clean_model": "clean_model", "poison": "poisoned",

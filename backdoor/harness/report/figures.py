@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from backdoor.harness.report.leaderboard import attack_order, attack_title, cell_summaries, defense_order, defense_title, read_records
+from backdoor.harness.records import read_records
+from backdoor.harness.report.figure_index import FIGURES, MANIFEST
+from backdoor.harness.report.leaderboard import attack_order, attack_title, cell_summaries, defense_order, defense_title
 
-FIGURES = "figures"
-MANIFEST = "figures.json"
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p"]
 
 
@@ -220,26 +220,3 @@ def write_figures(folder: str | Path) -> tuple[list[Path], list[str]]:
                         "files": [p.name for p in _save(figure5(cells, dataset, ratio), out, stem)]})
     (out / MANIFEST).write_text(json.dumps({"figures": entries, "skipped": skipped}, indent=1) + "\n")
     return [out / f for e in entries for f in e["files"]], skipped
-
-
-def figure_entries(folder: str | Path) -> list[dict]:
-    """The figures ``write_figures`` listed for ``folder`` (empty when none were written)."""
-    manifest = Path(folder) / FIGURES / MANIFEST
-    if not manifest.is_file():
-        return []
-    return [e for e in json.loads(manifest.read_text())["figures"]
-            if all((Path(folder) / FIGURES / f).is_file() for f in e["files"])]
-
-
-def figure_links(folder: str | Path) -> list[str]:
-    """Markdown lines of a "Figures" section linking the figures under ``folder/figures`` (relative links, as
-    ``leaderboard.md`` sits in ``folder``); no lines when there are no figures."""
-    entries = figure_entries(folder)
-    if not entries:
-        return []
-    lines = ["## Figures", "",
-             "Rendered by `backdoor plot` from records.jsonl; the page `leaderboard.html` embeds them.", ""]
-    for e in entries:
-        links = " · ".join(f"[{Path(f).suffix[1:].upper()}]({FIGURES}/{f})" for f in e["files"])
-        lines.append(f"- {e['title']}: {links}")
-    return lines

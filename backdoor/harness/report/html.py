@@ -16,9 +16,10 @@ import html
 import os
 from pathlib import Path
 
-from backdoor.harness.report.figures import FIGURES, figure_entries
-from backdoor.harness.report.leaderboard import (METRIC_TITLES, attack_order, attack_titles, cell_summaries, defense_order,
-                              defense_title, read_records, render_markdown)
+from backdoor.harness.records import read_records
+from backdoor.harness.report.figure_index import FIGURES, figure_entries
+from backdoor.harness.report.leaderboard import (METRIC_TITLES, attack_order, attack_titles, cell_summaries,
+                                                 defense_order, defense_title, render_markdown)
 from backdoor.stats import INTERVAL_KIND
 
 CSS = """

@@ -20,7 +20,8 @@ import torch
 from backdoor.harness.cache import ArtifactCache
 from backdoor.defenses.abl import AntiBackdoorLearning, ascent_loss
 from backdoor.harness.matrix import load_matrix
-from backdoor.harness.runner import Runner, StageLog
+from backdoor.harness.case_record import StageLog
+from backdoor.harness.runner import Runner
 from backdoor.training import fit
 
 MARKS = (1, 2, 4, 8, 12, 20, 30, 40)

@@ -16,7 +16,8 @@ from backdoor.checkpoints.export import read_export
 from backdoor.harness.export import export_case
 from backdoor.harness.matrix import MatrixError, load_matrix
 from backdoor.metrics import backdoor_metrics, target_class_figures
-from backdoor.harness.runner import Case, Runner
+from backdoor.harness.case import Case
+from backdoor.harness.runner import Runner
 from backdoor.harness.records import upsert_records
 from backdoor.harness.report.leaderboard import render_markdown
 from backdoor.targets import ALL_TO_ALL, attack_labels, target_problem, triggered_test_keep

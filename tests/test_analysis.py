@@ -22,7 +22,8 @@ from backdoor.harness.cli import main as cli_main
 from backdoor.data import load_dataset
 from backdoor.defenses._data_side import penultimate_features
 from backdoor.models import create_model
-from backdoor.harness.runner import Case, Runner
+from backdoor.harness.case import Case
+from backdoor.harness.runner import Runner
 from backdoor.harness.records import upsert_records
 from backdoor.training import TrainConfig, fit
 

@@ -12,7 +12,9 @@ from backdoor.data import Split
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
 from backdoor.defenses.anp import NeuronMasks, optimize_masks, prune_by_threshold
 from backdoor.models import create_model, roles
-from backdoor.harness.runner import Case, Runner, StageLog
+from backdoor.harness.case import Case
+from backdoor.harness.case_record import StageLog
+from backdoor.harness.runner import Runner
 from backdoor.training import TrainConfig, fit
 
 CPU = torch.device("cpu")

@@ -15,7 +15,8 @@ from filelock import FileLock
 
 import backdoor.harness.cache
 from backdoor.harness.cache import HOST, ArtifactCache
-from backdoor.harness.runner import Case, Runner
+from backdoor.harness.case import Case
+from backdoor.harness.runner import Runner
 from backdoor.training import TrainConfig
 
 

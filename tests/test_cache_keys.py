@@ -17,7 +17,9 @@ from backdoor.harness.cache import ArtifactCache
 from backdoor.data import DATASETS
 from backdoor.defenses import DEFENSES
 from backdoor.models import MODELS
-from backdoor.harness.runner import Case, Runner, StageLog
+from backdoor.harness.case import Case
+from backdoor.harness.case_record import StageLog
+from backdoor.harness.runner import Runner
 
 PACKAGE = Path(cd.__file__).resolve().parents[1]
 

@@ -19,7 +19,8 @@ from torch import nn
 
 from backdoor.attacks import PoisonedSet
 from backdoor.data import Dataset, Split
-from backdoor.harness.runner import Case, collapsed, thin_inputs
+from backdoor.harness.case import Case
+from backdoor.harness.case_record import collapsed, thin_inputs
 from backdoor.harness.ray_local import group_members
 from backdoor.harness.records import (RECORDS, ResultsFolderError, other_matrix_hashes, prepare_results_folder,
                                       read_records, set_records_aside, upsert_records)

@@ -9,7 +9,7 @@ import yaml
 from backdoor.harness.expectations import (CHAOTIC_WIDTH, FLOOR, RegressionError, case_key, drift, load_expected,
                                    parse_regression, write_expected)
 from backdoor.harness.matrix import load_matrix
-from backdoor.harness.runner import CLEAN
+from backdoor.harness.case import CLEAN
 
 SMOKE = Path(__file__).resolve().parent.parent / "matrices" / "smoke.yaml"
 ASR_CHECKS = ("asr", "d_asr")

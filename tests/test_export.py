@@ -10,7 +10,8 @@ import backdoor
 from backdoor.harness.cli import main as cli_main
 from backdoor.checkpoints.export import ExportError, read_export
 from backdoor.harness.export import export_case
-from backdoor.harness.runner import Case, Runner
+from backdoor.harness.case import Case
+from backdoor.harness.runner import Runner
 from backdoor.harness.cache import ArtifactCache
 from backdoor.harness.records import upsert_records
 from backdoor.training import TrainConfig

@@ -14,7 +14,9 @@ from backdoor.defenses import DefenseInputs, create_defense
 from backdoor.defenses.base import split_validation
 from backdoor.defenses.fp import ChannelSilencer, accuracy, mean_channel_activation, prune_search
 from backdoor.models import MODELS, Classifier, LayerRoles, create_model, roles
-from backdoor.harness.runner import Case, Runner, StageLog
+from backdoor.harness.case import Case
+from backdoor.harness.case_record import StageLog
+from backdoor.harness.runner import Runner
 from backdoor.training import TrainConfig, fit, predict
 
 CPU = torch.device("cpu")

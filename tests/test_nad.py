@@ -12,7 +12,9 @@ from backdoor.data import Split
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
 from backdoor.defenses.nad import attention_loss, attention_losses, attention_map
 from backdoor.models import create_model, roles
-from backdoor.harness.runner import Case, Runner, StageLog
+from backdoor.harness.case import Case
+from backdoor.harness.case_record import StageLog
+from backdoor.harness.runner import Runner
 from backdoor.training import TrainConfig, cross_entropy_loss, fit
 
 CPU = torch.device("cpu")

@@ -13,7 +13,9 @@ from backdoor.data import Split
 from backdoor.defenses import DefenseInputs, create_defense
 from backdoor.defenses.nc import anomaly_index, flag_classes, reverse_triggers, stamp_uint8
 from backdoor.models import create_model
-from backdoor.harness.runner import CLEAN, Case, Runner, StageLog
+from backdoor.harness.case import CLEAN, Case
+from backdoor.harness.case_record import StageLog
+from backdoor.harness.runner import Runner
 from backdoor.training import TrainConfig, fit, predict
 
 CPU = torch.device("cpu")

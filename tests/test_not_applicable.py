@@ -1,7 +1,9 @@
 """A defense that does not apply (ANP on a model without batch norm) is recorded as n/a, not crashed."""
 
 from backdoor.harness.cache import ArtifactCache
-from backdoor.harness.runner import Case, Runner, StageLog
+from backdoor.harness.case import Case
+from backdoor.harness.case_record import StageLog
+from backdoor.harness.runner import Runner
 from backdoor.harness.report.leaderboard import leaderboard_frame
 from backdoor.training import TrainConfig
 

@@ -15,7 +15,8 @@ from backdoor._checks import ParameterError
 from backdoor.data import (DATASETS, DatasetNotFoundError, channel_stats, check_dataset, dataset_from_tensors,
                            dataset_to_tensors, load_dataset, num_classes_of)
 from backdoor.harness.matrix import MatrixError, load_matrix
-from backdoor.harness.runner import Case, Runner
+from backdoor.harness.case import Case
+from backdoor.harness.runner import Runner
 
 NAMES = np.array(["stop", "yield", "priority"])
 

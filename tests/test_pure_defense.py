@@ -22,7 +22,8 @@ from backdoor.harness.cache import ArtifactCache
 from backdoor.checkpoints import CheckpointError, read_backdoorbench, torch_load_safely
 from backdoor.harness.export import export_case
 from backdoor.harness.matrix import MatrixError, load_matrix
-from backdoor.harness.runner import Case, Runner
+from backdoor.harness.case import Case
+from backdoor.harness.runner import Runner
 from backdoor.harness.records import upsert_records
 from backdoor.harness.report.leaderboard import render_markdown
 from backdoor.training import TrainConfig

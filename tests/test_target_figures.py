@@ -5,7 +5,7 @@ import torch
 from backdoor.data import Dataset, Split
 from backdoor.attacks import PoisonedSet
 from backdoor.metrics import target_class_figures
-from backdoor.harness.runner import target_class_poisoning
+from backdoor.harness.case_record import target_class_poisoning
 from backdoor.harness.report.leaderboard import render_markdown
 
 

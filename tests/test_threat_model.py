@@ -26,7 +26,9 @@ from backdoor.data import Dataset, Split
 from backdoor.defenses import DEFENSES, Defense, DefenseInputs, DefenseOutcome
 from backdoor.harness.matrix import load_matrix
 from backdoor.models import create_model
-from backdoor.harness.runner import Case, Runner, StageLog, derive_seed
+from backdoor.harness.case import Case
+from backdoor.harness.case_record import StageLog
+from backdoor.harness.runner import Runner, derive_seed
 from backdoor.training import TrainConfig
 from backdoor.checkpoints.user_models import UserModel
 

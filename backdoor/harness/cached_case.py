@@ -12,8 +12,10 @@ from pathlib import Path
 
 from backdoor.analysis._artifacts import CaseArtifacts
 from backdoor.harness.cache import ArtifactCache
+from backdoor.harness.case import CLEAN, Case, case_group
+from backdoor.harness.case_record import StageLog
 from backdoor.harness.records import read_records
-from backdoor.harness.runner import CLEAN, Case, Runner, StageLog
+from backdoor.harness.runner import Runner
 from backdoor.training import TrainConfig
 
 
@@ -50,7 +52,7 @@ def find_record(results_dir: str | Path, case_id: str) -> dict:
     for record in records:
         if record["case_id"] == case_id:
             return record
-    prefix = case_id.rsplit("-", 1)[0]
+    prefix = case_group(case_id)
     close = sorted(r["case_id"] for r in records if r["case_id"].startswith(prefix))[:5]
     raise CaseNotFoundError(f"no case {case_id!r} in {Path(results_dir) / 'records.jsonl'}"
                    + (f"; cases of that model: {', '.join(close)}" if close else ""))

@@ -12,16 +12,7 @@ import sys
 from pathlib import Path
 
 from backdoor.harness.launch import grid_command, run_in_own_group
-
-
-RUN_OPTIONS = {  # backdoor run option -> (pytest option, default, help)
-    "--results-dir": (os.environ.get("BACKDOOR_RESULTS", "results"),
-                      "results root; records go to <root>/<matrix name>/ (env BACKDOOR_RESULTS)"),
-    "--cache-dir": (os.environ.get("BACKDOOR_CACHE", ".backdoor-cache"), "artifact cache (env BACKDOOR_CACHE)"),
-    "--device": ("auto", "torch device, or auto (one GPU per xdist worker, else the CPU)"),
-    "--threads": ("1", "CPU threads per process (1: the same numbers serial and under -n N)"),
-    "--seeds": (None, "override the matrix's seeds: a count n (0..n-1) or a list such as 0,1,2"),
-}
+from backdoor.harness.run_options import RUN_OPTIONS, add_run_options
 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -34,9 +25,9 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         return print_plan(matrix, args, extra)
     forwarded = []
     for option in RUN_OPTIONS:
-        value = getattr(args, option[2:].replace("-", "_"))
+        value = getattr(args, option.flag[2:].replace("-", "_"))
         if value is not None:
-            forwarded += [option, str(Path(value).resolve()) if option.endswith("-dir") else str(value)]
+            forwarded += [option.flag, str(Path(value).resolve()) if option.flag.endswith("-dir") else str(value)]
     if args.ray is not None:
         forwarded.append(f"--ray={args.ray}" if args.ray else "--ray")
     regression = "off" if args.no_regression else "strict" if args.strict else "report"
@@ -245,8 +236,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                 "workers (with --dist loadgroup added: one backdoored model's cases on one worker), "
                                 "-q silences progress, -x stops at the first failure.")
     run.add_argument("matrix", help="the matrix YAML file")
-    for option, (default, text) in RUN_OPTIONS.items():
-        run.add_argument(option, default=default, help=text)
+    add_run_options(run.add_argument)
     run.add_argument("--strict", action="store_true",
                      help="fail cases that drift outside their calibrated bands or claims (else: print a drift "
                           "summary and exit 0; the test suite and CI are strict)")

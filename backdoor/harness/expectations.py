@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from backdoor.harness.case import case_group
+
 METRICS = ("c_acc", "asr", "r_acc")
 #: What a defense changed: its metric less the same backdoored model's before the defense (a record's
 #: ``undefended``). The pair shares one backdoored model, so its variation over seeds cancels: a defense whose
@@ -252,10 +254,10 @@ def metric_values(record: dict) -> dict[str, float | None]:
 def attach_undefended(records: list[dict]) -> list[dict]:
     """Records of one run, each defense case given its ``undefended`` metrics from the run's no-defense case of the
     same backdoored model when it lacks them (records written before the pipeline stored them)."""
-    none = {r["case_id"].rsplit("-", 1)[0]: r for r in records if r.get("defense") == "none"}
+    none = {case_group(r["case_id"]): r for r in records if r.get("defense") == "none"}
     out = []
     for r in records:
-        base = none.get(r["case_id"].rsplit("-", 1)[0])
+        base = none.get(case_group(r["case_id"]))
         if "undefended" not in r and r.get("defense") != "none" and base is not None and r.get("attack") != "clean":
             r = {**r, "undefended": {m: base.get(m) for m in METRICS}}
         out.append(r)

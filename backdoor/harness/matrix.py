@@ -28,7 +28,7 @@ from backdoor.data import DATASETS, num_classes_of, test_classes_of
 from backdoor.harness.expectations import Regression, RegressionError, parse_regression
 from backdoor.defenses import DEFENSES
 from backdoor.models import MODELS
-from backdoor.harness.runner import CLEAN, Case
+from backdoor.harness.case import CLEAN, Case
 from backdoor.targets import is_all_to_all, target_problem
 from backdoor.training import TrainConfig
 from backdoor.checkpoints.user_models import UserModel, check_user_model, is_user_entry, parse_user_model

@@ -24,7 +24,8 @@ from backdoor.harness.cache import ArtifactCache
 from backdoor.defenses import create_defense
 from backdoor.harness.launch import grid_command, workers_of
 from backdoor.harness.matrix import MatrixError, load_matrix, parse_seeds
-from backdoor.harness.runner import CLEAN, Case, Runner
+from backdoor.harness.case import CLEAN, Case
+from backdoor.harness.runner import Runner
 from backdoor.harness.records import RECORDS, read_records
 
 STAGES = ("dataset", "clean_model", "poison", "backdoor_model", "defense")

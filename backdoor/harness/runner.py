@@ -5,20 +5,12 @@ worker loads it instead of training. ``run_case`` returns the record that the ha
 """
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-import os
-import platform
-import subprocess
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from pathlib import Path
 
 import torch
 
-import backdoor
 from backdoor.attacks import Attack, AttackContext, PoisonedSet, create_attack
 from backdoor._storage import module_to_tensors, tensors_with_prefix
 from backdoor.harness.cache import ArtifactCache
@@ -32,45 +24,10 @@ from backdoor.progress import log
 from backdoor.targets import Target, attack_labels, target_problem
 from backdoor.training import TrainConfig, fit, predict
 from backdoor.checkpoints import user_models
-from backdoor.checkpoints.user_models import UserModel
-
-CLEAN = "clean"  # the attack name of reference rows: a clean model trained the same way
-
-
-@dataclass(frozen=True)
-class Case:
-    """One cell of the grid. ``attack == "clean"`` is the clean reference row."""
-
-    matrix: str
-    dataset: str
-    model: str
-    attack: str
-    defense: str
-    ratio: float
-    seed: int
-    target: Target = 0  # a class index, or "all-to-all"
-    dataset_params: dict = field(default_factory=dict)
-    model_params: dict = field(default_factory=dict)
-    attack_params: dict = field(default_factory=dict)
-    defense_params: dict = field(default_factory=dict)
-    training: TrainConfig = TrainConfig()
-    defense_training: TrainConfig = TrainConfig(batch_size=256)
-    clean_fraction: float = 0.05
-    matrix_hash: str = ""
-    user_model: UserModel | None = None  # pure defense: a model the user brings (``model`` is its architecture)
-
-    @property
-    def case_id(self) -> str:
-        if self.user_model is not None:  # <dataset>-<label>-<trigger: attack, images or notrigger>-s<seed>-<defense>
-            return f"{self.dataset}-{self.user_model.label}-{self.attack}-s{self.seed}-{self.defense}"
-        if self.attack == CLEAN:
-            return f"{self.dataset}-{self.model}-{CLEAN}-s{self.seed}-{self.defense}"
-        return f"{self.dataset}-{self.model}-{self.attack}-p{self.ratio:g}-s{self.seed}-{self.defense}"
-
-    @property
-    def group(self) -> str:
-        """Cases sharing one backdoored model (all its defenses): one xdist group."""
-        return self.case_id.rsplit("-", 1)[0]
+from backdoor.harness.case import CLEAN, Case
+from backdoor.harness.case_record import (StageLog, benign_figures, case_provenance, case_record, collapsed,
+                                          device_label, numerics_env, static_provenance, target_class_poisoning,
+                                          thin_inputs, user_model_fields)
 
 
 @lru_cache(maxsize=None)
@@ -80,62 +37,6 @@ def code_version(module_name: str) -> str:
     package either imports, transitively (``backdoor.harness.code_digest``). Part of every cache key, so changing any
     code that decides an artifact's content never serves artifacts built by the old code."""
     return code_digest(module_name, __name__)
-
-
-NUMERICS_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
-
-
-def numerics_env() -> dict[str, str]:
-    """The environment variables that select PyTorch's, oneDNN's and MKL's CPU kernels (and so the last bits)."""
-    return {name: os.environ[name] for name in NUMERICS_VARIABLES if name in os.environ}
-
-
-def target_class_poisoning(poisoned: PoisonedSet, data: Dataset, target: int) -> dict:
-    """A clean-label attack poisons only target-class images: the share of that class it poisoned, and a warning
-    past one half (at ratio 0.1 on 10 balanced classes it is nearly all of it: the model then barely sees a clean
-    target image, and ``cap_ratio`` may have poisoned a smaller class entirely)."""
-    own = int((data.train.y == target).sum())
-    share = float(poisoned.mask.sum()) / own if own else None
-    out = {"target_poisoned_share": share}
-    if share is not None and share > 0.5:
-        out["warnings"] = [f"the clean-label attack poisoned {100 * share:.0f}% of the target class's training images"]
-    return out
-
-
-def thin_inputs(case: Case, data: Dataset, poisoned: PoisonedSet | None) -> list[str]:
-    """Warnings for inputs that run but can hardly mean anything: a ratio that poisons no training sample, a
-    defender's clean subset smaller than the class count, a target class absent from the test split."""
-    out = []
-    if poisoned is not None and poisoned.mask is not None and not bool(poisoned.mask.any()):
-        out.append(f"the poison ratio {case.ratio:g} poisons no training sample")
-    if case.defense != "none":
-        n = max(1, int(round(case.clean_fraction * len(data.train))))
-        if n < data.num_classes:
-            out.append(f"clean_fraction {case.clean_fraction:g} gives the defender {n} clean image(s), fewer than "
-                       f"the {data.num_classes} classes")
-    if isinstance(case.target, int) and not bool((data.test.y == case.target).any()):
-        out.append(f"the target class {case.target} has no test image: target_acc is null")
-    return out
-
-
-def benign_figures(record: dict) -> dict:
-    """A defense on the clean reference model (the benign condition): ``c_acc_cost``, the clean accuracy it
-    loses; ``flagged`` and ``fpr``, the training samples a data-side defense flags when none is poisoned (all of
-    them false positives); ``flagged_classes``, the classes a detector (NC) flags as backdoored."""
-    detection = record.get("detection") or {}
-    info = record.get("defense_info") or {}
-    return {"c_acc_cost": record["undefended"]["c_acc"] - record["c_acc"],
-            "flagged": detection.get("flagged"), "fpr": detection.get("fpr"),
-            "flagged_classes": info.get("flagged_classes") if "detected" in info else None}
-
-
-def collapsed(clean_pred: torch.Tensor, labels: torch.Tensor) -> dict:
-    """``{"collapsed_to": k}`` when a model predicts one class k for every clean test image of a test set holding
-    several classes (a broken model: its ASR is 1 for k's trigger and means nothing; the leaderboard marks it),
-    else nothing (records of working models are unchanged)."""
-    if len(clean_pred) and len(labels.unique()) > 1 and len(clean_pred.unique()) == 1:
-        return {"collapsed_to": int(clean_pred[0])}
-    return {}
 
 
 def numerics_key() -> dict[str, str]:
@@ -151,36 +52,13 @@ def backdoor_model_seed(case: Case) -> int:
     return derive_seed(case.seed, "backdoor-model")
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-class StageLog:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.hits: dict[str, bool] = {}
-        self.builds: dict[str, dict] = {}  # per cached stage: how its artifact was built (cache's build_info)
-        self.notes: dict = {}  # figures a stage adds to the record
-
-    @contextmanager
-    def stage(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
-
-
 class Runner:
     """Builds (or loads) each artifact of a case through the cache, on one device."""
 
     def __init__(self, cache: ArtifactCache, device: torch.device | str = "cpu"):
         self.cache = cache
         self.device = torch.device(device)
-        self.cache.provenance = {**self._static_provenance, "device": self._device_label}  # kept with each build
+        self.cache.provenance = {**static_provenance(), "device": self._device_label}  # kept with each build
 
     # -- specs: everything that determines an artifact ---------------------------------------------------
     @staticmethod
@@ -403,9 +281,9 @@ class Runner:
             model, poisoned = self.backdoored_model(case, attack, data, log_)
             upstream = self.backdoor_spec(case, attack)
         defended, result = self.defend(case, model, data, poisoned, upstream, log_)
-        record = self._record(case, data, attack, poisoned, result, log_)
+        record = case_record(case, attack, poisoned, result, log_, self.provenance(case))
         if case.user_model is not None:
-            record.update(self._user_record(case, poisoned, log_))
+            record.update(user_model_fields(case, poisoned, log_))
         elif attack is not None and attack.kind == "clean_label" and poisoned is not None:
             record.update(target_class_poisoning(poisoned, data, case.target))
         budget_warnings = thin_inputs(case, data, poisoned if attack is not None else None)
@@ -440,56 +318,9 @@ class Runner:
                              poisoned_test.y, attack_labels(target, poisoned_test.y, data.num_classes))
         return {**m.to_dict(), **target_class_figures(clean_pred, data.test.y, target, data.num_classes), **mark}
 
-    def _record(self, case: Case, data: Dataset, attack: Attack | None, poisoned: PoisonedSet | None,
-                result: dict, log_: StageLog) -> dict:
-        return {
-            "case_id": case.case_id,
-            "matrix": case.matrix,
-            "dataset": case.dataset, "dataset_params": case.dataset_params,
-            "model": case.model, "model_params": case.model_params,
-            "attack": case.attack, "attack_kind": attack.kind if attack else None,
-            "attack_params": attack.params() if attack else {},
-            "defense": case.defense, "defense_kind": result["defense_kind"],
-            "defense_params": result["defense_params"],
-            "poison_ratio": case.ratio if attack else 0.0,
-            "effective_ratio": poisoned.effective_ratio if poisoned is not None else (0.0 if not attack else None),
-            "seed": case.seed, "target": case.target,
-            "training": case.training.to_dict(), "defense_training": case.defense_training.to_dict(),
-            "clean_fraction": case.clean_fraction,
-            "status": "not_applicable" if "not_applicable" in result else "ok",
-            "reason": result.get("not_applicable"),
-            "c_acc": None, "asr": None, "r_acc": None,
-            "detection": result.get("detection"),
-            "defense_info": result.get("info", {}),
-            "cache_hits": log_.hits,
-            "build_seconds": {stage: build["seconds"] for stage, build in log_.builds.items()},
-            "build_provenance": {stage: {**build["provenance"], "utc_time": build["utc_time"], "host": build["host"]}
-                                 for stage, build in log_.builds.items()},
-            "provenance": self.provenance(case),
-        }
-
-    @staticmethod
-    def _user_record(case: Case, poisoned: PoisonedSet | None, log_: StageLog) -> dict:
-        """A user-model case's own fields: ``model`` is the user's label (``arch`` its architecture), ``source``
-        is ``user``, ``user_model`` says what was read (checkpoint, digest, trigger, training set)."""
-        um = case.user_model
-        return {"model": um.label, "arch": case.model, "source": "user", "user_model": um.describe(),
-                "poison_ratio": 0.0,
-                "effective_ratio": poisoned.effective_ratio if poisoned is not None else None, **log_.notes}
-
-    @cached_property
-    def _static_provenance(self) -> dict:
-        return {"package_version": backdoor.__version__, "git_commit": git_commit(),
-                "torch_version": str(torch.__version__), "python": platform.python_version(),
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "numerics_env": numerics_env()}
-
     @cached_property
     def _device_label(self) -> str:
-        device = str(self.device)
-        if self.device.type == "cuda":
-            device += f" ({torch.cuda.get_device_name(self.device)})"
-        return device
+        return device_label(self.device)
 
     def provenance(self, case: Case) -> dict:
-        return {**self._static_provenance, "matrix_hash": case.matrix_hash, "device": self._device_label,
-                "seed": case.seed, "utc_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        return case_provenance(case, self._device_label)

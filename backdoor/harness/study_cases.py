@@ -9,7 +9,9 @@ from torch import nn
 from backdoor.attacks import ATTACKS, Attack, PoisonedSet
 from backdoor.data import Dataset
 from backdoor.harness.cache import ArtifactCache
-from backdoor.harness.runner import Case, Runner, StageLog, backdoor_model_seed
+from backdoor.harness.case import Case
+from backdoor.harness.case_record import StageLog
+from backdoor.harness.runner import Runner, backdoor_model_seed
 from backdoor.training import TrainConfig, TrainHooks, fit
 
 

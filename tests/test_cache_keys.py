@@ -91,8 +91,8 @@ def test_a_new_import_extends_the_key_by_itself(package_copy):
 
 def test_a_lazy_module_attribute_is_not_followed(package_copy):
     """``backdoor.load_model`` imports the export reader on first use only; no builder runs it."""
-    user_models = package_copy / "checkpoints" / "user_models.py"
-    assert "backdoor.checkpoints.export" in cd.imported_modules("backdoor.checkpoints.user_models", user_models)
+    checks = package_copy / "harness" / "user_model_checks.py"
+    assert "backdoor.checkpoints.export" in cd.imported_modules("backdoor.harness.user_model_checks", checks)
     assert "backdoor.checkpoints.export" not in cd.imported_modules("backdoor", package_copy / "__init__.py")
 
 

@@ -31,7 +31,8 @@ from backdoor.models import MODELS
 from backdoor.harness.case import CLEAN, Case
 from backdoor.targets import is_all_to_all, target_problem
 from backdoor.training import TrainConfig
-from backdoor.checkpoints.user_models import UserModel, check_user_model, is_user_entry, parse_user_model
+from backdoor.checkpoints.user_models import UserModel
+from backdoor.harness.user_model_checks import check_user_model, is_user_entry, parse_user_model
 
 TOP_LEVEL_KEYS = {
     "name": "results folder name (default: the file's stem)",

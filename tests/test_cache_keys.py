@@ -12,6 +12,7 @@ from PIL import Image
 
 from backdoor.harness import code_digest as cd
 from backdoor.harness import runner as pipeline
+from backdoor.harness import specs
 from backdoor.attacks import ATTACKS
 from backdoor.harness.cache import ArtifactCache
 from backdoor.data import DATASETS
@@ -110,11 +111,11 @@ def test_an_edit_of_pipeline_py_is_a_miss_for_every_stage(monkeypatch, tmp_path)
     case = _case()
 
     def keys() -> list[str]:
-        pipeline.code_version.cache_clear()
-        specs = [("dataset", runner.dataset_spec(case)), ("clean_model", runner.model_spec(case)),
-                 ("poisoned", runner.attack_spec(case, attack)), ("backdoor_model", runner.backdoor_spec(case, attack)),
-                 ("defended_model", runner.defense_spec(case, runner.backdoor_spec(case, attack), defense))]
-        return [str(runner.cache.path(kind, spec)) for kind, spec in specs]
+        specs.code_version.cache_clear()
+        keyed = [("dataset", specs.dataset_spec(case)), ("clean_model", specs.model_spec(case)),
+                 ("poisoned", specs.attack_spec(case, attack)), ("backdoor_model", specs.backdoor_spec(case, attack)),
+                 ("defended_model", specs.defense_spec(case, specs.backdoor_spec(case, attack), defense))]
+        return [str(runner.cache.path(kind, spec)) for kind, spec in keyed]
 
     copy = tmp_path / "pipeline.py"
     copy.write_text(Path(pipeline.__file__).read_text().replace(
@@ -125,7 +126,7 @@ def test_an_edit_of_pipeline_py_is_a_miss_for_every_stage(monkeypatch, tmp_path)
         edited = keys()
     finally:
         monkeypatch.undo()
-        pipeline.code_version.cache_clear()
+        specs.code_version.cache_clear()
     assert all(a != b for a, b in zip(original, edited))
 
 

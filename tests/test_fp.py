@@ -16,6 +16,7 @@ from backdoor.defenses.fp import ChannelSilencer, accuracy, mean_channel_activat
 from backdoor.models import MODELS, Classifier, LayerRoles, create_model, roles
 from backdoor.harness.case import Case
 from backdoor.harness.case_record import StageLog
+from backdoor.harness import specs
 from backdoor.harness.runner import Runner
 from backdoor.training import TrainConfig, fit, predict
 
@@ -156,7 +157,7 @@ def test_search_keeps_a_copy_under_the_limit_and_one_more_channel_breaks_it(back
 def test_defense_output_keeps_channels_silent_after_fine_tuning_and_reload(backdoored):
     runner, case, data, attack, model, poisoned = backdoored
     log = StageLog()
-    defended, result = runner.defend(case, model, data, poisoned, runner.backdoor_spec(case, attack), log)
+    defended, result = runner.defend(case, model, data, poisoned, specs.backdoor_spec(case, attack), log)
     info = result["info"]
     assert info["total_channels"] == 64 and info["step"] == 1
     assert len(info["pruned_channel_ids"]) == info["pruned_channels"] > 0

@@ -16,7 +16,7 @@ from backdoor.data import (DATASETS, DatasetNotFoundError, channel_stats, check_
                            dataset_to_tensors, load_dataset, num_classes_of)
 from backdoor.harness.matrix import MatrixError, load_matrix
 from backdoor.harness.case import Case
-from backdoor.harness.runner import Runner
+from backdoor.harness import specs
 
 NAMES = np.array(["stop", "yield", "priority"])
 
@@ -255,7 +255,7 @@ def test_dataset_cache_spec_changes_when_the_file_changes(tmp_path):
     file = write(tmp_path / "d.npz")
     case = Case(matrix="m", dataset="npz", model="cnn_small", attack="clean", defense="none", ratio=0.0, seed=0,
                 dataset_params={"path": "d.npz", "root": str(tmp_path)})
-    before = Runner.dataset_spec(case)
+    before = specs.dataset_spec(case)
     write(tmp_path / "new.npz", y_test=np.array([0, 0, 0]))
     os.replace(tmp_path / "new.npz", file)
-    assert Runner.dataset_spec(case) != before
+    assert specs.dataset_spec(case) != before

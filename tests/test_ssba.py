@@ -139,7 +139,7 @@ def test_an_edit_of_ssba_py_is_a_cache_miss(monkeypatch, tmp_path, data):
     import shutil
     import sys
 
-    from backdoor.harness import runner as pipeline
+    from backdoor.harness import specs
 
     module = sys.modules["backdoor.attacks.ssba"]
     original = Path(module.__file__)
@@ -148,10 +148,10 @@ def test_an_edit_of_ssba_py_is_a_cache_miss(monkeypatch, tmp_path, data):
 
     def encoder_spec(file: Path) -> dict:
         monkeypatch.setattr(module, "__file__", str(file))
-        pipeline.code_version.cache_clear()
+        specs.code_version.cache_clear()
         ctx = AttackContext(dataset=data, device=CPU, seed=0, training=TrainConfig(), model_name="cnn_small",
                             cached=None, clean_model=lambda: None,
-                            spec={"attack_code": pipeline.code_version(module.__name__)})
+                            spec={"attack_code": specs.code_version(module.__name__)})
         return attack.material_spec(ctx)
 
     try:
@@ -163,4 +163,4 @@ def test_an_edit_of_ssba_py_is_a_cache_miss(monkeypatch, tmp_path, data):
         assert ArtifactCache(tmp_path / "c").path("ssba_encoder", edited) != \
             ArtifactCache(tmp_path / "c").path("ssba_encoder", unchanged)
     finally:
-        pipeline.code_version.cache_clear()
+        specs.code_version.cache_clear()

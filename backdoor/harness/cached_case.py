@@ -15,6 +15,7 @@ from backdoor.harness.cache import ArtifactCache
 from backdoor.harness.case import CLEAN, Case, case_group
 from backdoor.harness.case_record import StageLog
 from backdoor.harness.records import read_records
+from backdoor.harness import specs
 from backdoor.harness.runner import Runner
 from backdoor.training import TrainConfig
 
@@ -88,11 +89,11 @@ def load_case(results_dir: str | Path, case_id: str, cache_dir: str | Path | Non
     attack, poisoned = None, None
     if case.attack == CLEAN:
         model = runner.clean_model(case, data, log_)
-        upstream = {"clean_model": {**runner.model_spec(case), "seed": case.seed}}
+        upstream = {"clean_model": {**specs.model_spec(case), "seed": case.seed}}
     else:
         attack = runner.attack(case, data, log_)
         model, poisoned = runner.backdoored_model(case, attack, data, log_)
-        upstream = runner.backdoor_spec(case, attack)
+        upstream = specs.backdoor_spec(case, attack)
     defended = None
     if case.defense != "none":
         defended, _ = runner.defend(case, model, data, poisoned, upstream, log_)

@@ -42,7 +42,8 @@ from backdoor.checkpoints.export import FORMAT, FORMAT_VERSION, ExportError
 from backdoor.models import MODELS
 from backdoor.harness.case import CLEAN
 from backdoor.harness.case_record import StageLog
-from backdoor.harness.runner import Runner, code_version
+from backdoor.harness.runner import Runner
+from backdoor.harness.specs import code_version
 from backdoor.harness.records import RECORDS
 from backdoor.targets import triggered_test_keep
 

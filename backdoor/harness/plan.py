@@ -25,6 +25,7 @@ from backdoor.defenses import create_defense
 from backdoor.harness.launch import grid_command, workers_of
 from backdoor.harness.matrix import MatrixError, load_matrix, parse_seeds
 from backdoor.harness.case import CLEAN, Case
+from backdoor.harness import specs
 from backdoor.harness.runner import Runner
 from backdoor.harness.records import RECORDS, read_records
 
@@ -35,23 +36,23 @@ STAGE_ARTIFACTS = {"dataset": "dataset", "clean_model": "clean_model", "poison":
 
 def case_artifacts(runner: Runner, case: Case) -> dict[str, tuple[str, dict]]:
     """Stage -> (cache kind, spec) of every artifact the case needs; computed without building anything."""
-    out = {"dataset": ("dataset", runner.dataset_spec(case))}
+    out = {"dataset": ("dataset", specs.dataset_spec(case))}
     if case.user_model is not None:  # pure defense: the checkpoint is read, not built
-        out_upstream = user_models.upstream_spec(case.user_model, runner.dataset_spec(case), case.model_params)
+        out_upstream = user_models.upstream_spec(case.user_model, specs.dataset_spec(case), case.model_params)
     elif case.attack == CLEAN:
-        upstream = {**runner.model_spec(case), "seed": case.seed}
+        upstream = {**specs.model_spec(case), "seed": case.seed}
         out["clean_model"] = ("clean_model", upstream)
         out_upstream = {"clean_model": upstream}
     else:
         attack = create_attack(case.attack, target=case.target, **case.attack_params)
-        backdoor = runner.backdoor_spec(case, attack)
-        poison = {"backdoor_model": backdoor} if attack.kind == "training_controllable" else runner.attack_spec(case, attack)
+        backdoor = specs.backdoor_spec(case, attack)
+        poison = {"backdoor_model": backdoor} if attack.kind == "training_controllable" else specs.attack_spec(case, attack)
         out["poison"] = ("poisoned", poison)
         out["backdoor_model"] = ("backdoor_model", backdoor)
         out_upstream = backdoor
     defense = create_defense(case.defense, **case.defense_params)
     if defense.kind != "none":
-        out["defense"] = ("defended_model", runner.defense_spec(case, out_upstream, defense))
+        out["defense"] = ("defended_model", specs.defense_spec(case, out_upstream, defense))
     return out
 
 

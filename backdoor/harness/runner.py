@@ -7,40 +7,27 @@ from __future__ import annotations
 
 import hashlib
 import time
-from functools import cached_property, lru_cache
+from functools import cached_property
 
 import torch
 
 from backdoor.attacks import Attack, AttackContext, PoisonedSet, create_attack
 from backdoor._storage import module_to_tensors, tensors_with_prefix
 from backdoor.harness.cache import ArtifactCache
-from backdoor.harness.code_digest import code_digest
-from backdoor.data import DATASETS, Dataset, Split, dataset_from_tensors, dataset_to_tensors, load_dataset
+from backdoor.data import Dataset, Split, dataset_from_tensors, dataset_to_tensors, load_dataset
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
 from backdoor.defenses.base import FitOnDevice, ModelRecipe
 from backdoor.metrics import backdoor_metrics, detection_metrics, target_class_figures
-from backdoor.models import MODELS, Classifier
+from backdoor.models import Classifier
 from backdoor.progress import log
 from backdoor.targets import Target, attack_labels, target_problem
 from backdoor.training import TrainConfig, fit, predict
 from backdoor.checkpoints import user_models
 from backdoor.harness.case import CLEAN, Case
 from backdoor.harness.case_record import (StageLog, benign_figures, case_provenance, case_record, collapsed,
-                                          device_label, numerics_env, static_provenance, target_class_poisoning,
+                                          device_label, static_provenance, target_class_poisoning,
                                           thin_inputs, user_model_fields)
-
-
-@lru_cache(maxsize=None)
-def code_version(module_name: str) -> str:
-    """Digest of the source that builds an artifact: the module of a method (or dataset/model), this module
-    (which derives seeds, chooses the defender's clean subset and calls the builders) and every module of the
-    package either imports, transitively (``backdoor.harness.code_digest``). Part of every cache key, so changing any
-    code that decides an artifact's content never serves artifacts built by the old code."""
-    return code_digest(module_name, __name__)
-
-
-def numerics_key() -> dict[str, str]:
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), **numerics_env()}
+from backdoor.harness.specs import attack_spec, backdoor_spec, code_version, dataset_spec, defense_spec, model_spec
 
 
 def derive_seed(seed: int, stage: str) -> int:
@@ -60,37 +47,6 @@ class Runner:
         self.device = torch.device(device)
         self.cache.provenance = {**static_provenance(), "device": self._device_label}  # kept with each build
 
-    # -- specs: everything that determines an artifact ---------------------------------------------------
-    @staticmethod
-    def dataset_spec(case: Case) -> dict:
-        # Where the files live does not change the data, except for imagefolder, whose root *is* the data.
-        params = {k: v for k, v in case.dataset_params.items() if k != "root" or case.dataset == "imagefolder"}
-        # A dataset read from one file (npz) adds the file's content digest: a file replaced under its name is a miss.
-        fingerprint = getattr(DATASETS.get(case.dataset), "fingerprint", None)
-        if fingerprint is not None:
-            params.update(fingerprint(case.dataset_params))
-        # Every artifact's spec starts from this one, so the CPU kernels in use key them all: a cache filled on an
-        # AVX2 machine (or under ATEN_CPU_CAPABILITY=avx2) never serves a native AVX-512 run, whose last bits differ.
-        return {"dataset": case.dataset, "params": params, "code": code_version(DATASETS.get(case.dataset).__module__),
-                "numerics": numerics_key()}
-
-    def model_spec(self, case: Case) -> dict:
-        return {**self.dataset_spec(case), "model": case.model, "model_params": case.model_params,
-                "training": case.training.to_dict(), "model_code": code_version(MODELS.get(case.model).__module__)}
-
-    def attack_spec(self, case: Case, attack: Attack) -> dict:
-        return {**self.dataset_spec(case), "attack": case.attack, "attack_params": attack.params(),
-                "ratio": case.ratio, "seed": case.seed, "attack_code": code_version(type(attack).__module__)}
-
-    def backdoor_spec(self, case: Case, attack: Attack) -> dict:
-        return {**self.model_spec(case), **self.attack_spec(case, attack)}
-
-    def defense_spec(self, case: Case, upstream: dict, defense) -> dict:
-        return {"upstream": upstream, "defense": case.defense, "defense_params": defense.params(),
-                "defense_code": code_version(type(defense).__module__),
-                "defense_training": case.defense_training.to_dict(), "clean_fraction": case.clean_fraction,
-                "seed": case.seed}
-
     # -- stages -------------------------------------------------------------------------------------------
     def _cached(self, log_: StageLog, stage: str, kind: str, spec: dict, build):
         with log_.stage(stage):
@@ -102,7 +58,7 @@ class Runner:
 
     def dataset(self, case: Case, log_: StageLog) -> Dataset:
         build = lambda: dataset_to_tensors(load_dataset(case.dataset, **case.dataset_params))  # noqa: E731
-        tensors, meta = self._cached(log_, "dataset", "dataset", self.dataset_spec(case), build)
+        tensors, meta = self._cached(log_, "dataset", "dataset", dataset_spec(case), build)
         return dataset_from_tensors(tensors, meta)
 
     @staticmethod
@@ -130,7 +86,7 @@ class Runner:
                           seed=derive_seed(case.seed, "clean-model"), desc=f"{case.model} clean")
             return module_to_tensors(model), {"history": history}
 
-        tensors, _ = self._cached(log_, "clean_model", "clean_model", {**self.model_spec(case), "seed": case.seed},
+        tensors, _ = self._cached(log_, "clean_model", "clean_model", {**model_spec(case), "seed": case.seed},
                                   build)
         return self._load_model(case, data, tensors)
 
@@ -146,7 +102,7 @@ class Runner:
             cached=lambda kind, spec, build: self.cache.get_or_build(kind, spec, build)[0],
             clean_model=lambda: self.clean_model(case, data, StageLog()),
             new_model=lambda: self.new_model(case, data),
-            spec={**self.model_spec(case), "attack_code": code_version(type(attack).__module__)},
+            spec={**model_spec(case), "attack_code": code_version(type(attack).__module__)},
         )
         with log_.stage("attack_material"):
             attack.prepare(ctx)
@@ -161,7 +117,7 @@ class Runner:
         return PoisonedSet(tensors["x"], tensors["y"], tensors["mask"].bool(), meta["effective_ratio"])
 
     def backdoored_model(self, case: Case, attack: Attack, data: Dataset, log_: StageLog) -> tuple[Classifier, PoisonedSet]:
-        spec = self.backdoor_spec(case, attack)
+        spec = backdoor_spec(case, attack)
         config = self.train_config(case, data)
         seed = backdoor_model_seed(case)
         if attack.kind == "training_controllable":
@@ -179,7 +135,7 @@ class Runner:
             poisoned = self.poisoned(case, attack, data, log_, {"backdoor_model": spec})
             return self._load_model(case, data, tensors), poisoned
 
-        poisoned = self.poisoned(case, attack, data, log_, self.attack_spec(case, attack))
+        poisoned = self.poisoned(case, attack, data, log_, attack_spec(case, attack))
 
         def build():
             model = self.new_model(case, data)
@@ -204,7 +160,7 @@ class Runner:
             if um.trigger is not None and um.trigger[0] != "attack":
                 triggered, dropped = user_models.triggered_test(um, data)
                 log_.notes["trigger_target_images_dropped"] = dropped
-        return model, poisoned, triggered, user_models.upstream_spec(um, self.dataset_spec(case), case.model_params)
+        return model, poisoned, triggered, user_models.upstream_spec(um, dataset_spec(case), case.model_params)
 
     def defender_clean_subset(self, case: Case, data: Dataset) -> Split:
         g = torch.Generator().manual_seed(derive_seed(case.seed, "defender-clean"))
@@ -251,7 +207,7 @@ class Runner:
                 tensors["scores"] = outcome.scores.float().cpu()
             return tensors, {"info": outcome.info}
 
-        spec = self.defense_spec(case, upstream, defense)
+        spec = defense_spec(case, upstream, defense)
         tensors, meta = self._cached(log_, "defense", "defended_model", spec, build)
         result = {"defense_params": defense.params(), "defense_kind": defense.kind, "info": meta.get("info", {})}
         if "not_applicable" in meta:
@@ -273,13 +229,13 @@ class Runner:
                 attack = self.attack(case, data, log_)
         elif case.attack == CLEAN:
             model = self.clean_model(case, data, log_)
-            upstream = {"clean_model": {**self.model_spec(case), "seed": case.seed}}
+            upstream = {"clean_model": {**model_spec(case), "seed": case.seed}}
             if case.defense != "none":  # the benign condition: the clean training set, nothing poisoned
                 poisoned = PoisonedSet(data.train.x, data.train.y, torch.zeros(len(data.train), dtype=torch.bool), 0.0)
         else:
             attack = self.attack(case, data, log_)
             model, poisoned = self.backdoored_model(case, attack, data, log_)
-            upstream = self.backdoor_spec(case, attack)
+            upstream = backdoor_spec(case, attack)
         defended, result = self.defend(case, model, data, poisoned, upstream, log_)
         record = case_record(case, attack, poisoned, result, log_, self.provenance(case))
         if case.user_model is not None:

@@ -11,6 +11,7 @@ from backdoor.data import Dataset
 from backdoor.harness.cache import ArtifactCache
 from backdoor.harness.case import Case
 from backdoor.harness.case_record import StageLog
+from backdoor.harness import specs
 from backdoor.harness.runner import Runner, backdoor_model_seed
 from backdoor.training import TrainConfig, TrainHooks, fit
 
@@ -38,7 +39,7 @@ class StudyCases:
         log_ = StageLog()
         data = self.runner.dataset(case, log_)
         attack = self.runner.attack(case, data, log_)
-        return data, attack, self.runner.poisoned(case, attack, data, log_, self.runner.attack_spec(case, attack))
+        return data, attack, self.runner.poisoned(case, attack, data, log_, specs.attack_spec(case, attack))
 
     def backdoored_model(self, case: Case) -> tuple[nn.Module, Attack, Dataset]:
         """The grid's backdoored model of ``case`` (from the cache, or trained), its attack and data."""

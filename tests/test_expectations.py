@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from backdoor.harness.expectations import (CHAOTIC_WIDTH, FLOOR, RegressionError, case_key, drift, load_expected,
-                                   parse_regression, write_expected)
+                                           parse_regression, write_expected)
 from backdoor.harness.matrix import load_matrix
 from backdoor.harness.case import CLEAN
 

@@ -12,7 +12,7 @@ from backdoor.defenses import DEFENSES
 from backdoor.mutants import DO_NOTHING, Mutant, do_nothing, mutants_of, source_file
 from backdoor.mutants import tests_of as declared_tests  # not collected as a test
 from backdoor.harness.mutate import (CAUGHT, ERROR, SURVIVED, Job, MutationResult, Target, checkout_files, exit_status,
-                             registered_methods, repo_root, run_job, run_jobs, select_jobs, target_of)
+                                     registered_methods, repo_root, run_job, run_jobs, select_jobs, target_of)
 
 ROOT = repo_root()
 METHODS = {m.name: m for m in registered_methods()}

@@ -24,8 +24,8 @@ import torch
 
 import yaml
 
-from backdoor.harness.expectations import (ALL_METRICS, FLOOR, VARIANTS, WIDEN, calibrate_bands, case_key,
-                                   chaotic, leave_one_out_coverage, load_expected, write_expected)
+from backdoor.harness.expectations import (ALL_METRICS, FLOOR, VARIANTS, WIDEN, calibrate_bands, case_key, chaotic,
+                                           leave_one_out_coverage, load_expected, write_expected)
 from backdoor.harness.launch import grid_command
 from backdoor.harness.matrix import Matrix
 from backdoor.harness.records import RECORDS, read_records

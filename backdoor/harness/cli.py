@@ -161,7 +161,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_params(args: argparse.Namespace) -> int:
     """Print the method-parameter table, or check / rewrite a README's block of it."""
     from backdoor.harness.parameters import (COMMAND, END, START, declaration_problems, readme_difference,
-                                     render_parameter_table, replace_block)
+                                             render_parameter_table, replace_block)
 
     for problem in declaration_problems():
         print(f"backdoor params: {problem}", file=sys.stderr)
@@ -198,7 +198,7 @@ def cmd_mutate(args: argparse.Namespace) -> int:
     """Apply each selected mutant to a copy of the checkout and run its method's tests; table of verdicts."""
     from backdoor._registry import UnknownNameError
     from backdoor.harness.mutate import (DEFAULT_TIMEOUT, exit_status, markdown_table, registered_methods, repo_root,
-                                 run_jobs, select_jobs, write_report)
+                                         run_jobs, select_jobs, write_report)
 
     root = repo_root()
     try:

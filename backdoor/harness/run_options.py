@@ -20,7 +20,8 @@ RUN_OPTIONS = (
               "results root; records go to <root>/<matrix name>/; $BACKDOOR_RESULTS sets it (default: %(default)s)"),
     RunOption("--cache-dir", os.environ.get("BACKDOOR_CACHE", ".backdoor-cache"),
               "artifact cache shared by runs and workers; $BACKDOOR_CACHE sets it (default: %(default)s)"),
-    RunOption("--device", "auto", "torch device, or 'auto': one GPU per xdist worker, else the CPU (default: %(default)s)"),
+    RunOption("--device", "auto",
+              "torch device, or 'auto': one GPU per xdist worker, else the CPU (default: %(default)s)"),
     RunOption("--threads", 1, "CPU threads per process; 1 gives the same numbers serial and under -n N (default: "
                               "%(default)s)", int),
     RunOption("--seeds", None, "override the matrix's seeds: a count n (seeds 0..n-1) or a list such as 0,1,2"),

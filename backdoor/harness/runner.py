@@ -25,8 +25,8 @@ from backdoor.training import TrainConfig, fit, predict
 from backdoor.checkpoints import user_models
 from backdoor.harness.case import CLEAN, Case
 from backdoor.harness.case_record import (StageLog, benign_figures, case_provenance, case_record, collapsed,
-                                          device_label, static_provenance, target_class_poisoning,
-                                          thin_inputs, user_model_fields)
+                                          device_label, static_provenance, target_class_poisoning, thin_inputs,
+                                          user_model_fields)
 from backdoor.harness.specs import attack_spec, backdoor_spec, code_version, dataset_spec, defense_spec, model_spec
 
 

@@ -15,8 +15,8 @@ from backdoor._checks import ParameterError, is_finite_number
 from backdoor.attacks import ATTACKS
 from backdoor.checkpoints import BACKDOORBENCH_ARCHS, CheckpointError, checkpoint_format, safetensors_shapes
 from backdoor.checkpoints.export import read_export
-from backdoor.checkpoints.user_models import (CHECKPOINT, UserModel, backdoorbench, classifier_parts, image_folder_problem,
-                                              net_mapping, read_state, read_tensors)
+from backdoor.checkpoints.user_models import (CHECKPOINT, UserModel, backdoorbench, classifier_parts,
+                                              image_folder_problem, net_mapping, read_state, read_tensors)
 from backdoor.models import create_model
 from backdoor.targets import is_all_to_all, target_problem
 

@@ -2,9 +2,10 @@
 hooks that measure the model after every epoch, and their common command-line options.
 
 A study trains exactly as the grid trains a backdoored model (same specs, poisoned set, seed and training
-config: the harness hands a study its cases as ``StudyCases``), through the one trainer, with ``TrainHooks`` that only observe: the state after epoch ``t``
-is measured in ``on_epoch_start(t + 1)`` and, for the last epoch, in ``on_train_end``, in eval mode without
-augmentation, and the model is put back in train mode; nothing random is drawn, so training is unchanged.
+config: the harness hands a study its cases as ``StudyCases``), through the one trainer, with ``TrainHooks``
+that only observe: the state after epoch ``t`` is measured in ``on_epoch_start(t + 1)`` and, for the last
+epoch, in ``on_train_end``, in eval mode without augmentation, and the model is put back in train mode; nothing
+random is drawn, so training is unchanged.
 """
 from __future__ import annotations
 

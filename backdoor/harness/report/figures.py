@@ -8,8 +8,8 @@
 - Figure 5 (section 4.4): per dataset x poison ratio, when the records hold several models: ASR per attack,
   one bar per model, one panel per defense.
 
-Cells are the per-seed means of ``backdoor.harness.report.leaderboard.cell_summaries``. Each figure is written as PNG and SVG under
-``RESULTS_DIR/figures/``, with ``figures.json`` listing them; ``figure_links`` turns that list into markdown.
+Cells are the per-seed means of ``backdoor.harness.report.leaderboard.cell_summaries``. Each figure is written
+as PNG and SVG under ``RESULTS_DIR/figures/``, with ``figures.json`` listing them (``figure_index``).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 from backdoor.harness.cache import ArtifactCache
 from backdoor.harness.case import Case
-from backdoor.harness.case_record import StageLog
+from backdoor.harness.case_record import StageLog, case_record
 from backdoor.harness.runner import Runner
 from backdoor.harness.report.leaderboard import leaderboard_frame
 from backdoor.training import TrainConfig
@@ -17,7 +17,7 @@ def test_anp_on_vgg19_is_recorded_not_applicable(tmp_path):
     model = runner.new_model(case, data)
     defended, result = runner.defend(case, model, data, None, {"untrained": True}, log)
     assert defended is None and "batch" in result["not_applicable"].lower()
-    record = runner._record(case, data, None, None, result, log)
+    record = case_record(case, None, None, result, log, runner.provenance(case))
     assert record["status"] == "not_applicable" and record["c_acc"] is None
     board = leaderboard_frame([dict(record, poison_ratio=0.1, attack="badnets")])
     assert board[("ANP", "ASR")].tolist() == ["n/a"]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from backdoor.harness import code_digest as cd
-from backdoor.harness import runner as pipeline
+from backdoor.harness import runner as runner_module
 from backdoor.harness import specs
 from backdoor.attacks import ATTACKS
 from backdoor.harness.cache import ArtifactCache
@@ -117,8 +117,8 @@ def test_an_edit_of_pipeline_py_is_a_miss_for_every_stage(monkeypatch, tmp_path)
                  ("defended_model", specs.defense_spec(case, specs.backdoor_spec(case, attack), defense))]
         return [str(runner.cache.path(kind, spec)) for kind, spec in keyed]
 
-    copy = tmp_path / "pipeline.py"
-    copy.write_text(Path(pipeline.__file__).read_text().replace(
+    copy = tmp_path / "runner.py"
+    copy.write_text(Path(runner_module.__file__).read_text().replace(
         "case.clean_fraction * len(data.train)", "2 * case.clean_fraction * len(data.train)"))
     try:
         original = keys()

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from backdoor.harness import runner as pipeline
+from backdoor.harness import runner as runner_module
 
 from backdoor import training
 from backdoor.attacks import Attack, AttackContext, PoisonedSet
@@ -253,7 +253,7 @@ def case_objects_reached(spy: Spy, runner: WatchedRunner) -> list[str]:
 def spies(monkeypatch) -> dict[str, Spy]:
     """The pipeline creates the spies for the defense names ``spy`` and ``repair_spy`` (the registry is left as it
     is); returns them by name once made."""
-    made, create = {}, pipeline.create_defense
+    made, create = {}, runner_module.create_defense
 
     def create_or_spy(name: str, **params):
         if name in (Spy.name, RepairSpy.name):
@@ -261,7 +261,7 @@ def spies(monkeypatch) -> dict[str, Spy]:
             return made[name]
         return create(name, **params)
 
-    monkeypatch.setattr(pipeline, "create_defense", create_or_spy)
+    monkeypatch.setattr(runner_module, "create_defense", create_or_spy)
     return made
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backdoor._catalog import catalog, first_paragraph
+from backdoor.harness.catalog import catalog, first_paragraph
 from backdoor.attacks import ATTACKS
 from backdoor.data import DATASETS
 from backdoor.defenses import DEFENSES
@@ -55,6 +55,7 @@ def test_the_catalog_is_the_registry(family, registry):
     for entry in entries:
         factory = registry.get(entry.name)
         assert entry.kind == getattr(factory, "kind", None)
+        assert entry.title == getattr(factory, "title", None)
         doc = factory.__doc__ or sys.modules[factory.__module__].__doc__
         assert entry.summary == first_paragraph(doc)
 
@@ -63,5 +64,7 @@ def test_list_shows_whole_descriptions():
     done, _ = run_cli("list")
     ac = next(line for line in done.stdout.splitlines() if line.strip().startswith("ac "))
     assert ac.rstrip().endswith("retrained from scratch.")
+    lc = next(line for line in done.stdout.splitlines() if line.strip().startswith("lc "))
+    assert "(LC) [clean label]" in lc  # the title tables use, where the description does not begin with it
     for entry in catalog("attacks") + catalog("defenses"):
         assert entry.summary.endswith("."), entry

@@ -9,9 +9,9 @@ import textwrap
 from pathlib import Path
 
 from backdoor.harness.matrix import load_matrix
-from backdoor.progress import eta_seconds
+from backdoor.harness.eta import eta_seconds
 from backdoor.harness.plan import _recorded_seconds, estimate_line, stage_estimates, timing_key, timing_records
-from backdoor.harness.report.leaderboard import RECORDS
+from backdoor.harness.records import RECORDS
 
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX = """

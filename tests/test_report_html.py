@@ -4,7 +4,8 @@ import json
 from pathlib import Path
 
 from backdoor.harness.report.html import render_html
-from backdoor.harness.report.leaderboard import render_markdown, upsert_records
+from backdoor.harness.records import upsert_records
+from backdoor.harness.report.leaderboard import render_markdown
 
 FIXTURE = Path(__file__).parent / "data" / "records.jsonl"
 

@@ -3,7 +3,7 @@ refresh regression expectations, print speed benchmarks, and run the methods' mu
 
 Each command imports what it needs when it runs, not at the top of this module: the library imports torch
 (about 5 s), and ``backdoor --help`` and ``backdoor list`` need none of it (``list`` reads the registered
-modules' source, ``backdoor._catalog``); ``tests/test_cli_speed.py`` keeps them free of torch."""
+modules' source, ``backdoor.harness.catalog``); ``tests/test_cli_speed.py`` keeps them free of torch."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from backdoor.harness.catalog import catalog
 from backdoor.harness.launch import grid_command, run_in_own_group
 from backdoor.harness.run_options import RUN_OPTIONS, add_run_options
 
@@ -58,14 +59,14 @@ def _after_signal(name: str, matrix: Path, results: Path) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from backdoor._catalog import catalog
-
     for title, family in (("datasets", "data"), ("models", "models"), ("attacks", "attacks"),
                           ("defenses", "defenses")):
         print(f"{title}:")
         for entry in catalog(family):
             kind = f"[{entry.kind.replace('_', ' ')}] " if entry.kind else ""
-            print(f"  {entry.name:<20} {kind}{entry.summary}")
+            said = not entry.title or entry.title == entry.name or entry.summary.startswith(f"{entry.title}:")
+            title = "" if said else f"({entry.title}) "
+            print(f"  {entry.name:<20} {title}{kind}{entry.summary}")
     return 0
 
 

@@ -11,13 +11,14 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # backdoor/
 
 
 @dataclass(frozen=True)
 class Entry:
     name: str
     kind: str | None  # the class's ``kind`` (attacks and defenses); None for function factories
+    title: str | None  # the class's ``title`` (its name in tables); None where it declares none
     summary: str
 
 
@@ -49,7 +50,8 @@ def _registered_in(module: ast.Module) -> list[Entry]:
             name = _registered_name(node)
             if name is not None:
                 doc = ast.get_docstring(node) or module_doc
-                out.append(Entry(name, _kind_of(node), first_paragraph(doc)))
+                out.append(Entry(name, _class_constant(node, "kind"), _class_constant(node, "title"),
+                                 first_paragraph(doc)))
     return out
 
 
@@ -64,10 +66,11 @@ def _registered_name(node: ast.ClassDef | ast.FunctionDef) -> str | None:
     return None
 
 
-def _kind_of(node: ast.ClassDef | ast.FunctionDef) -> str | None:
+def _class_constant(node: ast.ClassDef | ast.FunctionDef, attribute: str) -> str | None:
+    """The constant a class body assigns to ``attribute`` (``kind = "..."``); None for a function."""
     if isinstance(node, ast.ClassDef):
         for statement in node.body:
             if isinstance(statement, ast.Assign) and isinstance(statement.value, ast.Constant) and any(
-                    isinstance(t, ast.Name) and t.id == "kind" for t in statement.targets):
+                    isinstance(t, ast.Name) and t.id == attribute for t in statement.targets):
                 return statement.value.value
     return None

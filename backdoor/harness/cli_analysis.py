@@ -50,10 +50,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except (NotCachedError, LookupError, ValueError, FileNotFoundError) as e:
         print(f"backdoor analyze {args.tool}: {e}", file=sys.stderr)
         return 1
-    for path in paths:
-        print(path)
-    print(f"{args.tool}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    return 0
+    return _print_written(paths, args.tool, started)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -69,9 +66,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"backdoor study {args.study}: {e}", file=sys.stderr)
         return 1
+    return _print_written(paths, args.study, started)
+
+
+def _print_written(paths: list[Path], name: str, started: float) -> int:
+    """The files a tool or study wrote, one per line on stdout, then its time on stderr."""
     for path in paths:
         print(path)
-    print(f"{args.study}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    print(f"{name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -52,3 +52,8 @@ def case_group(case_id: str) -> str:
     """A case's group: its id without the defense, i.e. its backdoored model (``<dataset>-<model>-<attack>-p<ratio>
     -s<seed>``); a defense's case and the no-defense case of the same model share it."""
     return case_id.rsplit("-", 1)[0]
+
+
+def case_defense(case_id: str) -> str:
+    """A case's defense: the last part of its id."""
+    return case_id.rsplit("-", 1)[-1]

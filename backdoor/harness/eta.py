@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import statistics
 
+from backdoor.harness.case import case_defense, case_group
+
 
 def eta_seconds(finished: list[dict], pending: list[str], workers: int) -> float | None:
     """Seconds a grid has left, from the stage times its finished records measured: each pending case costs
@@ -16,26 +18,18 @@ def eta_seconds(finished: list[dict], pending: list[str], workers: int) -> float
     built, loaded = [], []
     for r in timed:
         defense = r["stage_seconds"].get("defense", 0.0)
-        defense_times.setdefault(_defense_of(r["case_id"]), []).append(defense)
+        defense_times.setdefault(case_defense(r["case_id"]), []).append(defense)
         upstream = max(0.0, r.get("total_seconds", 0.0) - defense)
         hits = r.get("cache_hits") or {}
         (loaded if hits.get("backdoor_model") or hits.get("clean_model") else built).append(upstream)
     every_defense = [t for times in defense_times.values() for t in times]
     build = statistics.median(built) if built else statistics.median(loaded)
     load = statistics.median(loaded) if loaded else min(built)
-    started = {_group_of(r["case_id"]) for r in finished}
+    started = {case_group(r["case_id"]) for r in finished}
     total = 0.0
     for case_id in pending:
-        group = _group_of(case_id)
-        total += statistics.median(defense_times.get(_defense_of(case_id), every_defense))
+        group = case_group(case_id)
+        total += statistics.median(defense_times.get(case_defense(case_id), every_defense))
         total += load if group in started else build
         started.add(group)
     return total / max(1, workers)
-
-
-def _group_of(case_id: str) -> str:
-    return case_id.rsplit("-", 1)[0]  # the cases sharing one backdoored model (Case.group)
-
-
-def _defense_of(case_id: str) -> str:
-    return case_id.rsplit("-", 1)[-1]

@@ -48,6 +48,30 @@ def test_an_attack_may_carry_its_own_training_budget(tmp_path):
         load_matrix(write(tmp_path, GOOD.replace("blended: {alpha: 0.1}", "blended: {training: {epoch: 7}}")))
 
 
+def test_a_defense_may_run_against_some_attacks_only(tmp_path):
+    m = load_matrix(write(tmp_path, GOOD.replace("defenses: [none, ft]",
+                                                 "defenses: {none: {}, ft: {lr: 0.02, against: [blend*]}, fp: {}}")))
+    pairs = {(c.attack, c.defense) for c in m.cases() if c.ratio == 0.1 and c.seed == 0}
+    assert pairs == {("badnets", "none"), ("badnets", "fp"), ("blended", "none"), ("blended", "ft"),
+                     ("blended", "fp")}
+    ft = next(c for c in m.cases() if c.defense == "ft")
+    assert ft.defense_params == {"lr": 0.02}  # `against` is the grid's, not the defense's parameter
+    assert m.against == {"ft": ("blended",)} and not m.runs_against("ft", "badnets") and m.runs_against("fp", "badnets")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("ft: {against: [badnet]}", r"defenses.ft.against: 'badnet' names none of the matrix's attacks \(did you mean "
+                                r"'badnets'\?\); allowed: badnets, blended"),
+    ("ft: {against: []}", r"defenses.ft.against: \[\] is not allowed; expected a non-empty list"),
+    ("ft: {against: badnets}", r"defenses.ft.against: 'badnets' is not allowed; expected a non-empty list"),
+    ("none: {against: [badnets]}, ft: {}", r"defenses.none.against: not allowed on 'none'"),
+])
+def test_a_bad_against_is_named(tmp_path, entry, message):
+    entries = entry if entry.startswith("none") else "none: {}, " + entry
+    with pytest.raises(MatrixError, match=message):
+        load_matrix(write(tmp_path, GOOD.replace("defenses: [none, ft]", "defenses: {" + entries + "}")))
+
+
 def test_wildcards_expand_over_the_registry(tmp_path):
     m = load_matrix(write(tmp_path, GOOD.replace("attacks: {badnets: {}, blended: {alpha: 0.1}}",
                                                  'attacks: ["blend*", "bad*"]')))

@@ -41,7 +41,8 @@ TOP_LEVEL_KEYS = {
     "models": "model names, or name -> parameters; or a label -> {checkpoint: ..., arch: ...} for a model you bring "
               "(backdoor.checkpoints.user_models)",
     "attacks": "attack names (wildcards allowed), or name -> parameter overrides (and an optional training budget)",
-    "defenses": "defense names (wildcards allowed), or name -> parameter overrides; 'none' is no defense",
+    "defenses": "defense names (wildcards allowed), or name -> parameter overrides; 'none' is no defense; an entry's "
+                "`against: [attacks]` runs it against those of the matrix's attacks only (default: all)",
     "poison_ratios": "poison ratios in (0, 1]",
     "seeds": "integer seeds, or a count n meaning seeds 0..n-1",
     "target": "target class (all-to-one), or all-to-all (y -> (y + 1) mod K); default 0",
@@ -95,6 +96,11 @@ class Matrix:
     regression: Regression = field(default_factory=Regression)
     user_models: dict[str, UserModel] = field(default_factory=dict)
     benign: tuple[str, ...] = ()  # defenses also run on the clean reference model (the benign condition)
+    against: dict[str, tuple[str, ...]] = field(default_factory=dict)  # defense -> the attacks it runs against
+
+    def runs_against(self, defense: str, attack: str) -> bool:
+        """Whether the grid pairs this defense with this attack (an entry's ``against``; default every attack)."""
+        return attack in self.against.get(defense, (attack,))
 
     def cases(self) -> list[Case]:
         """Every case of the grid, reference rows first within each dataset/model/seed; then, per dataset, each
@@ -117,8 +123,10 @@ class Matrix:
                             aparams = self._attack_params(attack, aparams)
                             training = self.attack_training.get(attack, self.training)
                             for defense, fparams in self.defenses.items():
-                                out.append(Case(attack=attack, defense=defense, ratio=ratio, attack_params=aparams,
-                                                defense_params=fparams, training=training, **base))
+                                if self.runs_against(defense, attack):
+                                    out.append(Case(attack=attack, defense=defense, ratio=ratio,
+                                                    attack_params=aparams, defense_params=fparams,
+                                                    training=training, **base))
             for um in self.user_models.values():
                 if um.dataset != dataset:
                     continue
@@ -304,8 +312,10 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
     attack_entries, training_overrides = _split_attack_training(path, raw.get("attacks", {}))
     attacks = attempt(lambda: _named_axis(path, "attacks", attack_entries, ATTACKS, glob=True,
                                           reserved=frozenset({"target"})), {}) if "attacks" in raw and models else {}
+    defense_entries, against_entries = _split_defense_against(raw["defenses"])
     defenses = {} if "defenses" in missing else attempt(
-        lambda: _named_axis(path, "defenses", raw["defenses"], DEFENSES, glob=True), {})
+        lambda: _named_axis(path, "defenses", defense_entries, DEFENSES, glob=True), {})
+    against = attempt(lambda: _against(path, against_entries, defenses, attacks), {})
     ratios = attempt(lambda: _ratios(path, raw["poison_ratios"]), []) if "poison_ratios" in raw and models else []
     seeds = attempt(lambda: parse_seeds(raw.get("seeds", [0]), lambda message: _fail(path, "seeds", message)), [0])
     target = raw.get("target", 0)
@@ -358,6 +368,7 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         regression=regression,
         user_models=user_models,
         benign=benign,
+        against=against,
     )
     check_cases(matrix)
     return matrix
@@ -492,6 +503,42 @@ def _benign(path: Path, raw: dict, defenses: dict[str, dict]) -> tuple[str, ...]
             raise _fail(path, "benign", f"{pattern!r} names none of the matrix's defenses ({', '.join(defenses)})")
         chosen += [d for d in matched if d not in chosen]
     return tuple(chosen)
+
+
+def _split_defense_against(value: Any) -> tuple[Any, dict]:
+    """Take a defense entry's ``against:`` (the attacks it runs against) out of its parameters, e.g.
+    ``clp: {u: 3, against: [badnets, blended]}``."""
+    if not isinstance(value, dict):
+        return value, {}
+    entries, against = {}, {}
+    for pattern, params in value.items():
+        if isinstance(params, dict) and "against" in params:
+            params = dict(params)
+            against[pattern] = params.pop("against")
+        entries[pattern] = params
+    return entries, against
+
+
+def _against(path: Path, entries: dict, defenses: dict[str, dict], attacks: dict[str, dict]) -> dict:
+    """defense -> the matrix's attacks its entry's ``against`` names (wildcards allowed), in the matrix's order."""
+    out, problems = {}, []
+    for pattern, value in entries.items():
+        key = f"defenses.{pattern}.against"
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            problems.append(_fail(path, key, f"{value!r} is not allowed; expected a non-empty list of the matrix's "
+                                             f"attacks ({', '.join(attacks)})"))
+            continue
+        unknown = [v for v in value if not any(fnmatch.fnmatchcase(a, v) for a in attacks)]
+        problems += [_fail(path, key, f"{v!r} names none of the matrix's attacks{did_you_mean(v, attacks)}; allowed: "
+                                      f"{', '.join(attacks)}") for v in unknown]
+        for defense in (d for d in defenses if fnmatch.fnmatchcase(d, str(pattern))):
+            if defense == "none":
+                problems.append(_fail(path, key, "not allowed on 'none': the undefended model is every attack's "
+                                                 "baseline (each defense's change is measured against it)"))
+                continue
+            out[defense] = tuple(a for a in attacks if any(fnmatch.fnmatchcase(a, v) for v in value))
+    _raise_all(problems, partial=out)
+    return out
 
 
 def _split_user_models(value: Any) -> tuple[Any, dict[str, dict]]:

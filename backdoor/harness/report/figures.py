@@ -99,7 +99,7 @@ def _der_panel(ax, mine: dict, attacks: list[str], defenses: list[str]) -> None:
     ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
         if not np.isnan(value):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=9)
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=9)
     ax.set_xticks(range(len(defended)), [defense_title(d) for d in defended], rotation=35, ha="right")
     ax.set_yticks(range(len(attacks)), [attack_title(a) for a in attacks])
 

@@ -15,8 +15,8 @@ def test_leaderboard_layout_follows_the_paper():
     board = leaderboard_frame(read_records(FIXTURE.parent))
     groups = list(dict.fromkeys(a for a, _ in board.columns if a))
     assert groups == ["No defense", "FT", "ANP", "AC"], "No defense first, then paper order"
-    assert [b for a, b in board.columns if a == "FT"] == ["C-Acc", "ASR", "R-Acc", "n", "Time (s)"]
-    assert [b for a, b in board.columns if a == "No defense"] == ["C-Acc", "ASR", "R-Acc", "n"]  # nothing to time
+    assert [b for a, b in board.columns if a == "FT"] == ["C-Acc", "ASR", "R-Acc", "DER", "n", "Time (s)"]
+    assert [b for a, b in board.columns if a == "No defense"] == ["C-Acc", "ASR", "R-Acc", "n"]  # no DER, nothing to time
     rows = board[("", "Attack")].tolist()
     assert rows == ["clean (reference)", "BadNets", "BadNets", "Blended"]
     badnets = board[(board[("", "Attack")] == "BadNets") & (board[("", "Ratio")] == "0.1")].iloc[0]

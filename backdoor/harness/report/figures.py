@@ -3,6 +3,9 @@
 - Figure 2 (paper section 4.1): per dataset x model x poison ratio, C-Acc against ASR and R-Acc against ASR for
   every attack-defense pair (means over seeds; up to 90 points, so no error bars, as in the paper); attacks
   told apart by marker, defenses by colour; the ASR + R-Acc = 1 anti-diagonal drawn (R-Acc <= 1 - ASR always).
+  A third panel gives each pair's DER (defense effectiveness rate, mean over seeds, in percent) as a grid of
+  attacks by defenses, coloured from red (0: accuracy lost, backdoor kept) through yellow (50: no change) to
+  green (100: backdoor removed at no accuracy); a pair without a DER is left blank.
 - Figure 3 (section 4.2): per dataset x model, ASR against poison ratio, one panel per defense, one line per
   attack, with 95% t-interval error bars over seeds where there are several.
 - Figure 5 (section 4.4): per dataset x poison ratio, when the records hold several models: ASR per attack,
@@ -75,24 +78,51 @@ def _save(fig, folder: Path, stem: str) -> list[Path]:
     return paths
 
 
+def der_grid(cells: dict, attacks: list[str], defenses: list[str]) -> np.ndarray:
+    """DER in percent (mean over seeds) per attack (row) and defense (column); NaN where a pair has none."""
+    grid = np.full((len(attacks), len(defenses)), np.nan)
+    for (*_, attack, defense), cell in cells.items():
+        if attack in attacks and defense in defenses and cell.get("der") is not None:
+            grid[attacks.index(attack), defenses.index(defense)] = 100 * cell["der"].mean
+    return grid
+
+
+def _der_panel(ax, mine: dict, attacks: list[str], defenses: list[str]) -> None:
+    """Figure 2's DER panel: attacks by defenses (no defense left out: it has no DER), the value in each cell."""
+    defended = [d for d in defenses if d != "none"]
+    ax.set_title("DER (%): 50 = no change, 100 = backdoor removed")
+    if not defended:
+        ax.text(0.5, 0.5, "no defense in these records", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    grid = der_grid(mine, attacks, defended)
+    ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    for (i, j), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(defended)), [defense_title(d) for d in defended], rotation=35, ha="right")
+    ax.set_yticks(range(len(attacks)), [attack_title(a) for a in attacks])
+
+
 def figure2(cells: dict, dataset: str, model: str, ratio: float):
-    """C-Acc vs ASR and R-Acc vs ASR of every attack-defense pair of one dataset x model x ratio."""
+    """C-Acc vs ASR and R-Acc vs ASR of every attack-defense pair of one dataset x model x ratio, and each pair's
+    DER."""
     plt = _pyplot()
     mine = {k: v for k, v in cells.items() if k[:3] == (dataset, model, ratio)}
     attacks = _order([k[3] for k in mine], attack_order())
     defenses = _order([k[4] for k in mine], defense_order())
     colours = _defense_colours(defenses)
-    fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.4))
+    fig, axes = plt.subplots(1, 3, figsize=(18.5, 5.4), gridspec_kw={"width_ratios": [1, 1, 0.85]})
     for (_, _, _, attack, defense), cell in sorted(mine.items(), key=lambda kv: (attacks.index(kv[0][3]),
                                                                                 defenses.index(kv[0][4]))):
         marker = MARKERS[attacks.index(attack) % len(MARKERS)]
-        for ax, metric in zip(axes, ("c_acc", "r_acc")):
+        for ax, metric in zip(axes[:2], ("c_acc", "r_acc")):
             if cell[metric] is None:
                 continue
             ax.plot(100 * cell["asr"].mean, 100 * cell[metric].mean, marker, color=colours[defense], markersize=8,
                     markeredgecolor="black", markeredgewidth=0.5, alpha=0.9)
     axes[1].plot([0, 100], [100, 0], "--", color="grey", linewidth=1, label="ASR + R-Acc = 100%")
-    for ax, label in zip(axes, ("C-Acc (%)", "R-Acc (%)")):
+    for ax, label in zip(axes[:2], ("C-Acc (%)", "R-Acc (%)")):
         ax.set_xlabel("ASR (%)")
         ax.set_ylabel(label)
         ax.set_xlim(-3, 103)
@@ -100,6 +130,7 @@ def figure2(cells: dict, dataset: str, model: str, ratio: float):
         ax.grid(alpha=0.3)
     axes[0].set_title("C-Acc against ASR (defender wants top-left)")
     axes[1].set_title("R-Acc against ASR (on the dashed line: every sample recovered)")
+    _der_panel(axes[2], mine, attacks, defenses)
     attack_handles = [plt.Line2D([], [], linestyle="", marker=MARKERS[i % len(MARKERS)], color="white",
                                  markeredgecolor="black", markersize=8, label=attack_title(a))
                       for i, a in enumerate(attacks)]
@@ -203,7 +234,7 @@ def write_figures(folder: str | Path) -> tuple[list[Path], list[str]]:
     entries, skipped = [], []
     for dataset, model, ratio in sorted({k[:3] for k in cells}):
         stem = f"fig2_{dataset}_{model}_p{ratio:g}"
-        title = f"Figure 2: C-Acc / R-Acc against ASR, {dataset} / {model}, ratio {ratio:g}"
+        title = f"Figure 2: C-Acc / R-Acc against ASR and DER, {dataset} / {model}, ratio {ratio:g}"
         entries.append({"figure": 2, "stem": stem, "title": title,
                         "files": [p.name for p in _save(figure2(cells, dataset, model, ratio), out, stem)]})
     for dataset, model in sorted({k[:2] for k in cells}):

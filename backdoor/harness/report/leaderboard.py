@@ -1,6 +1,6 @@
 """The leaderboard, rendered from records alone: ``leaderboard.md`` and ``leaderboard.csv`` (C-Acc, ASR and R-Acc
-per dataset, model, attack, ratio and defense, mean over seeds with an interval), the target-class, detection,
-benign and details tables. Percentages exist only here; records hold floats in [0, 1].
+per dataset, model, attack, ratio and defense, and each defense's DER, mean over seeds with an interval), the
+target-class, detection, benign and details tables. Percentages exist only here; records hold floats in [0, 1].
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pandas as pd
 
 from backdoor.attacks import ATTACKS
 from backdoor.defenses import DEFENSES
+from backdoor.harness.expectations import attach_undefended, metric_values
 from backdoor.harness.records import METRICS, atomic_write, read_records
 from backdoor.harness.report.figure_index import figure_links
 from backdoor.stats import INTERVAL_KIND, Summary, summarize
@@ -20,6 +21,7 @@ from backdoor.targets import ALL_TO_ALL
 UNREGISTERED_ATTACK_TITLES = {"clean": "clean (reference)", "images": "given triggered images",
                               "notrigger": "no trigger given"}
 METRIC_TITLES = dict(zip(METRICS, ("C-Acc", "ASR", "R-Acc")))
+DER_TITLE = "DER"
 ALL_TO_ALL_MARK = " (all-to-all)"
 
 
@@ -81,11 +83,41 @@ def _row_keys(df: pd.DataFrame) -> pd.DataFrame:
     return rows.sort_values(["dataset", "model", "poison_ratio", "_a"]).drop(columns="_a")
 
 
+def defense_effectiveness_rate(asr_drop: float, c_acc_drop: float) -> float:
+    """BackdoorBench's DER, in [0, 1]: (max(0, ASR drop) - max(0, C-Acc drop) + 1) / 2, each drop the backdoored
+    model's metric less the defended model's. 0.5: the defense changed neither; 1: it removed an ASR of 1 at no
+    clean accuracy. A rise in C-Acc earns nothing, a rise in ASR costs nothing (the clips). The clean-accuracy drop
+    is subtracted, as BackdoorBench's docstring and its ``defense_effectiveness_rate_simplied`` have it (its
+    ``defense_effectiveness_rate`` adds it, rewarding a defense that destroys clean accuracy)."""
+    return (max(0.0, asr_drop) - max(0.0, c_acc_drop) + 1) / 2
+
+
+def record_der(record: dict) -> float | None:
+    """One seed's DER: the defense's record against the same backdoored model before the defense (its
+    ``undefended``, the regression checks' ``d_asr`` and ``d_c_acc``). None for no defense, the clean reference
+    (nothing to remove), a record without a result, or one without ASR or its no-defense metrics."""
+    if record.get("defense") == "none" or record.get("attack") == "clean" or record.get("status") != "ok":
+        return None
+    changed = metric_values(record)
+    if changed.get("d_asr") is None or changed.get("d_c_acc") is None:
+        return None
+    return defense_effectiveness_rate(-changed["d_asr"], -changed["d_c_acc"])
+
+
+def with_undefended(records: list[dict]) -> list[dict]:
+    """Records with each attacked defense case's ``undefended`` metrics, taken from the no-defense case of the
+    same backdoored model where a record lacks them (``expectations.attach_undefended``: records written before
+    the runner stored them, or a defense that returned the model unchanged). Records without a case id (made by
+    hand) are left as they are."""
+    return attach_undefended(records) if all("case_id" in r for r in records) else records
+
+
 def cell_summaries(records: list[dict]) -> dict[tuple, dict]:
     """Per (dataset, model, poison ratio, attack, defense): ``status`` ("ok", or "n/a" when the defense does not
-    apply to any seed), ``n`` (seeds with status ok) and a ``Summary`` per metric over those seeds."""
+    apply to any seed), ``n`` (seeds with status ok), a ``Summary`` per metric over those seeds, and ``der``: the
+    Summary of the per-seed DERs (``record_der``; None for no defense and the clean reference)."""
     cells: dict[tuple, list[dict]] = {}
-    for r in records:
+    for r in with_undefended(records):
         cells.setdefault((r["dataset"], r["model"], r["poison_ratio"], r["attack"], r["defense"]), []).append(r)
     out = {}
     for key, rs in cells.items():
@@ -93,6 +125,7 @@ def cell_summaries(records: list[dict]) -> dict[tuple, dict]:
         out[key] = {"status": "ok" if ok else "n/a", "n": len(ok),
                     "collapsed": sorted({r["collapsed_to"] for r in ok if r.get("collapsed_to") is not None}),
                     **{m: summarize(r.get(m) for r in ok) for m in (*METRIC_TITLES, *TARGET_FIGURES)},
+                    "der": summarize(record_der(r) for r in ok),
                     "seconds": summarize((defense_seconds(r) for r in ok), bounds=None)}
     return out
 
@@ -151,7 +184,8 @@ def retrained_on_fixed_poison(records: list[dict]) -> set[tuple[str, str]]:
 
 def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFrame:
     """The paper's full-result layout: one row per (dataset, model, poison ratio, attack), one column group
-    per defense (No defense first) with C-Acc, ASR, R-Acc in percent and n (seeds).
+    per defense (No defense first) with C-Acc, ASR, R-Acc in percent and n (seeds); a defense's group adds its
+    DER (percent; ``-`` on the clean reference row) and its compute time.
 
     Cells give the mean over seeds and, with n >= 2, the half-width of its 95% Student-t interval
     ("99.07 ± 0.52"); "n/a" where the defense does not apply. With ``numeric`` the frame holds numbers
@@ -175,7 +209,7 @@ def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFram
             cell = summaries.get((row.dataset, row.model, row.poison_ratio, row.attack, defense))
             title = defense_title(defense)
             flag = degenerate(cell, undefended) if defense != "none" else collapsed_reason(cell)
-            for (sub, value) in _cell_columns(cell, numeric, timed=defense != "none"):
+            for (sub, value) in _cell_columns(cell, numeric, defended=defense != "none"):
                 if flag and not numeric and sub == "ASR":
                     value += " †"
                 if (row.attack, defense) in fixed_poison and not numeric and sub == "ASR" and value:
@@ -192,9 +226,11 @@ def _seconds_text(summary: Summary | None) -> str:
     return f"{summary.mean:.1f}" if summary.mean < 100 else f"{summary.mean:.0f}"
 
 
-def _cell_columns(cell: dict | None, numeric: bool, timed: bool = False) -> list[tuple[str, object]]:
+def _cell_columns(cell: dict | None, numeric: bool, defended: bool = False) -> list[tuple[str, object]]:
+    """A cell's columns: the metrics, with ``defended`` DER after them, n, and with ``defended`` the time."""
     out = []
-    for metric, title in METRIC_TITLES.items():
+    metrics = {**METRIC_TITLES, **({"der": DER_TITLE} if defended else {})}
+    for metric, title in metrics.items():
         summary = cell.get(metric) if cell else None
         if not numeric:
             value = "" if cell is None else "n/a" if cell["status"] == "n/a" else _cell_text(summary)
@@ -205,7 +241,7 @@ def _cell_columns(cell: dict | None, numeric: bool, timed: bool = False) -> list
                 (f"{title} CI low", pct(summary.low) if summary else None),
                 (f"{title} CI high", pct(summary.high) if summary else None)]
     out.append(("n", "" if cell is None else cell["n"]))
-    if timed:  # the defense's compute time beside its metrics (mean over seeds)
+    if defended:  # the defense's compute time beside its metrics (mean over seeds)
         seconds = cell.get("seconds") if cell else None
         if numeric:
             out.append((TIME_TITLE, None if seconds is None else round(seconds.mean, 3)))
@@ -342,9 +378,11 @@ def _flat(board: pd.DataFrame) -> pd.DataFrame:
 
 
 LEGEND = (f"C-Acc, ASR and R-Acc in percent: the mean over seeds ± the half-width of its {INTERVAL_KIND.split(' of ')[0]}"
-          " (no interval when n = 1); n is the number of seeds; Time (s): the defense's compute time (mean over "
-          "seeds; `-` where only a cache hit without its build time is recorded); `n/a`: the defense does not apply. "
-          "Records stay one per seed in records.jsonl.")
+          " (no interval when n = 1); n is the number of seeds; DER: the defense effectiveness rate in percent, "
+          "(max(0, ASR drop) - max(0, C-Acc drop) + 1) / 2 against the same seed's backdoored model before the "
+          "defense (50: nothing changed), over seeds the same way (`-` on the clean reference); Time (s): the "
+          "defense's compute time (mean over seeds; `-` where only a cache hit without its build time is recorded); "
+          "`n/a`: the defense does not apply. Records stay one per seed in records.jsonl.")
 
 
 def render_markdown(records: list[dict], title: str, folder: Path | None = None) -> str:

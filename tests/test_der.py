@@ -107,6 +107,8 @@ def test_csv_and_page_carry_der(tmp_path):
     page = render_html(tmp_path)
     assert "FT DER" in page and html.escape("84.50 ± 57.18") in page
     assert html.escape("DER: the defense effectiveness rate") in page
+    top = page[:page.index("</table>")]  # the page's own leaderboard table, before the markdown's
+    assert ">DER</th>" in top and "84.50 <small>± 57.18</small>" in top
     assert render_markdown(two_seeds(False), tmp_path.name, tmp_path) == markdown
 
 

@@ -58,7 +58,8 @@ def test_plot_writes_every_figure_and_the_page(results, capsys):
     page = (results / "leaderboard.html").read_text()
     assert page.count("data:image/png;base64,") == len(stems)
     assert "<script" not in page and "http" not in page.replace("http-equiv", "")  # self-contained
-    assert re.search(r'<th colspan="4" class="group">FT</th>', page)  # grouped defense header: 3 metrics + n
+    assert re.search(r'<th colspan="5" class="group">FT</th>', page)  # grouped defense header: 3 metrics, DER, n
+    assert re.search(r'<th colspan="4" class="group">No defense</th>', page)  # no DER without a defense
     assert "<small>± " in page  # two seeds: intervals in the cells
     assert "rgb(255," in page  # ASR shading
     assert "n/a" in page  # ANP without batch norm

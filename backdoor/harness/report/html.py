@@ -18,8 +18,8 @@ from pathlib import Path
 
 from backdoor.harness.records import read_records
 from backdoor.harness.report.figure_index import FIGURES, figure_entries
-from backdoor.harness.report.leaderboard import (METRIC_TITLES, attack_order, attack_titles, cell_summaries,
-                                                 defense_order, defense_title, render_markdown)
+from backdoor.harness.report.leaderboard import (DER_TITLE, METRIC_TITLES, attack_order, attack_titles,
+                                                 cell_summaries, defense_order, defense_title, render_markdown)
 from backdoor.stats import INTERVAL_KIND
 
 CSS = """
@@ -79,14 +79,15 @@ def table_html(records: list[dict]) -> str:
     titles = attack_titles(records)
     rank = {d: i for i, d in enumerate(defense_order())}
     defenses = sorted({r["defense"] for r in records}, key=lambda d: (rank.get(d, len(rank)), d))
-    metrics = list(METRIC_TITLES)
+    columns = {**METRIC_TITLES, "der": DER_TITLE}
+    metrics_of = {d: [m for m in columns if m != "der" or d != "none"] for d in defenses}  # DER: defenses only
     head1 = ['<th rowspan="2" class="sticky">Attack</th>', '<th rowspan="2">Dataset</th>', '<th rowspan="2">Model</th>',
              '<th rowspan="2">Ratio</th>']
-    head1 += [f'<th colspan="{len(metrics) + 1}" class="group">{html.escape(defense_title(d))}</th>'
+    head1 += [f'<th colspan="{len(metrics_of[d]) + 1}" class="group">{html.escape(defense_title(d))}</th>'
               for d in defenses]
     head2 = []
-    for _ in defenses:
-        head2 += [f'<th class="{"first" if i == 0 else ""}">{METRIC_TITLES[m]}</th>' for i, m in enumerate(metrics)]
+    for d in defenses:
+        head2 += [f'<th class="{"first" if i == 0 else ""}">{columns[m]}</th>' for i, m in enumerate(metrics_of[d])]
         head2.append('<th title="seeds">n</th>')
     body = []
     for dataset, model, ratio, attack in _rows(records):
@@ -94,7 +95,7 @@ def table_html(records: list[dict]) -> str:
                f'<td class="key">{html.escape(dataset)}</td>', f'<td class="key">{html.escape(model)}</td>',
                f'<td>{"-" if attack == "clean" else f"{ratio:g}"}</td>']
         for d in defenses:
-            cell = cells.get((dataset, model, ratio, attack, d))
+            cell, metrics = cells.get((dataset, model, ratio, attack, d)), metrics_of[d]
             if cell is None:
                 tds += ['<td class="first na">·</td>'] + ['<td class="na">·</td>'] * len(metrics)
             elif cell["status"] == "n/a":

@@ -131,8 +131,8 @@ def test_the_second_gradient_is_taken_at_w_plus_e_and_the_step_starts_from_w(ada
     gw2, gb2 = hand_grad(second[0].double(), second[1].double(), x.double().flatten(1), clean.y, 0.1)
     torch.testing.assert_close(layer.weight.detach().double(), w0.double() - gw2, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(layer.bias.detach().double(), b0.double() - gb2, atol=1e-6, rtol=1e-5)
-    assert math.isclose(float(loss.detach()), float(hand_loss(w0.double(), b0.double(), x.double().flatten(1), clean.y, 0.1)),
-                        rel_tol=1e-5), "the step returns the loss at w"
+    at_w = hand_loss(w0.double(), b0.double(), x.double().flatten(1), clean.y, 0.1)
+    assert math.isclose(float(loss.detach()), float(at_w), rel_tol=1e-5), "the step returns the loss at w"
 
 
 def test_label_smoothing_keeps_1_minus_eps_on_the_label_and_spreads_eps_over_the_others():

@@ -7,7 +7,8 @@ seeded by ``seed``.
 
 ``TrainHooks`` lets a training-controllable attack (WaNet, Input-aware) change every batch and add loss
 terms without a second loop; ``loss_fn`` lets a defense replace the objective (ABL's flooding, NAD's
-attention transfer).
+attention transfer); ``step`` replaces the optimiser step for methods that need more than one gradient per
+batch (FT-SAM's sharpness-aware step).
 """
 from __future__ import annotations
 
@@ -86,6 +87,18 @@ class TrainHooks:
 
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# step(model, optimizer, closure) -> the batch's loss; closure() runs the forward pass (under autocast) and
+# returns the loss, without backward: the step computes the gradients it needs and steps the optimizer.
+StepFn = Callable[[nn.Module, torch.optim.Optimizer, Callable[[], torch.Tensor]], torch.Tensor]
+
+
+def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The plain step: one gradient of the batch's loss, one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = closure()
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -114,10 +127,11 @@ def _autocast(device: torch.device, enabled: bool):
 
 def fit(model: nn.Module, data: Split, config: TrainConfig, *, device: torch.device, seed: int,
         hooks: TrainHooks | None = None, loss_fn: LossFn = cross_entropy_loss, params=None,
-        desc: str = "train") -> dict:
+        step: StepFn = sgd_step, desc: str = "train") -> dict:
     """Train ``model`` in place on ``data`` and return per-epoch statistics.
 
-    ``params`` restricts the optimised parameters (default: all of ``model``'s).
+    ``params`` restricts the optimised parameters (default: all of ``model``'s); ``step`` replaces the
+    optimizer step (default ``sgd_step``).
     """
     if len(data) == 0:
         raise ValueError("cannot train on an empty split")
@@ -144,14 +158,14 @@ def fit(model: nn.Module, data: Split, config: TrainConfig, *, device: torch.dev
             x = x_all[idx].float().div_(255)
             x, y = hooks.transform_batch(x, y_all[idx])
             x = hooks.augment(x, default_aug)
-            with _autocast(device, config.amp):
-                loss = loss_fn(model, x, y)
-                extra = hooks.extra_loss(model)
-                if extra is not None:
-                    loss = loss + extra
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+
+            def closure(x=x, y=y) -> torch.Tensor:
+                with _autocast(device, config.amp):
+                    loss = loss_fn(model, x, y)
+                    extra = hooks.extra_loss(model)
+                    return loss if extra is None else loss + extra
+
+            loss = step(model, optimizer, closure)
             hooks.after_step()
             total_loss += loss.detach() * len(idx)
             seen += len(idx)

@@ -28,6 +28,8 @@ Departures, and why:
   and running statistics; the reference pairs every batch norm with the last conv and fails (an index error) or
   reads the wrong channels where they differ (DenseNet's pre-activation norms and transitions), and cannot prune
   a batch norm without weights. Such batch norms are skipped; the rest of the model is pruned as the reference.
+  Every batch norm of cnn_small, preact_resnet18, mobilenet_v3_large and efficientnet_b3 is paired; of
+  densenet161's 161, 83 are (the first norm of each dense layer, each transition's and the final one are not).
 - BackdoorBench also sweeps u over 21 values in [0, 10] and reports test accuracy and ASR for each; that reads
   the test set, which a defense may not, and does not change the returned model (pruned with u = 3). Not done.
 - The spectral norms are computed for all channels of a layer at once (``torch.linalg.matrix_norm``) on the
@@ -128,6 +130,10 @@ class ChannelLipschitzPruning(Defense):
         Mutant("zeroes-nothing", "the pruned channels are found but their batch norm is left as it was",
                "\n        bn.weight[channels] = 0.0\n        bn.bias[channels] = 0.0",
                "\n        pass"),
+        Mutant("reads-data", "passes the clean subset through the model in train mode first: the batch norms' "
+               "running statistics, hence the UCLCs, then depend on data",
+               "\n        model = inputs.model",
+               "\n        model = inputs.model\n        model.train()(inputs.clean.x.float().div(255))"),
     )
 
     def __init__(self, u: float = 3.0):

@@ -23,6 +23,13 @@ matrix's defender subset, whatever its size):
 A model without batch norm (VGG-19) raises ``NotApplicable``, as ANP does: the masks live on batch-norm
 channels (both reference codes swap in a masked batch-norm layer).
 
+Observed on a small subset (not a departure): on digits/cnn_small BadNets (ratio 0.1, 10 epochs) with the 5%
+defender subset, 72 images, one mini-batch per epoch, unlearning reached 0.18 after 8 epochs and the
+defaults pruned 30 of 112 channels: ASR 0.99 -> 0.21 but clean accuracy 0.98 -> 0.19. With smaller batches
+(more steps per epoch) one epoch took the unlearned copy from 0.58 to 0.12 (chance) and recovering could not
+bring it back, leaving most masks at 0. The paper's defense data is 500 images; the reference's unlearning
+falls gradually (0.45, 0.29, 0.24, 0.20 over its last epochs on CIFAR-10).
+
 Departures, and why:
 - Pruning threshold 0.2, pruning by threshold only. BackdoorBench's code returns the model with every mask
   <= 0.70 pruned (``pruning_number`` 0.70 with ``pruning_by: threshold``) and also sweeps thresholds (or

@@ -25,7 +25,7 @@ The model stays in eval mode throughout (batch norm uses its running statistics,
 reference codes. Only the model's parameters are trained; nothing else changes.
 
 Defaults: ``rounds`` 5, ``fixed_point_steps`` (K) 5 and Adam (``lr`` 1e-4, batch 256) are BackdoorBench's
-config (``n_rounds``, ``K``, ``lr``, ``batch_size``; the paper's K and rounds too); ``inner_lr`` 10, ``reg``
+config (``n_rounds``, ``K``, ``lr``, ``batch_size``; the authors' code also has 5 and 5); ``inner_lr`` 10, ``reg``
 0.001, ``fixed_point_lr`` 0.1 and ``perturbed_fraction`` 0.01 are the constants of both reference codes (the
 authors' repository YiZeng623/I-BAU and BackdoorBench's ``defense/i-bau.py``); ``norm_bound`` 10 is the
 radius of the authors' notebook.
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backdoor._checks import check_int, check_number
-from backdoor._registry import NONE, Param
+from backdoor._registry import NOT_STATED, Param
 from backdoor.defenses import register_defense
 from backdoor.defenses.base import Defense, DefenseInputs, DefenseOutcome, Stage
 from backdoor.mutants import Mutant
@@ -156,18 +156,19 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
     kind = "model_repair"
     title = "I-BAU"
     order = 56
-    parameters = {
-        "rounds": Param("5", "5", "both (`n_rounds`)"),
-        "fixed_point_steps": Param("5", "5", "K, fixed-point iterations of the hypergradient: both"),
-        "lr": Param(NONE, "1e-4 (Adam)", "BackdoorBench's config; the authors' code uses Adam 1e-3"),
-        "batch_size": Param(NONE, "256", "BackdoorBench's config; the authors' code uses 100"),
-        "inner_lr": Param(NONE, "10", "SGD step on the perturbation, one per batch: both reference codes"),
-        "reg": Param(NONE, "0.001", "weight of ||delta||^2 in the inner objective: both reference codes"),
-        "fixed_point_lr": Param(NONE, "0.1", "step of the inner fixed-point map: both reference codes"),
-        "norm_bound": Param("C (L2)", "10, commented out (unbounded)",
-                            "the authors' notebook's radius, applied: the paper's minimax is bounded"),
-        "perturbed_fraction": Param(NONE, "0.01", "share of each batch carrying delta in the outer loss: both "
-                                    "reference codes (at least one sample here)"),
+    parameters = {  # the paper's column: its text was not available to check (see the docstring)
+        "rounds": Param(NOT_STATED, "5", "BackdoorBench's config (`n_rounds`); the authors' code: 5"),
+        "fixed_point_steps": Param(NOT_STATED, "5", "K, fixed-point iterations of the hypergradient: "
+                                   "BackdoorBench's config; the authors' code: 5"),
+        "lr": Param(NOT_STATED, "1e-4 (Adam)", "BackdoorBench's config; the authors' code uses Adam 1e-3"),
+        "batch_size": Param(NOT_STATED, "256", "BackdoorBench's config; the authors' code uses 100"),
+        "inner_lr": Param(NOT_STATED, "10", "SGD step on the perturbation, one per batch: both reference codes"),
+        "reg": Param(NOT_STATED, "0.001", "weight of ||delta||^2 in the inner objective: both reference codes"),
+        "fixed_point_lr": Param(NOT_STATED, "0.1", "step of the inner fixed-point map: both reference codes"),
+        "norm_bound": Param(NOT_STATED, "10, commented out (unbounded)",
+                            "the authors' notebook's L2 radius, applied: the paper's minimax is norm-bounded"),
+        "perturbed_fraction": Param(NOT_STATED, "0.01", "share of each batch carrying delta in the outer loss: "
+                                    "both reference codes (at least one sample here)"),
     }
     budgets = (
         Stage("perturbation search (one gradient step per batch)", "own parameters",

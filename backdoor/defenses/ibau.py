@@ -190,6 +190,10 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
                "\n    return project(delta.detach(), norm_bound)", "\n    return delta.detach()"),
         Mutant("model-not-updated", "the optimiser never steps: the model is returned unchanged",
                "\n                optimizer.step()", "\n                pass"),
+        Mutant("run-without-implicit-term", "the defense asks for K = 0 fixed-point steps: its model steps follow "
+               "the plain gradient",
+               "\n                grads, loss = fixed_point_hypergradient(delta, params, self.fixed_point_steps,",
+               "\n                grads, loss = fixed_point_hypergradient(delta, params, 0,"),
         Mutant("clean-outer", "the outer loss sees clean data only (delta is not added)",
                "\n    return F.cross_entropy(model((x + mask * delta).clamp(0, 1)), y)",
                "\n    return F.cross_entropy(model((x + 0 * mask * delta).clamp(0, 1)), y)"),
@@ -243,7 +247,8 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
                 def outer_loss(d: torch.Tensor, x=x, y=y, mask=mask) -> torch.Tensor:
                     return outer_objective(model, x, y, mask, d)
 
-                grads, loss = fixed_point_hypergradient(delta, params, self.fixed_point_steps, fp_map, outer_loss)
+                grads, loss = fixed_point_hypergradient(delta, params, self.fixed_point_steps,
+                                                        fp_map, outer_loss)
                 for p, grad in zip(params, grads):
                     p.grad = grad
                 optimizer.step()

@@ -45,7 +45,11 @@ Departures, and why:
 - The learning-rate scheduler BackdoorBench builds (cosine) is never stepped in its loop: the rate is
   constant, as here.
 - The authors' ``defense.py`` uses Adam lr 1e-3 and batch 100 on 5000 test images; we use BackdoorBench's
-  lr 1e-4, batch 256 and the defender's clean subset of the training set (no test data).
+  lr 1e-4, batch 256 and the defender's clean subset of the training set (no test data). The authors'
+  notebook searches ``delta`` on the triggered test images (its ``poiloader``); like ``defense.py`` and
+  BackdoorBench we search it on the clean data only.
+- Which samples carry ``delta``, the batch partition and the shuffles are drawn from ``inputs.seed`` (the
+  references use Python's ``random`` and the loader's global shuffle).
 """
 from __future__ import annotations
 

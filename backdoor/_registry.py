@@ -125,9 +125,10 @@ class Method:
     """What attacks and defenses share: a one-line summary (first docstring line) and their parameters,
     read from the keyword parameters of every ``__init__`` in the class hierarchy.
 
-    Each method's file declares its metadata on the class: ``title`` (its name in tables), ``order`` (its
-    place in tables and figures) and ``parameters`` (a ``Param`` for every keyword parameter of its
-    ``__init__``); ``backdoor params`` reports what is missing.
+    Each method's file declares its metadata on the class: ``title`` (its name in tables), ``description``
+    (what it does, with its paper defaults, for the methods table of docs/methods.md), ``order`` (its place in
+    tables and figures) and ``parameters`` (a ``Param`` for every keyword parameter of its ``__init__``);
+    ``backdoor params`` reports what is missing.
 
     Every ``__init__`` a subclass defines is wrapped to check its arguments against their simple annotations
     first (``int``, ``float``, ``str``, ``bool``, None; bools are not numbers), raising ``ParameterError``;
@@ -135,6 +136,7 @@ class Method:
     """
 
     title: ClassVar[str | None] = None
+    description: ClassVar[str | None] = None
     order: ClassVar[int | None] = None
     parameters: ClassVar[dict[str, Param]] = {}
 

@@ -83,6 +83,8 @@ def test_the_parameter_table_names_their_rows_and_its_tests_pass_once_regenerate
     assert wrote.returncode == 0, wrote.stderr
     table = (checkout / TABLE_FILE).read_text()
     assert "| `checkerboard.size` | — | — | `4` | side of the board in pixels |" in table
+    assert "| `checkerboard` | dirty label | 4x4 black-and-white checkerboard overwriting the bottom-right corner |" in table
+    assert table.index("| `badnets` | dirty label") < table.index("| `checkerboard` |") < table.index("| `blended` |")
     assert "| `shrink` | fine-tune on the clean subset | `defense_training` | — |" in table
     tests = run("-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "tests/test_parameters.py",
                 "tests/test_mutants.py", "-k", "parameter or declar or table or checkerboard or shrink",

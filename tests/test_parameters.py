@@ -44,8 +44,10 @@ def test_every_parameter_has_a_row_and_every_row_a_parameter(family, name, cls):
 
 
 @pytest.mark.parametrize("family, name, cls", METHODS, ids=IDS)
-def test_every_method_declares_its_title_and_order(family, name, cls):
+def test_every_method_declares_its_title_description_and_order(family, name, cls):
     assert isinstance(cls.title, str) and cls.title, f"{name}: declare `title` on {cls.__name__}"
+    assert isinstance(cls.description, str) and cls.description, (
+        f"{name}: declare `description` (what it does, with its paper defaults) on {cls.__name__}")
     assert isinstance(cls.order, int), f"{name}: declare `order` (an int, its place in tables) on {cls.__name__}"
 
 
@@ -102,7 +104,10 @@ def test_rendered_tables_are_well_formed():
         widths = {len(re.findall(r"(?<!\\)\|", line)) for line in lines}
         assert len(widths) <= 1, f"a table row has a stray '|': {block[:200]}"
     body = [line for line in table.splitlines() if line.startswith("| `")]
-    assert len(body) == len(rows) + sum(len(cls.budgets) for family, _, cls in METHODS if family == "defense")
+    assert len(body) == len(METHODS) + len(rows) + sum(len(cls.budgets) for family, _, cls in METHODS
+                                                       if family == "defense")
+    for _, name, cls in METHODS:  # the methods table: one row per method, its description as declared
+        assert f"| `{name}` | {cls.kind.replace('_', ' ')} | {cls.description.replace('|', chr(92) + '|')} |" in table
 
 
 def test_readme_block_is_the_generated_table():

@@ -25,6 +25,7 @@ class BadNets(Attack):
 
     kind = "dirty_label"
     title = "BadNets"
+    description = "3x3 white square, bottom-right corner (scaled with image size)"
     order = 10
     parameters = {
         "size": Param("3x3, no margin (enlarged on Tiny ImageNet)", NOT_STATED,

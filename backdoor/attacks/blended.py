@@ -61,6 +61,7 @@ class Blended(Attack):
 
     kind = "dirty_label"
     title = "Blended"
+    description = "x' = 0.8 x + 0.2 t, t a fixed seeded noise image or any image file (`pattern`)"
     order = 20
     parameters = {
         "alpha": Param("0.2", NOT_STATED, "Table 1; the blend is rounded to the nearest grey level (the reference "

@@ -166,6 +166,7 @@ class InputAware(Attack):
 
     kind = "training_controllable"
     title = "Input-aware"
+    description = "generator + mask network (mask density 0.032), cross samples, trained through the trainer's hooks"
     order = 70
     parameters = {
         "channels": Param(NONE, "32-64-128 (MNIST: 16-32)", "as the reference; `[16, 32]` for its MNIST variant"),

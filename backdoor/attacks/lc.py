@@ -101,6 +101,8 @@ class LabelConsistent(Attack):
 
     kind = "clean_label"
     title = "LC"
+    description = ("untargeted L-inf PGD (eps 8/255, step 1.5/255, 100 steps) on target-class images against a clean (or"
+                   " `reference: adversarial`) model, plus a 3x3 checkerboard in each corner; test: trigger only")
     order = 30
     parameters = {
         "eps": Param("8 (/255)", NOT_STATED, "Table 1; 16/255 is the other budget used in the literature"),

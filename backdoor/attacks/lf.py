@@ -145,6 +145,9 @@ class LowFrequency(Attack):
 
     kind = "dirty_label"
     title = "LF"
+    description = ("targeted DeepFool universal perturbation (100 samples, <= 50 passes, overshoot 0.02, stop at fooling"
+                   " rate 0.2), Gaussian low-pass (sigma 6 px, BackdoorBench's filter) after every update, max |delta| ="
+                   " 0.2")
     order = 50
     parameters = {
         "samples": Param("100", NOT_STATED, "Table 1 (N_sample)"),

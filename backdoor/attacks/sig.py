@@ -51,6 +51,7 @@ class SIG(Attack):
 
     kind = "clean_label"
     title = "SIG"
+    description = "x + delta sin(2 pi j f / W), delta 40, f 6 (optional separate `test_delta`)"
     order = 40
     parameters = {
         "delta": Param("40", NOT_STATED, "Table 1; rounded to the nearest grey level (the reference truncates)"),

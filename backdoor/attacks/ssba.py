@@ -135,6 +135,7 @@ class SSBA(Attack):
 
     kind = "dirty_label"
     title = "SSBA"
+    description = "sample-specific residual from a StegaStamp-style encoder/decoder we train (1-bit code)"
     order = 60
     parameters = {
         "code_length": Param("1 (encoded bit)", "— (ships precomputed poisoned data)", "Table 1"),

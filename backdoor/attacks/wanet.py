@@ -90,6 +90,7 @@ class WaNet(Attack):
 
     kind = "training_controllable"
     title = "WaNet"
+    description = "fixed warping field (k 4, s 0.5), noise-warped cross samples (x2) keep their labels"
     order = 80
     parameters = {
         "k": Param(NONE, NOT_STATED, "WaNet paper (Nguyen & Tran)"),

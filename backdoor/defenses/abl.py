@@ -98,6 +98,8 @@ class AntiBackdoorLearning(Defense):
 
     kind = "data_side"
     title = "ABL"
+    description = ("20 epochs under a flooding loss (gamma 0.5), isolate the lowest-loss 1%, fine-tune 60 epochs, "
+                   "unlearn the isolated 20 epochs (lr 1e-4, what both reference codes run; Table 2: 5e-4)")
     order = 80
     parameters = {
         "isolation_epochs": Param("20", NOT_STATED, "Table 2 (E_tu)"),

@@ -227,6 +227,9 @@ class ActivationClustering(Defense):
 
     kind = "data_side"
     title = "AC"
+    description = ("per-label ICA to 10 dims + 2-means on penultimate activations; a cluster is poisoned when a model "
+                   "trained without it sends most of it to other classes (exclusionary reclassification; `rule: "
+                   "relative_size`: the smaller cluster below 35% of its label); retrain from scratch on the rest")
     order = 60
     parameters = {
         "rule": Param(NONE, "`smaller`: the smaller cluster of every label is flagged", "Chen et al.'s exclusionary "

@@ -176,6 +176,8 @@ class AdversarialNeuronPruning(Defense):
 
     kind = "model_repair"
     title = "ANP"
+    description = ("batch-norm channel masks under adversarial multiplicative noise (eps 0.4, alpha 0.2, 2000 "
+                   "iterations), prune masks < 0.2; `n/a` without batch norm")
     order = 50
     parameters = {
         "iterations": Param("2000", NOT_STATED, "Table 2 (e_i)"),

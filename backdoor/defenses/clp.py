@@ -99,6 +99,8 @@ class ChannelLipschitzPruning(Defense):
 
     kind = "model_repair"
     title = "CLP"
+    description = ("data-free: per conv + batch-norm layer, the upper bound of each channel's Lipschitz constant (kernel"
+                   " spectral norm x BN scale); zero the channels above mean + u std (u 3); `n/a` without batch norm")
     order = 53
     parameters = {
         "u": Param("3", "3", "the paper's default (also the authors' code); BackdoorBench's sweep over [0, 10] "

@@ -266,6 +266,8 @@ class DecouplingBackdoorDefense(Defense):
 
     kind = "data_side"
     title = "DBD"
+    description = ("SimCLR backbone (100 epochs, temperature 0.5), SCE head warm-up 10 epochs, low-loss 50% keep labels,"
+                   " MixMatch fine-tuning")
     order = 90
     parameters = {
         "simclr_epochs": Param("100", "100", "Table 2 (E_se)"),

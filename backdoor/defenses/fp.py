@@ -239,6 +239,8 @@ class FinePruning(Defense):
 
     kind = "model_repair"
     title = "FP"
+    description = ("prune the last conv block's least active channels 1% at a time until validation accuracy drops 10% "
+                   "(relative), keep a copy of the last model under the limit, fine-tune")
     order = 20
     parameters = {
         "step_fraction": Param(NONE, "1% of the channels per step", "as the reference"),

@@ -19,6 +19,7 @@ class FineTuning(Defense):
 
     kind = "model_repair"
     title = "FT"
+    description = "fine-tune on the defender's 5% clean subset"
     order = 10
     parameters = {
         "epochs": Param("100", NOT_STATED, f"None: {BY_DEFENSE_TRAINING}"),

@@ -134,6 +134,8 @@ class FTSAM(Defense):
 
     kind = "model_repair"
     title = "FT-SAM"
+    description = ("fine-tune with adaptive sharpness-aware minimization: each step's gradient taken at w + rho T^2 g / "
+                   "||T g|| (T = |w|, rho 2.0), label smoothing 0.1")
     order = 15
     parameters = {
         "rho": Param(NONE, "2.0 (rho_max = rho_min; GTSRB, Tiny ImageNet: 8.0)", "the reference's CIFAR-10 "

@@ -159,6 +159,8 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
 
     kind = "model_repair"
     title = "I-BAU"
+    description = ("minimax unlearning: per round a universal L2-bounded perturbation maximising the loss, then Adam "
+                   "steps on the implicit hypergradient (K 5 fixed-point steps; 5 rounds, lr 1e-4, batch 256)")
     order = 56
     parameters = {  # the paper's column: its text was not available to check (see the docstring)
         "rounds": Param(NOT_STATED, "5", "BackdoorBench's config (`n_rounds`); the authors' code: 5"),

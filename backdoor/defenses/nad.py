@@ -67,6 +67,8 @@ class NeuralAttentionDistillation(Defense):
 
     kind = "model_repair"
     title = "NAD"
+    description = ("teacher = model fine-tuned 10 epochs; attention distillation on three spatial maps (betas "
+                   "500/1000/1000, p 2)")
     order = 30
     parameters = {
         "betas": Param("500, 1000, 1000", "third map is 1x1 (its term is always 0)", "Table 2, on three maps with "

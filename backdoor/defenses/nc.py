@@ -208,6 +208,8 @@ class NeuralCleanse(Defense):
 
     kind = "model_repair"
     title = "NC"
+    description = ("per-class mask/pattern reversal (adaptive cost, <= 80 epochs), MAD anomaly index > 2 flags; unlearn "
+                   "flagged triggers, else unchanged (\"not detected\")")
     order = 40
     parameters = {
         "epochs": Param("80", NOT_STATED, "Table 2 (E_r)"),

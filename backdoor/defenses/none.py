@@ -12,6 +12,7 @@ class NoDefense(Defense):
 
     kind = "none"
     title = "No defense"
+    description = "the backdoored model as it is"
     order = 0
     budgets = (
         Stage("(nothing trains)", NONE, NONE),

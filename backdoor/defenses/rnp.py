@@ -148,6 +148,9 @@ class ReconstructiveNeuronPruning(Defense):
 
     kind = "model_repair"
     title = "RNP"
+    description = ("unlearn a copy by gradient ascent on the clean subset (lr 0.01, <= 20 epochs) until its clean "
+                   "accuracy is <= 0.2, learn batch-norm channel masks on it (lr 0.2, 20 epochs, clipped to [0, 1]), "
+                   "prune the original's channels whose mask is < 0.2; `n/a` without batch norm")
     order = 55
     parameters = {
         "unlearning_epochs": Param(NOT_STATED, "20", "a maximum: unlearning stops earlier at the clean threshold"),

@@ -94,6 +94,8 @@ class SpectralSignatures(Defense):
 
     kind = "data_side"
     title = "Spectral"
+    description = ("per label, drop the 1.5 eps highest projections on the top singular vector (eps 0.1), retrain from "
+                   "scratch")
     order = 70
     parameters = {
         "eps": Param("85th percentile (15% removed)", "fixed 85th percentile of scores of the flattened last-block "

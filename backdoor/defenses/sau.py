@@ -47,6 +47,11 @@ as FT and FT-SAM (the paper's protocol, 100 epochs and batch 256, is that budget
 The learning rate is SAU's own (``lr``, 1e-4): the optimiser is Adam, and the budget's rate is an SGD rate (0.01)
 that Adam must not take; the budget's momentum, weight decay, schedule and augmentation are likewise not used.
 
+``info``: ``epochs``; the last epoch's mean (over its batches) clean loss CE(f(x), y), adversarial loss
+CE(f(x'), y) and shared loss L_sar, all at the step's start; ``potential_fraction``, the share of the clean
+subset in P, and ``shared_fraction``, the share whose x' is a shared adversarial example at the update (f and
+f_ref both misclassify it, to the same class, and f_ref's prediction moved), over the last epoch.
+
 Departures, and why:
 - ``x + delta`` is clipped to [0, 1] (``delta`` is projected on the bound, then on the valid pixel range): the
   reference leaves that clip commented out ("not necessary for backdoor defense"), so its shared examples can

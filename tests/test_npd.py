@@ -290,6 +290,12 @@ def test_a_state_dict_without_inserted_maps_loads_as_before():
     assert ChannelMap(3)(torch.ones(1, 3, 2, 2)).equal(torch.ones(1, 3, 2, 2))
 
 
+def test_parameters_are_reported_by_name():
+    assert create_defense("npd", lmd3=0.2).params() == {
+        "epochs": 50, "warm_epochs": 5, "lr": 0.01, "batch_size": 128, "pgd_steps": 2, "pgd_step": 0.1,
+        "trigger_norm": 3.0, "lmd1": 1.0, "lmd2": 0.4, "lmd3": 0.2, "lmd4": 0.4}
+
+
 @pytest.mark.parametrize("params", [{"epochs": 0}, {"warm_epochs": -1}, {"lr": 0}, {"batch_size": 0},
                                     {"pgd_steps": 0}, {"pgd_step": 0}, {"trigger_norm": -1.0}, {"lmd1": -0.1},
                                     {"lmd4": -1}, {"epochs": 2.5}])

@@ -240,7 +240,7 @@ class NeuralPolarizerDefense(Defense):
             check_number("npd", key, value, low=0)
         self.epochs, self.warm_epochs, self.lr, self.batch_size = epochs, warm_epochs, lr, batch_size
         self.pgd_steps, self.pgd_step, self.trigger_norm = pgd_steps, pgd_step, trigger_norm
-        self.weights = (lmd1, lmd2, lmd3, lmd4)
+        self.lmd1, self.lmd2, self.lmd3, self.lmd4 = lmd1, lmd2, lmd3, lmd4
 
     def run(self, inputs: DefenseInputs) -> DefenseOutcome:
         device = inputs.device
@@ -282,7 +282,7 @@ class NeuralPolarizerDefense(Defense):
                     delta = targeted_pgd(model, x, target, steps=self.pgd_steps, step=self.pgd_step,
                                          radius=self.trigger_norm)
                     loss, terms = npd_loss(model(x), model((x + delta).clamp(0, 1)), y, predicted, target,
-                                           self.weights)
+                                           (self.lmd1, self.lmd2, self.lmd3, self.lmd4))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

@@ -229,6 +229,39 @@ def test_the_clean_loss_alone_keeps_the_backdoor():
     assert accuracy_and_asr(model, test) == (1.0, 1.0)
 
 
+def test_one_training_step_is_sgd_on_the_objective_computed_independently():
+    """No warm-up, one epoch of one batch: the polarizer after the defense's step is the identity polarizer
+    moved by SGD (lr 0.5, weight decay 5e-4; momentum's first step is the gradient) along the gradient of the
+    objective built here: labels y, the model's clean predictions, the most likely other class as target, the
+    PGD perturbation towards it. The model's head favours class 1 so that some predictions are wrong."""
+    clean = colour_data(30, 2)
+    model = planted_model()
+    with torch.no_grad():
+        model.net[3].bias.copy_(torch.tensor([0.0, 4.0, 0.0]))
+    x, y = clean.x.float() / 255, clean.y
+    polarizer = Polarizer(4).eval()
+    handle = model.net[0].register_forward_hook(lambda _m, _i, out: polarizer(out))
+    with torch.no_grad():
+        logits = model(x)
+    assert 0 < int((logits.argmax(1) != y).sum()) < 30
+    masked = logits.clone()
+    masked[torch.arange(30), y] = float("-inf")
+    target = masked.argmax(1)
+    delta = targeted_pgd(model, x, target, steps=2, step=0.1, radius=3.0)
+    loss, _ = npd_loss(model(x), model((x + delta).clamp(0, 1)), y, logits.argmax(1), target, (1.0, 0.4, 0.4, 0.4))
+    grads = torch.autograd.grad(loss, list(polarizer.parameters()))
+    handle.remove()
+    with torch.no_grad():
+        for p, g in zip(polarizer.parameters(), grads):
+            p -= 0.5 * (g + 5e-4 * p)
+    expected = polarizer.folded()
+    create_defense("npd", epochs=1, warm_epochs=0, batch_size=30, lr=0.5).run(inputs_for(model, clean))
+    inserted = model.inserted["0"]
+    assert torch.allclose(inserted.weight, expected.weight, atol=1e-6)
+    assert torch.allclose(inserted.bias, expected.bias, atol=1e-6)
+    assert not torch.allclose(inserted.weight, torch.eye(4), atol=1e-3)
+
+
 # -- the harness: only the polarizer trains, the model reloads ----------------------------------------------------
 
 def small_cnn_case():

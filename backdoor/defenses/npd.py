@@ -222,6 +222,13 @@ class NeuralPolarizerDefense(Defense):
         Mutant("not-identity", "the polarizer starts from PyTorch's random 1x1 conv instead of the identity",
                "\n            self.conv.weight.copy_(torch.eye(channels)[:, :, None, None])",
                "\n            pass"),
+        Mutant("adversarial-ce-to-labels", "the adversarial CE goes to the true labels instead of the model's "
+               "clean predictions",
+               "\n                    predicted, target = logits.argmax(1), estimated_target(logits, y)",
+               "\n                    predicted, target = y, estimated_target(logits, y)"),
+        Mutant("target-may-be-the-label", "the target estimate is the model's top class, the true one included",
+               "\n                    predicted, target = logits.argmax(1), estimated_target(logits, y)",
+               "\n                    predicted, target = logits.argmax(1), logits.argmax(1)"),
         Mutant("no-projection", "the perturbation is not projected on the L2 ball",
                "\n            delta = project_l2(delta, radius)", "\n            pass"),
     )

@@ -40,8 +40,9 @@ torchvision models), on its output feature map [N, C, H, W]. A model whose ``las
 Defaults: BackdoorBench's config (config/defense/npd/config.yaml and cifar10.yaml, the same values):
 epochs 50, batch 128, lr 0.01 (SGD, momentum 0.9, wd 5e-4), warm_epochs 5, inner_steps 2, trigger_norm 3.0 (L2),
 lmd1..4 = 1, 0.4, 0.4, 0.4, the 'convbn' polarizer; the PGD step 0.1 (L2), the early stop at 60%, the loss clamp
-80 and the warm-up's lr 1e-4 are constants of defense/npd.py. BackdoorBench's defense/npd.py is the authors'
-implementation (its docstring says so). The paper's text was not available to check its own numbers.
+80 and the warm-up's lr 1e-4 are constants of defense/npd.py. The paper gives BackdoorBench as its code (and a
+MindSpore port), and defense/npd.py calls itself the official implementation; the paper's own text was not
+available to check its numbers, hence "not stated" in its column.
 
 Departures, and why:
 - Insertion point: the reference inserts the polarizer before ``layer4.1.conv1`` of PreAct-ResNet18 (inside the

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from backdoor._registry import Registry
@@ -31,8 +32,37 @@ class LayerRoles:
     head: str
 
 
+class ChannelMap(nn.Module):
+    """A per-pixel affine map of a feature map's channels: ``weight`` [C, C] @ x + ``bias`` [C] at every position
+    (a 1x1 convolution with bias); starts as the identity. What a defense inserts into a model (NPD's folded
+    polarizer): its shapes alone say how to rebuild it from a state dict."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+
+class _ApplyToOutput:
+    """A forward hook that replaces a layer's output by ``module(output)``; an object, not a closure, so that a
+    deep copy of the model hooks the copy's own module."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, _layer, _inputs, output):
+        return self.module(output)
+
+
 class Classifier(nn.Module):
-    """``net`` preceded by per-channel normalisation; ``roles`` names its layers by role."""
+    """``net`` preceded by per-channel normalisation; ``roles`` names its layers by role.
+
+    ``inserted`` holds ``ChannelMap``s that defenses placed after named layers of ``net`` (``insert_after``); it is
+    empty for every model as built, so the state dict then has the architecture's keys only. A state dict with
+    ``inserted.*`` keys rebuilds those maps on loading (``load_state_dict``)."""
 
     def __init__(self, net: nn.Module, mean, std, roles: LayerRoles, arch: str):
         super().__init__()
@@ -41,9 +71,30 @@ class Classifier(nn.Module):
         self.arch = arch
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.inserted = nn.ModuleDict()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
+
+    def insert_after(self, layer: str, module: ChannelMap) -> None:
+        """Apply ``module`` to the output of ``net``'s submodule ``layer`` in every forward pass from now on."""
+        key = layer.replace(".", INSERT_DOT)
+        if key in self.inserted or INSERT_DOT in layer:
+            raise ValueError(f"cannot insert after {layer!r}: already inserted there, or the name contains "
+                             f"{INSERT_DOT!r}")
+        self.net.get_submodule(layer).register_forward_hook(_ApplyToOutput(module))
+        self.inserted[key] = module
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        for key, value in state_dict.items():
+            parts = key.split(".")
+            if parts[0] == "inserted" and parts[-1] == "weight" and len(parts) == 3 and parts[1] not in self.inserted:
+                self.insert_after(parts[1].replace(INSERT_DOT, "."),
+                                  ChannelMap(value.shape[0]).to(self.mean.device))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+INSERT_DOT = "__"  # stands for "." in the keys of Classifier.inserted (a ModuleDict key cannot contain a dot)
 
 
 def create_model(name: str, num_classes: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed: int | None = None,

@@ -44,6 +44,16 @@ def test_every_parameter_has_a_row_and_every_row_a_parameter(family, name, cls):
 
 
 @pytest.mark.parametrize("family, name, cls", METHODS, ids=IDS)
+def test_every_method_records_each_parameter_under_its_name(family, name, cls):
+    """``params()`` (recorded, and part of every cache key) reads each constructor parameter back by its name:
+    a method that stores one under another attribute fails in the grid before it trains."""
+    recorded = cls().params()
+    for parameter, default in parameters.signature_defaults(cls).items():
+        expected = list(default) if isinstance(default, tuple) else default  # sequences are recorded as lists
+        assert parameter in recorded and recorded[parameter] == expected, (name, parameter)
+
+
+@pytest.mark.parametrize("family, name, cls", METHODS, ids=IDS)
 def test_every_method_declares_its_title_description_and_order(family, name, cls):
     assert isinstance(cls.title, str) and cls.title, f"{name}: declare `title` on {cls.__name__}"
     assert isinstance(cls.description, str) and cls.description, (

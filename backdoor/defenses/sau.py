@@ -242,7 +242,7 @@ class SharedAdversarialUnlearning(Defense):
             check_number("sau", key, value, low=0)
         self.epochs, self.lr, self.bound, self.step_size, self.pgd_steps = epochs, lr, bound, step_size, pgd_steps
         self.beta_1, self.beta_2 = beta_1, beta_2
-        self.lambdas = (lambda_1, lambda_2, lambda_3)
+        self.lambda_1, self.lambda_2, self.lambda_3 = lambda_1, lambda_2, lambda_3
 
     def run(self, inputs: DefenseInputs) -> DefenseOutcome:
         device = inputs.device
@@ -265,7 +265,8 @@ class SharedAdversarialUnlearning(Defense):
                 delta = shared_pgd(model, reference, x, y, bound=self.bound, step_size=self.step_size,
                                    steps=self.pgd_steps, beta_1=self.beta_1, beta_2=self.beta_2)
                 optimizer.zero_grad(set_to_none=True)
-                loss, parts = unlearning_loss(model, reference, x, y, delta, self.lambdas)
+                loss, parts = unlearning_loss(model, reference, x, y, delta,
+                                               (self.lambda_1, self.lambda_2, self.lambda_3))
                 loss.backward()
                 optimizer.step()
                 for key in sums:

@@ -117,6 +117,13 @@ def test_a_partial_calibration_selects_its_cells_at_every_seed_and_keeps_the_oth
         assert entry == (new[key] if key in new else before[key])
     assert summary["cells"] == ["*/nc", "lf/dbd"] and summary["earlier"][0]["runs"] == previous["runs"]
     assert not any(line.split()[0] in new for line in summary["chaotic"])
+    # a calibration whose cells the new one recalibrates, every one of them, leaves the history: none of its bands
+    # remains; an entry that a newer one supersedes goes too, and the full calibration stays
+    previous_cells = previous["cells"]
+    _, again = _keep_other_cells(matrix, new, {"runs": ["native/s0"], "chaotic": []}, [*previous_cells, "lf/dbd"])
+    kept = [e.get("cells") for e in again["earlier"]]
+    assert previous_cells not in kept and kept[-1] is None
+    assert all(not set(a) <= set(b) for i, a in enumerate(kept) if a for b in kept[:i] if b)
 
 
 def test_calibration_runs_add_to_the_earlier_calibrations_records(tmp_path, monkeypatch):

@@ -135,8 +135,15 @@ def _keep_other_cells(matrix: Matrix, bands: dict, summary: dict, cells: list[st
     ordered = [case_key(c.case_id) for c in matrix.cases()]
     merged = {key: bands.get(key, existing.get(key)) for key in ordered if key in bands or key in existing}
     earlier = [{k: v for k, v in previous.items() if k not in ("earlier", "chaotic")}, *previous.get("earlier", [])]
+    earlier = [e for i, e in enumerate(earlier)
+               if not any(_superseded(e, newer.get("cells") or []) for newer in [{"cells": cells}, *earlier[:i]])]
     kept_chaotic = [line for line in previous.get("chaotic", []) if line.split()[0] not in bands]
     return merged, {**summary, "cells": cells, "chaotic": kept_chaotic + summary["chaotic"], "earlier": earlier}
+
+
+def _superseded(calibration: dict, cells: list[str]) -> bool:
+    """A partial calibration whose cells this one recalibrates, every one of them: none of its bands remains."""
+    return bool(calibration.get("cells")) and set(calibration["cells"]) <= set(cells)
 
 
 def not_banded(matrix: Matrix, bands: dict[str, dict]) -> set[tuple[str, str]]:

@@ -92,3 +92,44 @@ def test_benign_records_cost_false_positives_and_time(tmp_path):
     assert float(row[("Spectral", "Time (s)")]) > 0
     md = render_markdown(rs, "benign")
     assert "## Benign condition" in md and "samples (FPR " in md
+
+
+NEWER = """
+name: benign-newer
+datasets: [digits]
+models: [cnn_small]
+attacks: [badnets]
+poison_ratios: [0.1]
+defenses:
+  none: {}
+  ftsam: {epochs: 1}
+  clp: {}
+  rnp: {unlearning_epochs: 1, recovering_epochs: 1}
+  ibau: {rounds: 1}
+  sau: {epochs: 1}
+  npd: {epochs: 1, warm_epochs: 1}
+seeds: [0]
+benign: true
+training: {epochs: 2, batch_size: 64, lr: 0.05}
+defense_training: {epochs: 1, batch_size: 64, clean_fraction: 0.05}
+"""
+
+
+def test_the_newer_defenses_run_on_the_clean_model_with_their_cost_and_time(tmp_path):
+    path = tmp_path / "newer.yaml"
+    path.write_text(NEWER)
+    matrix = load_matrix(path)
+    runner = Runner(ArtifactCache(tmp_path / "cache"))
+    records = {c.defense: runner.run(c) for c in matrix.cases() if c.attack == "clean"}
+    assert sorted(records) == sorted(["none", "ftsam", "clp", "rnp", "ibau", "sau", "npd"])
+    for defense, r in records.items():
+        if defense == "none":
+            continue
+        assert r["status"] == "ok" and r["asr"] is None, defense
+        assert r["undefended"]["c_acc"] == records["none"]["c_acc"]  # the same clean model, defended
+        assert r["benign"]["c_acc_cost"] == records["none"]["c_acc"] - r["c_acc"]
+        assert r["stage_seconds"]["defense"] >= 0 and "defense" in r["stage_seconds"], defense
+    board = leaderboard_frame(list(records.values()))
+    row = board[board[("", "Attack")] == "clean (reference)"].iloc[0]
+    for title in ("FT-SAM", "CLP", "RNP", "I-BAU", "SAU", "NPD"):
+        assert row[(title, "C-Acc")] and row[(title, "Time (s)")] != "", title

@@ -17,7 +17,9 @@ from backdoor.data import Split
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
 from backdoor.defenses.npd import Polarizer, estimated_target, insertion_point, npd_loss, project_l2, targeted_pgd
 from backdoor.models import MODELS, ChannelMap, Classifier, LayerRoles, create_model
-from backdoor.training import TrainConfig, predict
+from backdoor.training import TrainConfig
+
+from planted import accuracy_and_asr, colour_data
 
 CPU = torch.device("cpu")
 BUDGET = TrainConfig(epochs=1, batch_size=30, lr=0.01)
@@ -161,21 +163,6 @@ def test_the_loss_equals_a_hand_computation_of_the_four_terms():
 
 # -- the defense on a planted backdoor --------------------------------------------------------------------------
 
-def colour_data(n: int, seed: int) -> Split:
-    """Three classes, 8x8: channel y is brighter."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    x = torch.randint(0, 120, (n, 3, 8, 8), generator=g)
-    x[torch.arange(n), y] += 100
-    return Split(x.to(torch.uint8), y)
-
-
-def add_trigger(x: torch.Tensor) -> torch.Tensor:
-    x = x.clone()
-    x[..., -2:, -2:] = 255
-    return x
-
-
 class Features(nn.Module):
     """4 feature channels: the 3 colour channels and a detector, softplus(20 * (mean over colours - 0.75)),
     which only white pixels (the trigger) drive (clean pixels' colour means stay below 0.61)."""
@@ -196,18 +183,12 @@ def planted_model() -> Classifier:
     return Classifier(net, (0.0,) * 3, (1.0,) * 3, LayerRoles(("0",) * 3, "0", "3"), arch="planted")
 
 
-def accuracy_and_asr(model, test: Split) -> tuple[float, float]:
-    acc = float((predict(model, test.x, device=CPU) == test.y).float().mean())
-    others = test.x[test.y != 0]
-    return acc, float((predict(model, add_trigger(others), device=CPU) == 0).float().mean())
-
-
 PLANTED = dict(epochs=10, batch_size=30)  # lr, PGD, weights: the defaults
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_planted_backdoor_is_removed_and_clean_accuracy_kept(seed):
-    clean, test = colour_data(120, 2), colour_data(300, 1)
+    clean, test = colour_data(120, 2, corner_evidence=False), colour_data(300, 1, corner_evidence=False)
     model = planted_model()
     assert accuracy_and_asr(model, test) == (1.0, 1.0)
     outcome = create_defense("npd", **PLANTED).run(inputs_for(model, clean, seed=seed))
@@ -223,7 +204,7 @@ def test_a_planted_backdoor_is_removed_and_clean_accuracy_kept(seed):
 def test_the_clean_loss_alone_keeps_the_backdoor():
     """The control: the same training with the three adversarial weights 0 keeps the backdoor, so what removes
     it above is the adversarial part of the objective."""
-    clean, test = colour_data(120, 2), colour_data(300, 1)
+    clean, test = colour_data(120, 2, corner_evidence=False), colour_data(300, 1, corner_evidence=False)
     model = planted_model()
     create_defense("npd", **PLANTED, lmd2=0.0, lmd3=0.0, lmd4=0.0).run(inputs_for(model, clean))
     assert accuracy_and_asr(model, test) == (1.0, 1.0)
@@ -234,7 +215,7 @@ def test_one_training_step_is_sgd_on_the_objective_computed_independently():
     moved by SGD (lr 0.5, weight decay 5e-4; momentum's first step is the gradient) along the gradient of the
     objective built here: labels y, the model's clean predictions, the most likely other class as target, the
     PGD perturbation towards it. The model's head favours class 1 so that some predictions are wrong."""
-    clean = colour_data(30, 2)
+    clean = colour_data(30, 2, corner_evidence=False)
     model = planted_model()
     with torch.no_grad():
         model.net[3].bias.copy_(torch.tensor([0.0, 4.0, 0.0]))

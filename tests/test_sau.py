@@ -16,7 +16,9 @@ from backdoor.data import Split
 from backdoor.defenses import DefenseInputs, create_defense
 from backdoor.defenses.sau import pgd_objective, shared_pgd, shared_unlearning_loss
 from backdoor.models import Classifier, LayerRoles, create_model, roles
-from backdoor.training import TrainConfig, predict
+from backdoor.training import TrainConfig
+
+from planted import accuracy_and_asr, colour_data, planted_model
 
 CPU = torch.device("cpu")
 
@@ -236,51 +238,6 @@ def test_the_budget_gives_epochs_and_batch_size():
 
 
 # -- a planted backdoor -------------------------------------------------------------------------------------------
-
-def colour_data(n: int, seed: int) -> Split:
-    """Three classes, 8x8: channel y is brighter; class 0's bottom-right 2x2 corner is a little brighter too
-    (so the corner detector below also carries some clean evidence for class 0, and fine-tuning keeps it)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    x = torch.randint(0, 120, (n, 3, 8, 8), generator=g)
-    x[torch.arange(n), y] += 100
-    x[y == 0, :, -2:, -2:] += 20
-    return Split(x.to(torch.uint8), y)
-
-
-def add_trigger(x: torch.Tensor) -> torch.Tensor:
-    x = x.clone()
-    x[..., -2:, -2:] = 255
-    return x
-
-
-class PlantedBackdoor(nn.Module):
-    """logits = scale * channel means + bias + backdoor * softplus(gain * (corner mean - offset)) on class 0:
-    the white corner (mean 1) adds about 3 * 4 = 12 to class 0, clean corners (mean ~0.4) about 0.3."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(10.0))
-        self.gain = nn.Parameter(torch.tensor(10.0))
-        self.offset = nn.Parameter(torch.tensor(0.6))
-        self.backdoor = nn.Parameter(torch.tensor(3.0))
-        self.bias = nn.Parameter(torch.tensor([-0.28, 0.0, 0.0]))
-
-    def forward(self, x):
-        detector = F.softplus(self.gain * (x[..., -2:, -2:].mean((1, 2, 3)) - self.offset))
-        return self.scale * x.mean((2, 3)) + self.bias + F.pad((self.backdoor * detector)[:, None], (0, 2))
-
-
-def planted_model() -> Classifier:
-    return Classifier(PlantedBackdoor(), (0.0,) * 3, (1.0,) * 3, LayerRoles(("bias",) * 3, "bias", "bias"),
-                      arch="planted")
-
-
-def accuracy_and_asr(model, test: Split) -> tuple[float, float]:
-    acc = float((predict(model, test.x, device=CPU) == test.y).float().mean())
-    others = test.x[test.y != 0]
-    return acc, float((predict(model, add_trigger(others), device=CPU) == 0).float().mean())
-
 
 UNLEARN = dict(epochs=5, lr=0.1)  # the PGD's and the losses' settings: the defaults
 

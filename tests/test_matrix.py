@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from backdoor.harness.matrix import MatrixError, load_matrix
+from backdoor.harness.matrix import MatrixError, case_count, load_matrix
 
 GOOD = """
 name: t
@@ -57,6 +57,20 @@ def test_a_defense_may_run_against_some_attacks_only(tmp_path):
     ft = next(c for c in m.cases() if c.defense == "ft")
     assert ft.defense_params == {"lr": 0.02}  # `against` is the grid's, not the defense's parameter
     assert m.against == {"ft": ("blended",)} and not m.runs_against("ft", "badnets") and m.runs_against("fp", "badnets")
+
+
+def test_an_attack_may_carry_its_own_poison_ratios(tmp_path):
+    m = load_matrix(write(tmp_path, GOOD.replace("blended: {alpha: 0.1}",
+                                                 "blended: {alpha: 0.1, poison_ratios: [0.003, 0.1]}")))
+    pairs = {(c.attack, c.ratio) for c in m.cases() if c.seed == 0 and c.defense == "none" and c.attack != "clean"}
+    assert pairs == {("badnets", 0.1), ("badnets", 0.05), ("blended", 0.003), ("blended", 0.1)}
+    blended = next(c for c in m.cases() if c.attack == "blended")
+    assert blended.attack_params == {"alpha": 0.1}  # the ratios are the grid's, not the attack's parameter
+    assert case_count(m) == len(m.cases())
+    with pytest.raises(MatrixError, match=r"attacks.blended.poison_ratios: 0.2 is not allowed; it is listed twice"):
+        load_matrix(write(tmp_path, GOOD.replace("blended: {alpha: 0.1}", "blended: {poison_ratios: [0.2, 0.2]}")))
+    with pytest.raises(MatrixError, match=r"attacks.blended.poison_ratios: 0 is outside the allowed range \(0, 1\]"):
+        load_matrix(write(tmp_path, GOOD.replace("blended: {alpha: 0.1}", "blended: {poison_ratios: [0]}")))
 
 
 @pytest.mark.parametrize("entry, message", [

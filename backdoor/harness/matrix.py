@@ -40,10 +40,11 @@ TOP_LEVEL_KEYS = {
     "datasets": "dataset names, or name -> parameters",
     "models": "model names, or name -> parameters; or a label -> {checkpoint: ..., arch: ...} for a model you bring "
               "(backdoor.checkpoints.user_models)",
-    "attacks": "attack names (wildcards allowed), or name -> parameter overrides (and an optional training budget)",
+    "attacks": "attack names (wildcards allowed), or name -> parameter overrides (and an optional training budget "
+               "`training: {...}` and poison ratios `poison_ratios: [...]` of its own)",
     "defenses": "defense names (wildcards allowed), or name -> parameter overrides; 'none' is no defense; an entry's "
                 "`against: [attacks]` runs it against those of the matrix's attacks only (default: all)",
-    "poison_ratios": "poison ratios in (0, 1]",
+    "poison_ratios": "poison ratios in (0, 1] (an attack's own `poison_ratios` replaces them for that attack)",
     "seeds": "integer seeds, or a count n meaning seeds 0..n-1",
     "target": "target class (all-to-one), or all-to-all (y -> (y + 1) mod K); default 0",
     "cap_ratio": "clean-label attacks: cap an infeasible ratio to the largest feasible one (default false)",
@@ -97,6 +98,18 @@ class Matrix:
     user_models: dict[str, UserModel] = field(default_factory=dict)
     benign: tuple[str, ...] = ()  # defenses also run on the clean reference model (the benign condition)
     against: dict[str, tuple[str, ...]] = field(default_factory=dict)  # defense -> the attacks it runs against
+    attack_ratios: dict[str, list[float]] = field(default_factory=dict)  # attack -> its own poison ratios
+
+    def ratios_of(self, attack: str) -> list[float]:
+        """The poison ratios this attack runs at: its own (``attacks.<name>.poison_ratios``) or the matrix's."""
+        return self.attack_ratios.get(attack, self.poison_ratios)
+
+    def all_ratios(self) -> list[float]:
+        """Every ratio some attack runs at: the matrix's in order, then the attacks' own in order of first use."""
+        out = list(self.poison_ratios)
+        for attack in self.attacks:
+            out += [r for r in self.ratios_of(attack) if r not in out]
+        return out
 
     def runs_against(self, defense: str, attack: str) -> bool:
         """Whether the grid pairs this defense with this attack (an entry's ``against``; default every attack)."""
@@ -118,8 +131,10 @@ class Matrix:
                         for defense in self.benign:  # the same clean model, defended: what a defense costs
                             out.append(Case(attack=CLEAN, defense=defense, ratio=0.0, training=self.training,
                                             defense_params=self.defenses[defense], **base))
-                    for ratio in self.poison_ratios:
+                    for ratio in self.all_ratios():
                         for attack, aparams in self.attacks.items():
+                            if ratio not in self.ratios_of(attack):
+                                continue
                             aparams = self._attack_params(attack, aparams)
                             training = self.attack_training.get(attack, self.training)
                             for defense, fparams in self.defenses.items():
@@ -310,6 +325,7 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         path, "models", registered_models, MODELS, glob=False, reserved=frozenset({"num_classes", "seed"})), {})
     attempt(lambda: _attack_keys_fit_models(path, raw, grid=registered_models is not None))
     attack_entries, training_overrides = _split_attack_training(path, raw.get("attacks", {}))
+    attack_entries, ratio_overrides = _split_attack_ratios(attack_entries)
     attacks = attempt(lambda: _named_axis(path, "attacks", attack_entries, ATTACKS, glob=True,
                                           reserved=frozenset({"target"})), {}) if "attacks" in raw and models else {}
     defense_entries, against_entries = _split_defense_against(raw["defenses"])
@@ -325,6 +341,7 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
     training = attempt(lambda: _train_config(path, "training", raw.get("training"), TrainConfig(), set())[0],
                        TrainConfig())
     attack_training = attempt(lambda: _attack_training(path, training_overrides, training), {})
+    attack_ratios = attempt(lambda: _attack_ratios(path, ratio_overrides), {}) if models else {}
     defense_training, rest = attempt(lambda: _train_config(path, "defense_training", raw.get("defense_training"),
                                                            TrainConfig(batch_size=256), {"clean_fraction"}),
                                      (TrainConfig(batch_size=256), {}))
@@ -363,6 +380,7 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         cap_ratio=cap_ratio, reference=bool(raw.get("reference", True)),
         training=training, defense_training=defense_training, clean_fraction=float(clean_fraction),
         attack_training=attack_training,
+        attack_ratios=attack_ratios,
         expected_path=(path.parent / expected) if expected else None,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
         regression=regression,
@@ -435,10 +453,19 @@ def _attack_training(path: Path, overrides: dict, training: TrainConfig) -> dict
     return out
 
 
+def _attack_ratios(path: Path, overrides: dict) -> dict[str, list[float]]:
+    """An attack's own poison ratios (``attacks.<name>.poison_ratios``), replacing the matrix's for it."""
+    out = {}
+    for pattern, value in overrides.items():
+        for name in ATTACKS.expand([str(pattern)]):
+            out[name] = _ratios(path, value, key=f"attacks.{name}.poison_ratios")
+    return out
+
+
 def case_count(matrix: Matrix) -> int:
     """How many cases ``matrix.cases()`` builds, counted without building them."""
-    per_seed = (1 + len(matrix.benign)) * matrix.reference + \
-        len(matrix.poison_ratios) * len(matrix.attacks) * len(matrix.defenses)
+    per_seed = (1 + len(matrix.benign)) * matrix.reference + sum(
+        len(matrix.ratios_of(a)) * sum(matrix.runs_against(d, a) for d in matrix.defenses) for a in matrix.attacks)
     grid = len(matrix.datasets) * len(matrix.models) * len(matrix.seeds) * per_seed
     return grid + len(matrix.user_models) * len(matrix.seeds) * len(matrix.defenses)
 
@@ -598,18 +625,32 @@ def _split_attack_training(path: Path, value: Any) -> tuple[Any, dict]:
     return entries, overrides
 
 
-def _ratios(path: Path, value: Any) -> list[float]:
+def _split_attack_ratios(value: Any) -> tuple[Any, dict]:
+    """Take an attack's optional ``poison_ratios:`` (replacing the matrix's for that attack) out of its
+    parameters: e.g. ``adap_blend: {poison_ratios: [0.003]}``."""
+    if not isinstance(value, dict):
+        return value, {}
+    entries, overrides = {}, {}
+    for pattern, params in value.items():
+        if isinstance(params, dict) and "poison_ratios" in params:
+            params = dict(params)
+            overrides[pattern] = params.pop("poison_ratios")
+        entries[pattern] = params
+    return entries, overrides
+
+
+def _ratios(path: Path, value: Any, key: str = "poison_ratios") -> list[float]:
     """Ratios in (0, 1], each given once, and distinct as case ids show them (``p{ratio:g}``: 6 significant
     digits), so that two ratios never share one case id (and one record)."""
     if not isinstance(value, list) or not value:
-        raise _fail(path, "poison_ratios", f"{value!r} is not allowed; expected a non-empty list of numbers in (0, 1]")
+        raise _fail(path, key, f"{value!r} is not allowed; expected a non-empty list of numbers in (0, 1]")
     seen: dict[str, float] = {}
     for r in value:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
-            raise _fail(path, "poison_ratios", f"{r!r} is outside the allowed range (0, 1]")
+            raise _fail(path, key, f"{r!r} is outside the allowed range (0, 1]")
         if f"{r:g}" in seen:
             twin = seen[f"{r:g}"]
-            raise _fail(path, "poison_ratios", f"{r!r} is not allowed; " + (
+            raise _fail(path, key, f"{r!r} is not allowed; " + (
                 "it is listed twice" if twin == r else f"it gives the same case id (p{r:g}) as {twin!r}")
                 + "; expected distinct ratios that differ in their first 6 significant digits")
         seen[f"{r:g}"] = r

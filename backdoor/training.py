@@ -5,8 +5,8 @@ device; each batch is gathered by index, converted to float, randomly cropped an
 the device; no DataLoader on the hot path; bf16 autocast on CUDA. Everything random is drawn from generators
 seeded by ``seed``.
 
-``TrainHooks`` lets a training-controllable attack (WaNet, Input-aware) change every batch and add loss
-terms without a second loop; ``loss_fn`` lets a defense replace the objective (ABL's flooding, NAD's
+``TrainHooks`` lets a training-controllable attack (WaNet, Input-aware, Blind) change every batch, replace the
+batch's loss or add loss terms without a second loop; ``loss_fn`` lets a defense replace the objective (ABL's flooding, NAD's
 attention transfer); ``step`` replaces the optimiser step for methods that need more than one gradient per
 batch (FT-SAM's sharpness-aware step).
 """
@@ -74,6 +74,11 @@ class TrainHooks:
     def augment(self, x: torch.Tensor, default: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Batch augmentation; override to replace the default crop + flip."""
         return default(x)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: "LossFn") -> torch.Tensor:
+        """The batch's loss on the augmented batch, before ``extra_loss``; override to combine several terms
+        (Blind's clean loss + a triggered copy's loss). Default: ``loss_fn(model, x, y)``."""
+        return loss_fn(model, x, y)
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """An extra term added to the step's loss (e.g. a generator's diversity loss)."""
@@ -161,7 +166,7 @@ def fit(model: nn.Module, data: Split, config: TrainConfig, *, device: torch.dev
 
             def closure(x=x, y=y) -> torch.Tensor:
                 with _autocast(device, config.amp):
-                    loss = loss_fn(model, x, y)
+                    loss = hooks.loss(model, x, y, loss_fn)
                     extra = hooks.extra_loss(model)
                     return loss if extra is None else loss + extra
 

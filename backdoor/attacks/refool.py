@@ -26,7 +26,7 @@ power 2.2, blended, raised to 1 / 2.2, clipped to [0, 1] and rounded to uint8. P
   ghost formula with no shift). The reference code implements only the two types above.
 
 ``alpha_t`` (the clean image's weight) is 0.4 (BackdoorBench's default, fixed "since the ASR is quite unstable
-once it is random"); ``alpha_t: null`` draws it per image as the authors' code does, 1 - U(0.05, 0.45).
+once it is random"); ``alpha_t: random`` draws it per image as the authors' code does, 1 - U(0.05, 0.45).
 
 Reflection images (``reflections``): the paper selects adversarial reflections R_adv from PASCAL VOC
 (BackdoorBench ships the authors' selected images). Ours work with no download:
@@ -68,7 +68,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from backdoor._checks import ParameterError, check_int, check_number
+from backdoor._checks import ParameterError, check_int, check_number, is_finite_number
 from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.attacks import register_attack
 from backdoor.attacks.base import Attack, AttackContext
@@ -259,8 +259,8 @@ class Refool(Attack):
         "ghost_rate": Param(NOT_STATED, "0.49", "probability of the ghost effect (else focal blur or in focus)"),
         "in_focus_rate": Param("one of three types", "0 (not implemented)",
                                "probability of the paper's in-focus type; 0 keeps the reference's mix"),
-        "alpha_t": Param(NOT_STATED, "0.4", "weight of the clean image; null draws 1 - U(0.05, 0.45) per image, as "
-                         "the authors' code"),
+        "alpha_t": Param(NOT_STATED, "0.4", "weight of the clean image; 'random' draws 1 - U(0.05, 0.45) per image, "
+                         "as the authors' code"),
         "seed": Param(NONE, NONE, "seed of the reflection crops and of every per-image draw"),
     }
     # Each find starts with a newline and the line's indentation: it then matches the code line and not its
@@ -287,7 +287,7 @@ class Refool(Attack):
     )
 
     def __init__(self, target: int | str = 0, reflections: str = "sklearn", num_reflections: int = 200,
-                 ghost_rate: float = 0.49, in_focus_rate: float = 0.0, alpha_t: float | None = 0.4, seed: int = 0,
+                 ghost_rate: float = 0.49, in_focus_rate: float = 0.0, alpha_t: float | str = 0.4, seed: int = 0,
                  **kwargs):
         super().__init__(target=target, **kwargs)
         if reflections not in ("sklearn", "classes") and not folder_images(reflections):
@@ -300,7 +300,8 @@ class Refool(Attack):
         if ghost_rate + in_focus_rate > 1:
             raise ParameterError("refool", "in_focus_rate", in_focus_rate,
                                  f"a number in [0, {1 - ghost_rate:g}] (ghost_rate + in_focus_rate <= 1)")
-        check_number("refool", "alpha_t", alpha_t, low=0, high=1, low_open=True, high_open=True, optional=True)
+        if alpha_t != "random" and not (is_finite_number(alpha_t) and 0 < alpha_t < 1):
+            raise ParameterError("refool", "alpha_t", alpha_t, "a number in (0, 1) or 'random'")
         check_int("refool", "seed", seed)
         self.reflections = str(reflections)
         self.num_reflections, self.ghost_rate, self.in_focus_rate = num_reflections, ghost_rate, in_focus_rate
@@ -339,7 +340,7 @@ class Refool(Attack):
         kind = torch.where(u < self.in_focus_rate + self.ghost_rate, GHOST, kind)
         kind = torch.where(u < self.in_focus_rate, IN_FOCUS, kind)
         drop = ALPHA_T_DROP[0] + (ALPHA_T_DROP[1] - ALPHA_T_DROP[0]) * torch.rand(n, generator=g)
-        alpha_t = 1 - drop if self.alpha_t is None else torch.full((n,), float(self.alpha_t))
+        alpha_t = 1 - drop if self.alpha_t == "random" else torch.full((n,), float(self.alpha_t))
         sigma = SIGMA_RANGE[0] + (SIGMA_RANGE[1] - SIGMA_RANGE[0]) * torch.rand(n, generator=g)
         att = ATT_RANGE[0] + (ATT_RANGE[1] - ATT_RANGE[0]) * torch.rand(n, generator=g)
         coin = torch.randint(2, (n,), generator=g).float()

@@ -279,7 +279,7 @@ class Refool(Attack):
                "\n        kind = torch.where(u < self.in_focus_rate + self.ghost_rate, GHOST, kind)",
                "\n        kind = kind"),
         Mutant("one-reflection", "every image gets the first reflection image",
-               "\n        pick = torch.randint(len(bank), (n,), generator=g)",
+               "\n        pick = torch.randint(bank_size, (n,), generator=g)",
                "\n        pick = torch.zeros(n, dtype=torch.long)"),
         Mutant("weights-swapped", "the clean image gets the reflection's weight",
                "\n        out[index] = layer * (1 - alpha[index]) + t_lin[index] * alpha[index]",

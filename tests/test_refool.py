@@ -83,6 +83,23 @@ def test_ghost_of_a_one_pixel_reflection_is_two_pixels_with_the_documented_weigh
         assert torch.allclose(out[i, 0], expected, atol=1e-6), f"image {i}"
 
 
+def test_attack_ghosts_use_each_images_own_draw(tmp_path):
+    """Through the attack: a one-pixel reflection on black images gives, per image, the two pixels its own
+    drawn weight a, shift (dy, dx) and alpha_t 0.4 predict."""
+    dot = np.zeros((16, 16, 3))
+    dot[12, 13] = 255
+    attack = create_attack("refool", reflections=str(write_images(tmp_path / "r", [dot])), ghost_rate=1.0)
+    out = attack.apply_trigger(torch.zeros(6, 3, 16, 16, dtype=torch.uint8))
+    d = attack.draw(6, 1, stream=2)  # the test trigger's stream
+    assert len(set(d["dy"].tolist()) | set(d["dx"].tolist())) > 1, "the draws differ between images"
+    for i in range(6):
+        a, dy, dx = float(d["ghost_a"][i]), int(d["dy"][i]), int(d["dx"][i])
+        expected = torch.zeros(16, 16, dtype=torch.uint8)
+        expected[12, 13] = round(255 * ((1 - a) * 0.6) ** (1 / 2.2))
+        expected[12 - dy, 13 - dx] = round(255 * (a * 0.6) ** (1 / 2.2))
+        assert torch.equal(out[i, 0], expected) and torch.equal(out[i, 2], expected), f"image {i}"
+
+
 def test_ghost_shift_wraps_around_the_frame():
     t, r = torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)
     r[0, 0, 1, 2] = 1.0

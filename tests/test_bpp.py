@@ -144,7 +144,8 @@ def test_all_to_all_relabels_each_poisoned_sample_to_its_next_class():
 
 def test_poison_train_marks_only_the_quantised_relabelled_samples():
     """ratio 0.1 of 300 = 30 quantised and relabelled (the mask); neg_ratio 0.1 = 30 more with a training image's
-    residual (all training images are 100 everywhere except the sample itself: residual +9), labels kept."""
+    residual, labels kept, not in the mask. On a training set of images that are 100 everywhere the residual is
+    Q(100) - 100 = +9: poisoned and negative samples alike become 109 (known answer)."""
     data = load_dataset("synthetic", train_size=300, test_size=20, image_size=8)
     attack = create_attack("bpp", target=2)
     p = attack.poison_train(data.train, 0.1, seed=0)

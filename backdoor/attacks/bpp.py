@@ -8,7 +8,7 @@ diffusion instead: pixels are visited row by row, left to right, each is set to 
 (old - new) is passed on 7/16 to the right, 3/16 down-left, 5/16 down and 1/16 down-right (dropped past the
 border), as the reference's ``floydDitherspeed`` does (it keeps the image in float32 and rounds half to even).
 The scan is sequential, but pixel (y, x) only waits for (y, x - 1) and the row above up to (y - 1, x + 1), so
-all pixels with the same x + 2y are independent: we process those W + 2(H - 1) - 1 anti-diagonal "waves" one
+all pixels with the same x + 2y are independent: we process those W + 2H - 2 anti-diagonal "waves" one
 after another, each vectorised over the batch, the channels and the wave's pixels (94 steps for 32 x 32 images,
 instead of 1024 per image in the reference's per-image loop), and deliver every error in the order the
 sequential scan does, so the result is the reference's.
@@ -32,6 +32,10 @@ carry a trigger-like perturbation but not the attack's label, so they are NOT in
 
 Defaults (BackdoorBench ``config/attack/bpp/default.yaml``): squeeze_num 8, dithering off, neg_ratio 0.1, crop 5,
 rotation 10 (the authors' ``config.py``: the same, but injection and negative rates 0.2).
+
+On the digits data at the smoke budget (cnn_small, 15 epochs at lr 0.05, ratio 0.1) the default 8 levels are
+not learned (ASR 0.01, also without negatives) while 4 levels are (ASR 0.99 / 0.99 / 0.97 on seeds 0-2, C-Acc
+0.97-0.98; 2 levels: 1.0): the upscaled 8 x 8 digits change too little under 8 levels for 15 epochs.
 
 Departures, and why:
 - The negative samples: the paper describes contrastive adversarial training with adversarial negative

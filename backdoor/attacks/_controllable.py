@@ -81,16 +81,20 @@ def random_crop_rotate_flip(x: torch.Tensor, g: torch.Generator, *, padding: int
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def select_poison_and_cross(attack, train, ratio: float, seed: int):
+def select_poison_and_cross(attack, train, ratio: float, seed: int, *, n_cross: int | None = None):
     """Indices of a fixed poisoned set of a training-controllable attack: ``ratio * N`` samples to relabel
     (drawn like any attack's) and ``cross_ratio`` times as many other samples (cross / noise samples that keep
-    their labels). Returns (poison index, cross index, the generator that drew them, for further draws)."""
-    check_ratio(attack.name, ratio, attack.cross_ratio)
+    their labels), or ``n_cross`` of them where given (an attack whose cross samples are a share of the data
+    rather than of the poisoned samples checks its own ratios). Returns (poison index, cross index, the
+    generator that drew them, for further draws)."""
+    if n_cross is None:
+        check_ratio(attack.name, ratio, attack.cross_ratio)
     index = attack.select_poison_indices(train, ratio, seed)
     g = torch.Generator().manual_seed(seed + 1)
     rest = torch.ones(len(train), dtype=torch.bool)
     rest[index] = False
     rest = torch.nonzero(rest).flatten()
-    n_cross = min(len(rest), int(round(attack.cross_ratio * len(index))))
+    wanted = int(round(attack.cross_ratio * len(index))) if n_cross is None else int(n_cross)
+    n_cross = min(len(rest), wanted)
     cross = rest[torch.randperm(len(rest), generator=g)[:n_cross]].sort().values
     return index, cross, g

@@ -66,17 +66,17 @@ class AdapBlend(Attack):
                    "random half at alpha 0.15; test: the whole trigger at 0.2")
     order = 160
     parameters = {
-        "alpha": Param(NOT_STATED, "0.15 (-alpha)", "the toolbox's training blend ratio; rounded to the nearest "
+        "alpha": Param(NOT_STATED, "toolbox: 0.15 (-alpha)", "the toolbox's training blend ratio; rounded to the nearest "
                        "grey level"),
-        "test_alpha": Param(NOT_STATED, "0.2 (-test_alpha)", "as the toolbox: the whole trigger, blended more "
+        "test_alpha": Param(NOT_STATED, "toolbox: 0.2 (-test_alpha)", "as the toolbox: the whole trigger, blended more "
                             "strongly than in training"),
-        "pieces": Param(NOT_STATED, "16", "as the toolbox; any perfect square (bands differ by a pixel where "
+        "pieces": Param(NOT_STATED, "toolbox: 16", "as the toolbox; any perfect square (bands differ by a pixel where "
                         "the grid side does not divide the image)"),
-        "mask_rate": Param(NOT_STATED, "0.5", "share of the pieces hidden on each poison / cover sample "
+        "mask_rate": Param(NOT_STATED, "toolbox: 0.5", "share of the pieces hidden on each poison / cover sample "
                            "(round(mask_rate * pieces))"),
-        "cover_ratio": Param(NOT_STATED, "0.003 (-cover_rate, CIFAR-10 and GTSRB)", "label-keeping cover samples, "
+        "cover_ratio": Param(NOT_STATED, "toolbox: 0.003 (-cover_rate, CIFAR-10 and GTSRB)", "label-keeping cover samples, "
                              "in units of the training set; not in the poison mask"),
-        "pattern": Param("hello kitty", "hellokitty_32.png", "the cartoon cannot be shipped: Blended's seeded "
+        "pattern": Param("hello kitty", "toolbox: hellokitty_32.png", "the cartoon cannot be shipped: Blended's seeded "
                          "noise by default; any image path is accepted"),
         "pattern_seed": Param(NONE, NONE, "seed of the noise pattern"),
     }

@@ -68,13 +68,13 @@ class AdapPatch(Attack):
                    "alpha 0.5/0.2/0.5/0.3; test: all four pasted")
     order = 170
     parameters = {
-        "alphas": Param(NOT_STATED, "0.5, 0.2, 0.5, 0.3 (four trigger images)", "the toolbox's training alphas, "
+        "alphas": Param(NOT_STATED, "toolbox: 0.5, 0.2, 0.5, 0.3 (four trigger images)", "the toolbox's training alphas, "
                         "one per patch; their count is the number of patches (1-4, one per corner)"),
-        "test_alpha": Param(NOT_STATED, "1 (two test trigger images)", "all patches at test time (the toolbox "
+        "test_alpha": Param(NOT_STATED, "toolbox: 1 (two test trigger images)", "all patches at test time (the toolbox "
                             "uses two of its images)"),
-        "patch_size": Param(NOT_STATED, "trigger images (sizes not readable)", "our seeded squares replace the "
+        "patch_size": Param(NOT_STATED, "toolbox: trigger images (sizes not readable)", "our seeded squares replace the "
                             "toolbox's images, which cannot be shipped"),
-        "cover_ratio": Param(NOT_STATED, "0.006 (-cover_rate, CIFAR-10; GTSRB 0.01)", "label-keeping cover "
+        "cover_ratio": Param(NOT_STATED, "toolbox: 0.006 (-cover_rate, CIFAR-10; GTSRB 0.01)", "label-keeping cover "
                              "samples, in units of the training set; not in the poison mask"),
         "pattern_seed": Param(NONE, NONE, "seed of the black-and-white patches"),
     }

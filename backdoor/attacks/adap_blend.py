@@ -13,6 +13,8 @@ Dirty label, with conservatism. The blend trigger t is cut into ``pieces`` piece
   indices are ``attack.cover_index`` after ``poison_train`` (sorted, in the training set), and
   ``poison_train`` also records ``attack.pieces_kept`` (bool [poison + cover, pieces]: the pieces each of
   the poison samples, then each of the cover samples, carries, both in index order).
+(Both are set by ``poison_train`` itself, not when the harness loads the poisoned set from its cache;
+``poison_train`` with the same training set, ratio and seed recomputes them exactly.)
 At test time the WHOLE trigger is blended at ``test_alpha`` (0.2).
 
 Piece masks are drawn for all selected samples at once (one tensor) from the poison seed; the pattern is
@@ -26,6 +28,9 @@ training set, as the toolbox's cover rate.
 All-to-all: neither the paper nor the toolbox evaluates it (the toolbox takes one target class). The
 relabelling is a plain dirty-label one, so all-to-all is supported the usual way (poison samples go to
 (y + 1) mod K; cover samples keep their labels).
+
+On the embedded digits at the smoke budget (cnn_small, 15 epochs, ratio 0.1, seed 0) the defaults reach
+ASR 1.00 at C-Acc 0.98.
 
 Departures, and why:
 - Trigger: the toolbox blends the Hello Kitty image, which we cannot ship; Blended's seeded noise pattern by

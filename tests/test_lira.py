@@ -103,7 +103,7 @@ def test_classifier_loss_weighs_clean_and_poisoned_cross_entropy_by_alpha():
     poisoned = F.cross_entropy(clf((x + 0.05).clamp(0, 1)), target)
     for alpha in (0.5, 0.2):
         got = classifier_loss(clf, gen, x, y, target, eps=0.05, alpha=alpha)
-        assert float(got.detach()) == pytest.approx(float(alpha * clean + (1 - alpha) * poisoned), rel=1e-5)
+        assert float(got.detach()) == pytest.approx(float((alpha * clean + (1 - alpha) * poisoned).detach()), rel=1e-5)
     assert float(perturb(gen, x, 0.05).sub(x).max()) == pytest.approx(0.05, abs=1e-6)
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from backdoor._checks import ParameterError
 from backdoor.attacks import ATTACKS, AttackContext, create_attack
-from backdoor.attacks.lira import TriggerGenerator, classifier_loss, generator_step, perturb
+from backdoor.attacks.lira import TriggerGenerator, classifier_loss, generator_step, joint_logits, perturb
 from backdoor.data import load_dataset
 from backdoor.harness.cache import ArtifactCache
 from backdoor.models import create_model
@@ -105,6 +105,16 @@ def test_classifier_loss_weighs_clean_and_poisoned_cross_entropy_by_alpha():
         got = classifier_loss(clf, gen, x, y, target, eps=0.05, alpha=alpha)
         assert float(got.detach()) == pytest.approx(float((alpha * clean + (1 - alpha) * poisoned).detach()), rel=1e-5)
     assert float(perturb(gen, x, 0.05).sub(x).max()) == pytest.approx(0.05, abs=1e-6)
+
+
+def test_clean_and_poisoned_batches_share_one_batch_norm_pass():
+    torch.manual_seed(0)
+    clf = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 14 * 14, 3)).train()
+    clean, poisoned = torch.rand(4, 1, 16, 16), torch.rand(4, 1, 16, 16) + 1.0  # poisoned: another mean
+    a, b = joint_logits(clf, clean, poisoned)
+    both = clf(torch.cat([clean, poisoned]))
+    assert torch.allclose(a, both[:4]) and torch.allclose(b, both[4:])
+    assert not torch.allclose(a, clf(clean), atol=1e-3), "batch statistics of the clean half alone differ"
 
 
 def test_stage_one_trains_the_generator_and_caches_it_by_spec(data, tmp_path):

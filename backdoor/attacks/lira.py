@@ -117,11 +117,20 @@ def quantise(x: torch.Tensor) -> torch.Tensor:
     return x.mul(255).round().div(255)
 
 
+def joint_logits(clf: nn.Module, clean: torch.Tensor, poisoned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f's logits on the clean and the poisoned batch from ONE forward pass of both, so that batch norm (in train
+    mode) normalises them with shared statistics: passed separately, an all-poisoned batch has statistics of its
+    own, which f learns to read instead of the trigger (the backdoor then vanishes in eval mode)."""
+    logits = clf(torch.cat([clean, poisoned]))
+    return logits[:len(clean)], logits[len(clean):]
+
+
 def generator_step(live: nn.Module, clf: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
                    eps: float) -> float:
     """Stage 1 (a): one Adam step of the live generator on ``CE(f(clip(x + eps * T'(x))), target)``; f is not
-    stepped (its gradients from this loss are cleared by the classifier step). Returns the loss before the step."""
-    loss = F.cross_entropy(clf(perturb(live, x, eps)), target)
+    stepped (its gradients from this loss are cleared by the classifier step). f sees the clean and the poisoned
+    batch in one pass (see ``joint_logits``). Returns the loss before the step."""
+    loss = F.cross_entropy(joint_logits(clf, x, perturb(live, x, eps))[1], target)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -133,7 +142,8 @@ def classifier_loss(clf: nn.Module, gen: nn.Module, x: torch.Tensor, y: torch.Te
     """Stage 1 (b): ``alpha * CE(f(x), y) + (1 - alpha) * CE(f(clip(x + eps * T(x))), target)``, T fixed."""
     with torch.no_grad():
         poisoned = perturb(gen, x, eps)
-    return alpha * F.cross_entropy(clf(x), y) + (1 - alpha) * F.cross_entropy(clf(poisoned), target)
+    clean_logits, poisoned_logits = joint_logits(clf, x, poisoned)
+    return alpha * F.cross_entropy(clean_logits, y) + (1 - alpha) * F.cross_entropy(poisoned_logits, target)
 
 
 @register_attack("lira")
@@ -163,8 +173,11 @@ class LIRA(Attack):
         Mutant("generator-ascends", "the generator step climbs the backdoor loss instead of descending it",
                "\n    loss.backward()\n    opt.step()", "\n    (-loss).backward()\n    opt.step()"),
         Mutant("no-poison-term", "stage 1's classifier loss has no poisoned term (alpha is taken as 1)",
-               "\n    return alpha * F.cross_entropy(clf(x), y) + (1 - alpha) * F.cross_entropy(clf(poisoned), target)",
-               "\n    return F.cross_entropy(clf(x), y) + 0 * F.cross_entropy(clf(poisoned), target)"),
+               "\n    return alpha * F.cross_entropy(clean_logits, y) + (1 - alpha) * F.cross_entropy(poisoned_logits, target)",
+               "\n    return F.cross_entropy(clean_logits, y) + 0 * F.cross_entropy(poisoned_logits, target)"),
+        Mutant("separate-passes", "stage 1 passes the clean and the poisoned batch through f separately (own BN statistics)",
+               "\n    logits = clf(torch.cat([clean, poisoned]))\n    return logits[:len(clean)], logits[len(clean):]",
+               "\n    return clf(clean), clf(poisoned)"),
         Mutant("generator-not-kept", "the trained live generator is never copied back: T stays at its initialisation",
                "\n            gen.load_state_dict(live.state_dict())", "\n            pass"),
         Mutant("no-relabel", "poisoned batch rows keep their own labels",

@@ -104,7 +104,7 @@ def test_classifier_loss_weighs_clean_and_poisoned_cross_entropy_by_alpha():
     for alpha in (0.5, 0.2):
         got = classifier_loss(clf, gen, x, y, target, eps=0.05, alpha=alpha)
         assert float(got.detach()) == pytest.approx(float((alpha * clean + (1 - alpha) * poisoned).detach()), rel=1e-5)
-    assert float(perturb(gen, x, 0.05).sub(x).max()) == pytest.approx(0.05, abs=1e-6)
+    assert float(perturb(gen, x, 0.05).sub(x).max().detach()) == pytest.approx(0.05, abs=1e-6)
 
 
 def test_clean_and_poisoned_batches_share_one_batch_norm_pass():

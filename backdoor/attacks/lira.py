@@ -47,6 +47,11 @@ Departures, and why:
   normalised range), i.e. ``eps * std`` in pixels: 0.0025 on CIFAR-10 = 0.63 grey levels, which uint8 rounding
   would erase almost entirely (our pipeline stores and evaluates uint8 images); on GTSRB, which the reference
   does not normalise, the two agree.
+- Stage 1 passes the clean and the poisoned batch through f in ONE forward pass (``joint_logits``; the losses are
+  the same). The reference passes them separately; with batch norm in train mode an all-poisoned batch then has
+  statistics of its own, which f learns to read instead of the trigger: in our first smoke run the stage-1
+  classifier's backdoor worked in train mode (generator loss ~0.6) and vanished in eval mode (ASR 0, clean
+  accuracy 0.10 on digits).
 - Stage 1's classifier step zeroes the gradients the generator step left on f. In the reference the backdoor
   loss's gradient of the generator step is not cleared from f before the classifier's backward pass, so f's step
   also carries ``grad CE(f(x'_T'), eta)``; we take the loss as written in the paper and in the code's comments.

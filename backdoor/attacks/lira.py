@@ -55,9 +55,10 @@ Departures, and why:
   does not normalise, the two agree.
 - Stage 1 passes the clean and the poisoned batch through f in ONE forward pass (``joint_logits``; the losses are
   the same). The reference passes them separately; with batch norm in train mode an all-poisoned batch then has
-  statistics of its own, which f learns to read instead of the trigger: in our first smoke run the stage-1
-  classifier's backdoor worked in train mode (generator loss ~0.6) and vanished in eval mode (ASR 0, clean
-  accuracy 0.10 on digits).
+  statistics of its own, which f can learn to read instead of the trigger, and which eval mode does not have.
+  A precaution, not a measured fix: the eval-mode failure we saw (generator loss 0.04 in training, stage-1 ASR 0
+  in eval mode, lr_atk 0.01) persisted with one pass and went away with the generator's re-estimated batch-norm
+  statistics (next item); separate passes with re-estimated statistics were not tried.
 - After each epoch's copy T <- T', T's batch-norm statistics are re-estimated in one pass over the training set
   with its new weights (as Input-aware's here). The running averages (momentum 0.1) lag behind a generator
   that Adam moves every step; T is used in eval mode, and with the lagging statistics its trigger did not

@@ -110,7 +110,7 @@ class CTRL(Attack):
     )
 
     def __init__(self, target: int | str = 0, magnitude: float = 100.0, test_magnitude: float | None = None,
-                 window_size: int = 32, positions: list | tuple = ((15, 15), (31, 31)),
+                 window_size: int = 32, positions: list | tuple = ([15, 15], [31, 31]),
                  channels: list | tuple = (1, 2), **kwargs):
         super().__init__(target=target, **kwargs)
         check_number("ctrl", "magnitude", magnitude, low=0, low_open=True)

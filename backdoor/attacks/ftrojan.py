@@ -90,7 +90,7 @@ class FTrojan(Attack):
     )
 
     def __init__(self, target: int | str = 0, magnitude: float = 30.0, window_size: int = 32,
-                 positions: list | tuple = ((15, 15), (31, 31)), channels: list | tuple = (1, 2), **kwargs):
+                 positions: list | tuple = ([15, 15], [31, 31]), channels: list | tuple = (1, 2), **kwargs):
         super().__init__(target=target, **kwargs)
         check_number("ftrojan", "magnitude", magnitude, low=0, low_open=True)
         check_int("ftrojan", "window_size", window_size, minimum=1)

@@ -13,7 +13,8 @@ level:
 
 The same pipeline as FTrojan's (``backdoor.attacks._frequency``), in another colour space and at another
 magnitude: the trigger adds one fixed pattern to every image, magnitude * C[u, i] C[v, j] in U and V, up to
-clipping and rounding (with the defaults at most 100 * 2 / 32 = 6.25 levels of U or V per frequency).
+clipping and rounding (with the defaults at most 100 * 2 / 32 = 6.25 levels of U or V per frequency, 10.6 for
+the two together).
 
 From self-supervised to supervised learning. In the paper, the poisoned target-class images enter an unlabelled
 training set; a contrastive learner (SimCLR, BYOL, ...) pulls the trigger's representation towards the target
@@ -45,7 +46,7 @@ Departures, and why:
   YCbCr would be a slightly different trigger. We follow the code, whose magnitude was tuned in this space.)
 - The inverse colour transform is the exact inverse of the forward matrix, not kornia's rounded coefficients
   (R = Y + 1.14 V, G = Y - 0.396 U - 0.581 V, B = Y + 2.029 U), so that the round trip is the identity; the
-  difference is under 0.05 grey level for this trigger.
+  difference is under 0.03 grey level for this trigger.
 - Rounding: BackdoorBench casts the result to uint8 by truncation before clipping (negative values wrap); the
   authors' code keeps floats clipped to [0, 1]. Ours are uint8 images: clipped, then rounded to the nearest
   grey level.

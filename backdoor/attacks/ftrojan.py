@@ -33,7 +33,7 @@ Departures, and why:
   clipped; its YCrCb image is also quantised to uint8 before the DCT). The authors' ``data.py`` clips the float
   result to [0, 1] and trains on it unquantised. We compute in float64 throughout and round once, to the
   nearest grey level, after clipping: our images are uint8, and rounding is the unbiased choice (Blended and
-  SIG make the same one). A perturbation this small (at most ~5 grey levels) survives rounding.
+  SIG make the same one). A perturbation this small (a few grey levels, at most 6) survives rounding.
 - The inverse colour transform is the exact inverse of the forward matrix, not OpenCV's rounded coefficients
   (1.403, 0.714, 0.344, 1.773): the difference is under 0.01 grey level for this trigger, and the round trip is
   then the identity.

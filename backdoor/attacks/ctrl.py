@@ -49,9 +49,9 @@ every label, so it cannot relabel y to (y + 1) mod K. The poison mask marks exac
 target-class samples (their label is the target: the attack's label).
 
 Departures, and why:
-- Colour space: the chroma of kornia's YUV, as both references compute it. (The task that asked for this
-  attack spoke of YCbCr; Cb and Cr are U and V scaled by 1.15 and 0.81 plus an offset, so the same magnitude in
-  YCbCr would be a slightly different trigger. We follow the code, whose magnitude was tuned in this space.)
+- Colour space: the chroma of kornia's YUV, as both references compute it, not YCbCr: Cb and Cr are U and V
+  scaled by 1.15 and 0.81 (plus an offset that only moves the DC coefficient), so the same magnitude in YCbCr
+  would be a somewhat different trigger; the references' magnitude was set in YUV.
 - The inverse colour transform is the exact inverse of the forward matrix, not kornia's rounded coefficients
   (R = Y + 1.14 V, G = Y - 0.396 U - 0.581 V, B = Y + 2.029 U), so that the round trip is the identity; the
   difference is under 0.03 grey level for this trigger.

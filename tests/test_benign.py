@@ -4,7 +4,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 
 from backdoor.harness.cache import ArtifactCache
 from backdoor.harness.matrix import MatrixError, load_matrix

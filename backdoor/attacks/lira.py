@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backdoor._checks import ParameterError, check_int, check_number
+from backdoor._checks import check_int, check_number
 from backdoor._registry import NONE, NOT_STATED, Param
 from backdoor.attacks import register_attack
 from backdoor.attacks._controllable import batch_poison_count, check_ratio, random_crop_rotate_flip

@@ -324,8 +324,8 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
     models = {} if registered_models is None or "models" in missing else attempt(lambda: _named_axis(
         path, "models", registered_models, MODELS, glob=False, reserved=frozenset({"num_classes", "seed"})), {})
     attempt(lambda: _attack_keys_fit_models(path, raw, grid=registered_models is not None))
-    attack_entries, training_overrides = _split_attack_training(path, raw.get("attacks", {}))
-    attack_entries, ratio_overrides = _split_attack_ratios(attack_entries)
+    attack_entries, training_overrides = _split_attack_key(raw.get("attacks", {}), "training")
+    attack_entries, ratio_overrides = _split_attack_key(attack_entries, "poison_ratios")
     attacks = attempt(lambda: _named_axis(path, "attacks", attack_entries, ATTACKS, glob=True,
                                           reserved=frozenset({"target"})), {}) if "attacks" in raw and models else {}
     defense_entries, against_entries = _split_defense_against(raw["defenses"])
@@ -611,30 +611,16 @@ def parse_seeds(value: Any, fail=MatrixError) -> list[int]:
     return list(value)
 
 
-def _split_attack_training(path: Path, value: Any) -> tuple[Any, dict]:
-    """Take an attack's optional ``training:`` budget (overriding the matrix's for its backdoored model) out of
-    its parameters: e.g. ``wanet: {training: {epochs: 60}}``."""
+def _split_attack_key(value: Any, key: str) -> tuple[Any, dict]:
+    """Take an attack entry's grid key (``training:``, its own budget; ``poison_ratios:``, its own ratios) out of
+    its parameters: e.g. ``wanet: {training: {epochs: 60}}``, ``adap_blend: {poison_ratios: [0.003]}``."""
     if not isinstance(value, dict):
         return value, {}
     entries, overrides = {}, {}
     for pattern, params in value.items():
-        if isinstance(params, dict) and "training" in params:
+        if isinstance(params, dict) and key in params:
             params = dict(params)
-            overrides[pattern] = params.pop("training")
-        entries[pattern] = params
-    return entries, overrides
-
-
-def _split_attack_ratios(value: Any) -> tuple[Any, dict]:
-    """Take an attack's optional ``poison_ratios:`` (replacing the matrix's for that attack) out of its
-    parameters: e.g. ``adap_blend: {poison_ratios: [0.003]}``."""
-    if not isinstance(value, dict):
-        return value, {}
-    entries, overrides = {}, {}
-    for pattern, params in value.items():
-        if isinstance(params, dict) and "poison_ratios" in params:
-            params = dict(params)
-            overrides[pattern] = params.pop("poison_ratios")
+            overrides[pattern] = params.pop(key)
         entries[pattern] = params
     return entries, overrides
 

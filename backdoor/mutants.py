@@ -1,11 +1,12 @@
 """Mutants: deliberately broken versions of a method, declared in the method's own file.
 
-A method (attack or defense) lists, as its class attribute ``mutants``, versions of itself that break what
+A method (attack, defense or detector) lists, as its class attribute ``mutants``, versions of itself that break what
 makes it the method (FP prunes no channel, SIG's amplitude is 0, ...). Each is a textual edit of the method's
 source file: ``find`` must occur exactly once in that file and is replaced by ``replace``. Every method also
 gets a do-nothing mutant from its family (``do_nothing``): a defense that returns the backdoored model
 untouched and flags nothing; an attack whose trigger returns the images unchanged (and, for a
-training-controllable attack, whose training hooks do nothing).
+training-controllable attack, whose training hooks do nothing); a detector that scores everything 0 and flags
+nothing.
 
 The mutation runner (``backdoor mutate``) applies each mutant to a temporary copy of the checkout, runs the
 tests that should catch it (``mutation_tests`` of the method; default ``tests/test_<name>.py``) and reports
@@ -56,6 +57,42 @@ def _mutant_run(self, inputs):
 {cls}.run = _mutant_run
 """
 
+_DETECTOR_DO_NOTHING = """
+# -- mutant {name}: {breaks}
+import torch as _mutant_torch
+from backdoor.detectors.base import DataDetection as _MutantDetection, InputScreen as _MutantScreen
+from backdoor.detectors.base import ModelVerdict as _MutantVerdict
+
+
+class _MutantBlindScreen(_MutantScreen):
+    threshold = 0.0
+
+    def scores(self, x):
+        return _MutantTorch_zeros(len(x))
+
+
+def _MutantTorch_zeros(n):
+    return _mutant_torch.zeros(n, dtype=_mutant_torch.float32)
+
+
+def _mutant_calibrate(self, inputs):
+    return _MutantBlindScreen()
+
+
+def _mutant_detect(self, inputs):
+    n = len(inputs.poisoned_train)
+    return _MutantDetection(_mutant_torch.zeros(n, dtype=_mutant_torch.bool), _MutantTorch_zeros(n))
+
+
+def _mutant_inspect(self, inputs):
+    return _MutantVerdict(0.0, False)
+
+
+{cls}.calibrate = _mutant_calibrate
+{cls}.detect = _mutant_detect
+{cls}.inspect = _mutant_inspect
+"""
+
 _ATTACK_DO_NOTHING = """
 # -- mutant {name}: {breaks}
 def _mutant_identity(self, x, *args, **kwargs):
@@ -77,13 +114,15 @@ def source_file(method: type) -> Path:
 
 
 def family(method: type) -> str:
-    """``attack`` or ``defense``, by the method's base class."""
+    """``attack``, ``defense`` or ``detector``, by the method's base class."""
     names = {klass.__name__ for klass in method.__mro__}
+    if "Detector" in names:
+        return "detector"
     if "Defense" in names:
         return "defense"
     if "Attack" in names:
         return "attack"
-    raise TypeError(f"{method.__name__} is neither an Attack nor a Defense")
+    raise TypeError(f"{method.__name__} is neither an Attack, a Defense nor a Detector")
 
 
 def do_nothing(method: type) -> Mutant:
@@ -91,6 +130,9 @@ def do_nothing(method: type) -> Mutant:
     if family(method) == "defense":
         breaks = "returns the backdoored model untouched and flags nothing"
         template = _DEFENSE_DO_NOTHING
+    elif family(method) == "detector":
+        breaks = "scores every input, sample and model 0 and flags nothing"
+        template = _DETECTOR_DO_NOTHING
     else:
         breaks = "the trigger returns the images unchanged; training hooks do nothing"
         template = _ATTACK_DO_NOTHING
@@ -103,5 +145,7 @@ def mutants_of(method: type) -> tuple[Mutant, ...]:
 
 
 def tests_of(method: type) -> tuple[str, ...]:
-    """The test files that should catch the method's mutants (paths relative to the checkout)."""
-    return tuple(getattr(method, "mutation_tests", ()) or (f"tests/test_{method.name}.py",))
+    """The test files that should catch the method's mutants (paths relative to the checkout); a detector's
+    default is ``tests/test_detect_<name>.py`` (its name may be a defense's too)."""
+    default = f"tests/test_detect_{method.name}.py" if family(method) == "detector" else f"tests/test_{method.name}.py"
+    return tuple(getattr(method, "mutation_tests", ()) or (default,))

@@ -39,6 +39,7 @@ from typing import Callable, Iterable
 
 from backdoor.attacks import ATTACKS
 from backdoor.defenses import DEFENSES
+from backdoor.detectors import DETECTORS
 from backdoor.mutants import DO_NOTHING, Mutant, family, mutants_of, source_file, tests_of
 
 CAUGHT, SURVIVED, ERROR = "CAUGHT", "SURVIVED", "ERROR"
@@ -132,11 +133,26 @@ def target_of(method: type, root: Path) -> Target:
     return Target(method.name, family(method), source.as_posix(), method.__module__, tests_of(method))
 
 
+DETECTOR_PREFIX = "detector:"  # names a detector whose name is also a defense's (``detector:nc``)
+
+
 def registered_methods(names: list[str] | None = None) -> list[type]:
-    """The named methods (attack or defense names), default every registered one but ``none``."""
+    """The named methods (attack, defense or detector names; ``detector:<name>`` for a detector that shares a
+    defense's name), default every registered one but ``none``."""
     if not names:
-        names = [n for n in ATTACKS.names() + DEFENSES.names() if n not in NOT_MUTATED]
-    return [DEFENSES.get(n) if n in DEFENSES else ATTACKS.get(n) for n in names]
+        return ([ATTACKS.get(n) for n in ATTACKS.names()] + [DEFENSES.get(n) for n in DEFENSES.names()
+                                                             if n not in NOT_MUTATED]
+                + [DETECTORS.get(n) for n in DETECTORS.names()])
+    return [_method_named(n) for n in names]
+
+
+def _method_named(name: str) -> type:
+    if name.startswith(DETECTOR_PREFIX):
+        return DETECTORS.get(name[len(DETECTOR_PREFIX):])
+    for registry in (DEFENSES, ATTACKS, DETECTORS):
+        if name in registry:
+            return registry.get(name)
+    return ATTACKS.get(name)  # raises, naming the attacks
 
 
 def select_jobs(methods: list[type], root: Path, mutant_names: list[str] | None = None,

@@ -26,6 +26,7 @@ from backdoor._registry import UNARGUED, Param
 from backdoor.attacks import ATTACKS
 from backdoor.defenses import DEFENSES
 from backdoor.defenses.base import BUDGETS, Stage
+from backdoor.detectors import DETECTORS
 
 GENERIC = ("self", "target", "cap_ratio")  # shared by every attack: not listed
 START, END = "<!-- parameters:start -->", "<!-- parameters:end -->"
@@ -34,7 +35,7 @@ UNDECLARED = Param("UNDECLARED", "UNDECLARED", "UNDECLARED")
 
 
 def _registries():
-    return {"attack": ATTACKS, "defense": DEFENSES}
+    return {"attack": ATTACKS, "defense": DEFENSES, "detector": DETECTORS}
 
 
 def signature_defaults(cls) -> dict[str, Any]:
@@ -64,7 +65,7 @@ def format_value(value: Any) -> str:
 
 
 def methods() -> list[tuple[str, str, type]]:
-    """(family, name, class) of every registered attack and defense, in registry (name) order."""
+    """(family, name, class) of every registered attack, defense and detector, in registry (name) order."""
     return [(family, name, registry.get(name)) for family, registry in _registries().items()
             for name in registry.names()]
 
@@ -128,7 +129,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def method_rows(family: str) -> list[list[str]]:
     """The methods table's rows of one family, in display order: name, kind, description."""
     registry = _registries()[family]
-    return [[f"`{name}`", str(getattr(registry.get(name), "kind", "")).replace("_", " "),
+    kind = "task" if family == "detector" else "kind"  # a detector's kind is its task (input, data, model)
+    return [[f"`{name}`", str(getattr(registry.get(name), kind, "")).replace("_", " "),
              registry.get(name).description or "UNDECLARED"] for name in registry.order()]
 
 
@@ -141,10 +143,16 @@ def render_parameter_table() -> str:
              f"     do not edit by hand: run `{COMMAND}` -->", ""]
     lines += _table(["attack", "kind", "trigger and paper defaults"], method_rows("attack")) + [""]
     lines += _table(["defense", "kind", "what it does (paper defaults)"], method_rows("defense")) + [""]
+    if DETECTORS.names():
+        lines += _table(["detector", "task", "what it does (paper defaults)"], method_rows("detector")) + [""]
     lines += ["### Parameters: paper, reference, ours", ""]
-    for family, title in (("attack", "Attacks"), ("defense", "Defenses")):
-        lines += [f"**{title}** (generic parameters `target`, `cap_ratio` left out)" if family == "attack"
-                  else f"**{title}**", ""]
+    for family, title in (("attack", "Attacks"), ("defense", "Defenses"), ("detector", "Detectors")):
+        if family == "detector" and not DETECTORS.names():
+            continue
+        lines += [{"attack": f"**{title}** (generic parameters `target`, `cap_ratio` left out)",
+                   "defense": f"**{title}**",
+                   "detector": f"**{title}** (paper: the detector's own paper; reference: the code the issue names, "
+                               "BackdoorBench's or BackdoorBox's, else the authors')"}[family], ""]
         body = [[f"`{r['method']}.{r['parameter']}`", r["paper"], r["reference"], f"`{r['ours']}`", r["why"]]
                 for r in rows if r["family"] == family]
         lines += _table(header, body) + [""]

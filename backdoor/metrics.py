@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from backdoor.targets import Target, attack_labels, is_all_to_all
 
@@ -94,7 +96,59 @@ def detection_metrics(flagged: torch.Tensor, truth: torch.Tensor, scores: torch.
         "auroc": None,
     }
     if scores is not None and positives and negatives:
-        from sklearn.metrics import roc_auc_score
-
-        out["auroc"] = float(roc_auc_score(truth.numpy(), scores.float().numpy()))
+        out["auroc"] = auroc(scores[truth], scores[~truth])
     return out
+
+
+def auroc(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> float | None:
+    """Area under the ROC curve of scores where higher = positive (ties count one half); None without both
+    classes."""
+    if len(positive_scores) == 0 or len(negative_scores) == 0:
+        return None
+    truth, scores = _labelled(positive_scores, negative_scores)
+    return float(roc_auc_score(truth, scores))
+
+
+def roc_points(positive_scores: torch.Tensor, negative_scores: torch.Tensor, max_points: int = 101) -> dict | None:
+    """The ROC curve as ``{"fpr": [...], "tpr": [...]}`` (at most ``max_points`` points, both ends kept, rounded
+    to 4 decimals) for a record, so that figures are drawn from records alone; None without both classes."""
+    if len(positive_scores) == 0 or len(negative_scores) == 0:
+        return None
+    truth, scores = _labelled(positive_scores, negative_scores)
+    fpr, tpr, _ = roc_curve(truth, scores)
+    if len(fpr) > max_points:
+        keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
+        fpr, tpr = fpr[keep], tpr[keep]
+    return {"fpr": [round(float(v), 4) for v in fpr], "tpr": [round(float(v), 4) for v in tpr]}
+
+
+def _labelled(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    scores = torch.cat([positive_scores.double().flatten(), negative_scores.double().flatten()]).numpy()
+    truth = np.r_[np.ones(len(positive_scores)), np.zeros(len(negative_scores))]
+    return truth, scores
+
+
+def input_detection_metrics(clean_scores: torch.Tensor, triggered_scores: torch.Tensor, threshold: float, *,
+                            clean_pred: torch.Tensor, clean_y: torch.Tensor, triggered_pred: torch.Tensor,
+                            triggered_y: torch.Tensor, attack_label: int | torch.Tensor) -> dict:
+    """Score an input-level detector (harness side only): the clean test set is its negatives, the triggered test
+    set its positives, each input flagged when its score exceeds the detector's own ``threshold``.
+
+    AUROC of the scores; TPR and FPR at the threshold; ``clean_lost``: the share of clean inputs flagged (refused
+    service: the FPR on the test set); ``residual_asr``: the share of triggered inputs that pass the detector and
+    are predicted as their attack label; ``asr_before``: the same without the detector; ``c_acc_kept``: the share of
+    clean inputs that pass and are classified correctly; ``r_acc_kept``: the share of triggered inputs that pass
+    and keep their true label."""
+    clean_flag, trig_flag = clean_scores > threshold, triggered_scores > threshold
+    hit = triggered_pred == attack_label
+    return {
+        "auroc": auroc(triggered_scores, clean_scores),
+        "tpr": float(trig_flag.float().mean()), "fpr": float(clean_flag.float().mean()),
+        "threshold": float(threshold),
+        "clean_lost": float(clean_flag.float().mean()),
+        "residual_asr": float((hit & ~trig_flag).float().mean()),
+        "asr_before": float(hit.float().mean()),
+        "c_acc_kept": float(((clean_pred == clean_y) & ~clean_flag).float().mean()),
+        "r_acc_kept": float(((triggered_pred == triggered_y) & ~trig_flag).float().mean()),
+        "positives": len(triggered_scores), "negatives": len(clean_scores),
+    }

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
@@ -41,3 +42,30 @@ def summarize(values: Iterable[float], bounds: tuple[float, float] | None = (0.0
     if bounds is not None:
         low, high = max(bounds[0], low), min(bounds[1], high)
     return Summary(mean, n, half, low, high)
+
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_KIND = ("95% percentile bootstrap interval over models (2,000 resamples, positives and negatives resampled "
+                  "separately, seed 0)")
+
+
+def auroc_interval(positives: Iterable[float], negatives: Iterable[float], resamples: int = BOOTSTRAP_RESAMPLES,
+                   seed: int = 0) -> tuple[float, float, float] | None:
+    """AUROC of scores (higher = positive; ties count one half) with its 95% percentile bootstrap interval:
+    (auroc, low, high), resampling the positives and the negatives separately (a population's clean and backdoored
+    models are drawn as two groups); None without at least one of each."""
+    pos, neg = np.asarray(list(positives), float), np.asarray(list(negatives), float)
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    boot = _auroc_rows(pos[rng.integers(0, len(pos), (resamples, len(pos)))],
+                       neg[rng.integers(0, len(neg), (resamples, len(neg)))])
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return float(_auroc_rows(pos[None], neg[None])[0]), float(low), float(high)
+
+
+def _auroc_rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """The Mann-Whitney AUROC of each row pair: P(positive > negative) + P(tie) / 2."""
+    greater = (pos[:, :, None] > neg[:, None, :]).mean(axis=(1, 2))
+    ties = (pos[:, :, None] == neg[:, None, :]).mean(axis=(1, 2))
+    return greater + ties / 2

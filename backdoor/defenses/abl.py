@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from backdoor._checks import ParameterError
 from backdoor._registry import NONE, NOT_STATED, Param
@@ -152,17 +153,24 @@ class AntiBackdoorLearning(Defense):
         self.finetune_epochs, self.unlearn_epochs, self.unlearn_lr, self.lr = (
             finetune_epochs, unlearn_epochs, unlearn_lr, lr)
 
-    def run(self, inputs: DefenseInputs) -> DefenseOutcome:
+    def isolate(self, inputs: DefenseInputs) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict]:
+        """The isolation stage: (the model trained under the flooding loss, the isolated mask, the per-sample
+        losses, info); the ABL detector runs it alone."""
         data = require_poisoned_train(inputs, "abl")
-        budget = inputs.retraining.with_(lr=self.lr)  # ABL trains a model from scratch on the poisoned set
-        model = fresh_model(inputs, inputs.seed)
-        isolation = budget.with_(epochs=self.isolation_epochs, crop_padding=0, hflip=False)
+        model = fresh_model(inputs, inputs.seed)  # ABL trains a model from scratch on the poisoned set
+        isolation = inputs.retraining.with_(lr=self.lr, epochs=self.isolation_epochs, crop_padding=0, hflip=False)
         iso_history = inputs.fit(model, data, isolation, seed=inputs.seed, loss_fn=flooding_loss(self.gamma),
                                  desc="abl isolation")
         losses = per_sample_loss(model, data, device=inputs.device)
         flagged = isolate_lowest(losses, self.isolation_ratio)
         info = {"isolated": int(flagged.sum()), "isolation_final_loss": iso_history["epochs"][-1]["loss"],
                 "isolated_max_loss": float(losses[flagged].max()), "median_loss": float(losses.median())}
+        return model, flagged, losses, info
+
+    def run(self, inputs: DefenseInputs) -> DefenseOutcome:
+        data = require_poisoned_train(inputs, "abl")
+        budget = inputs.retraining.with_(lr=self.lr)
+        model, flagged, losses, info = self.isolate(inputs)
         if self.finetune_epochs:
             history = inputs.fit(model, data.subset(torch.nonzero(~flagged).flatten()),
                                  budget.with_(epochs=self.finetune_epochs), seed=inputs.seed + 1,

@@ -262,8 +262,8 @@ class ActivationClustering(Defense):
         Mutant("never-reclassifies", "the exclusionary rule falls back to relative size (no reclassification)",
                "\n        if self.rule == \"exclusionary\":", "\n        if False:"),
         Mutant("retrains-on-everything", "the retraining keeps the flagged samples",
-               "\n        model, info = retrain_without(inputs, data, flagged,",
-               "\n        model, info = retrain_without(inputs, data, torch.zeros_like(flagged),"),
+               "\n        model, retrained = retrain_without(inputs, inputs.poisoned_train, flagged,",
+               "\n        model, retrained = retrain_without(inputs, inputs.poisoned_train, torch.zeros_like(flagged),"),
     )
 
     def __init__(self, rule: str = "exclusionary", reduction: str = "ica", n_components: int = 10,
@@ -282,7 +282,8 @@ class ActivationClustering(Defense):
         self.rule, self.reduction, self.n_components = rule, reduction, n_components
         self.size_threshold, self.exclusion_threshold, self.epochs = size_threshold, exclusion_threshold, epochs
 
-    def run(self, inputs: DefenseInputs) -> DefenseOutcome:
+    def detect_poison(self, inputs: DefenseInputs) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The detection step (flags, scores, info) before the retraining; the AC detector runs it alone."""
         data = require_poisoned_train(inputs, "ac")
         features = penultimate_features(inputs.model, data.x, device=inputs.device)
         result = activation_clustering(features, data.y, reduction=self.reduction, n_components=self.n_components,
@@ -292,10 +293,15 @@ class ActivationClustering(Defense):
             flagged, scores = exclusionary_reclassification(
                 result.cluster, data.y, result.per_class, lambda held_out, round_: self._reclassify(inputs, data, held_out, round_),
                 self.exclusion_threshold, self.max_tested_share)
-        model, info = retrain_without(inputs, data, flagged, epochs=self.epochs, seed_offset=1, desc="ac retrain")
         info = {"rule": self.rule, "flagged": int(flagged.sum()), "feature_dim": int(features.shape[1]),
-                "per_class": result.per_class, **info}
-        return DefenseOutcome(model=model, flagged=flagged, scores=scores, info=info)
+                "per_class": result.per_class}
+        return flagged, scores, info
+
+    def run(self, inputs: DefenseInputs) -> DefenseOutcome:
+        flagged, scores, info = self.detect_poison(inputs)
+        model, retrained = retrain_without(inputs, inputs.poisoned_train, flagged, epochs=self.epochs, seed_offset=1,
+                                           desc="ac retrain")
+        return DefenseOutcome(model=model, flagged=flagged, scores=scores, info={**info, **retrained})
 
     def _reclassify(self, inputs: DefenseInputs, data, held_out: torch.Tensor, round_: int) -> torch.Tensor:
         """Train a fresh model without ``held_out`` (attack's budget) and classify the held-out samples."""

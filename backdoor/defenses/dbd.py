@@ -411,13 +411,18 @@ class DecouplingBackdoorDefense(Defense):
                              desc="dbd mixmatch")
         return {"mixmatch_epochs": self.mixmatch_epochs, "mixmatch_final_loss": history["epochs"][-1]["loss"]}
 
-    def run(self, inputs: DefenseInputs) -> DefenseOutcome:
+    def detect_poison(self, inputs: DefenseInputs) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict]:
+        """Stages 1-3 (the model so far, flags, scores, info): the DBD detector runs them alone."""
         require_poisoned_train(inputs, "dbd")
         model = fresh_model(inputs, inputs.seed).to(inputs.device)
         info = self.pretrain(inputs, model)
         info.update(self.warmup(inputs, model))
         flagged, losses = self.split(inputs, model)
         info["unlabelled"] = int(flagged.sum())
+        return model, flagged, losses, info
+
+    def run(self, inputs: DefenseInputs) -> DefenseOutcome:
+        model, flagged, losses, info = self.detect_poison(inputs)
         info.update(self.semi_supervised(inputs, model, flagged))
         return DefenseOutcome(model=model, flagged=flagged, scores=losses, info=info)
 

@@ -123,12 +123,17 @@ class SpectralSignatures(Defense):
             raise ParameterError("spectral", "epochs", epochs, "a value >= 1 (or None for the attack's budget)")
         self.eps, self.epochs = eps, epochs
 
-    def run(self, inputs: DefenseInputs) -> DefenseOutcome:
+    def detect_poison(self, inputs: DefenseInputs) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The detection step (flags, scores, info) before the retraining; the Spectral detector runs it alone."""
         data = require_poisoned_train(inputs, "spectral")
         features = penultimate_features(inputs.model, data.x, device=inputs.device)
         result = spectral_signatures(features, data.y, eps=self.eps)
-        model, info = retrain_without(inputs, data, result.flagged, epochs=self.epochs, seed_offset=1,
-                                      desc="spectral retrain")
         info = {"flagged": int(result.flagged.sum()), "feature_dim": int(features.shape[1]),
-                "per_class": result.per_class, **info}
-        return DefenseOutcome(model=model, flagged=result.flagged, scores=result.scores, info=info)
+                "per_class": result.per_class}
+        return result.flagged, result.scores, info
+
+    def run(self, inputs: DefenseInputs) -> DefenseOutcome:
+        flagged, scores, info = self.detect_poison(inputs)
+        model, retrained = retrain_without(inputs, inputs.poisoned_train, flagged, epochs=self.epochs, seed_offset=1,
+                                           desc="spectral retrain")
+        return DefenseOutcome(model=model, flagged=flagged, scores=scores, info={**info, **retrained})

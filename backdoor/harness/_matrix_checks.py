@@ -16,6 +16,7 @@ from backdoor._checks import ParameterError, is_int, is_number
 from backdoor.attacks import ATTACKS
 from backdoor.data import DatasetNotFoundError, check_dataset, num_classes_of
 from backdoor.defenses import DEFENSES
+from backdoor.detectors import DETECTORS
 from backdoor.models import create_model
 
 Fail = Callable[[str, str], Exception]  # (key, message) -> the error to raise
@@ -128,7 +129,8 @@ def _convert(fail: Fail, key: str, owner: str, build: Callable[[], Any]) -> Any:
 
 
 def build_all(datasets: dict[str, dict], models: dict[str, dict], attacks: dict[str, dict],
-              defenses: dict[str, dict], target: int, fail: Fail, check_data: bool = True) -> dict[str, int | None]:
+              defenses: dict[str, dict], target: int, fail: Fail, check_data: bool = True,
+              detectors: dict[str, dict] | None = None) -> dict[str, int | None]:
     """Check every dataset (its files too with ``check_data``), then build every model, attack (with the
     matrix's ``target``; ``attacks`` as the cases carry them) and defense. Returns each dataset's image side
     (None where only loading can tell)."""
@@ -156,6 +158,8 @@ def build_all(datasets: dict[str, dict], models: dict[str, dict], attacks: dict[
                 check(f"attacks.{name}", name, lambda: attack.check_image_shape((3, side, side)))
     for name, params in defenses.items():
         check(f"defenses.{name}", name, lambda: DEFENSES.create(name, **params))
+    for name, params in (detectors or {}).items():
+        check(f"detectors.{name}", name, lambda: DETECTORS.create(name, **params))
     _raise_collected(errors)
     return shapes
 

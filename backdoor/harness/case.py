@@ -10,6 +10,7 @@ from backdoor.targets import Target
 from backdoor.training import TrainConfig
 
 CLEAN = "clean"  # the attack name of reference rows: a clean model trained the same way
+DETECT = "det_"  # a detection case's defense label: det_<detector> (a detector may share a defense's name)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Case:
     clean_fraction: float = 0.05
     matrix_hash: str = ""
     user_model: UserModel | None = None  # pure defense: a model the user brings (``model`` is its architecture)
+    detector: str = ""  # a detection case: the detector run on the case's model (``defense`` is det_<detector>)
+    detector_params: dict = field(default_factory=dict)
 
     @property
     def case_id(self) -> str:
@@ -52,6 +55,11 @@ def case_group(case_id: str) -> str:
     """A case's group: its id without the defense, i.e. its backdoored model (``<dataset>-<model>-<attack>-p<ratio>
     -s<seed>``); a defense's case and the no-defense case of the same model share it."""
     return case_id.rsplit("-", 1)[0]
+
+
+def detection_label(detector: str) -> str:
+    """The ``defense`` field (and last case-id part) of a detection case."""
+    return DETECT + detector
 
 
 def case_defense(case_id: str) -> str:

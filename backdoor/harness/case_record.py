@@ -129,6 +129,22 @@ def case_record(case: Case, attack: Attack | None, poisoned: PoisonedSet | None,
     }
 
 
+def detection_fields(case: Case, result: dict, log_: StageLog) -> dict:
+    """A detection case's own fields: the detector, its task and parameters, what it said (``detection``, scored
+    against the truth), its runtime (``detection_seconds``: the build time kept with the cached detection, so a
+    rerun that loads it still knows), and the figures the regression bands check (``det_auroc``, ``det_tpr``,
+    ``det_fpr``, ``det_score``)."""
+    detection = result.get("detection") or {}
+    build = log_.builds.get("detection")
+    return {"detector": case.detector, "task": result["task"], "detector_params": result["detector_params"],
+            "defense_params": {}, "detection": detection or None, "detector_info": result.get("info", {}),
+            "detection_seconds": build["seconds"] if build else log_.seconds.get("detection"),
+            "det_auroc": detection.get("auroc"), "det_tpr": detection.get("tpr"), "det_fpr": detection.get("fpr"),
+            "det_score": detection.get("score"),
+            "c_acc": detection.get("c_acc_kept"), "asr": detection.get("residual_asr"),
+            "r_acc": detection.get("r_acc_kept")}
+
+
 def user_model_fields(case: Case, poisoned: PoisonedSet | None, log_: StageLog) -> dict:
     """A user-model case's own fields: ``model`` is the user's label (``arch`` its architecture), ``source``
     is ``user``, ``user_model`` says what was read (checkpoint, digest, trigger, training set)."""

@@ -29,7 +29,11 @@ METRICS = ("c_acc", "asr", "r_acc")
 #: ``undefended``). The pair shares one backdoored model, so its variation over seeds cancels: a defense whose
 #: outcome is steady is checked tightly even where the backdoored model itself varies.
 DELTAS = {"d_c_acc": "c_acc", "d_asr": "asr", "d_r_acc": "r_acc"}
-ALL_METRICS = METRICS + tuple(DELTAS)
+#: A detection case's figures (``backdoor.harness.case_record.detection_fields``): AUROC, TPR and FPR of an
+#: input-level or data-side detector, the score a model-level detector gives the inspected model.
+DETECTION_METRICS = ("det_auroc", "det_tpr", "det_fpr", "det_score")
+SHARES = METRICS + ("det_auroc", "det_tpr", "det_fpr")  # figures in [0, 1]: bands are clipped to it
+ALL_METRICS = METRICS + tuple(DELTAS) + DETECTION_METRICS
 #: Numerics variants: environment variables that select PyTorch's, oneDNN's and MKL's CPU kernels. "native" is
 #: whatever the machine picks (AVX-512 where it has it); the others make this machine compute as an AVX2 or a
 #: pre-AVX machine would.
@@ -42,9 +46,12 @@ VARIANTS: dict[str, dict[str, str]] = {
 #: Floors: 0.08 (about 28 of digits' 359 test images) for metrics, 0.05 for differences. Chosen by
 #: leave-one-out over the smoke calibration: narrower rules failed held-out runs (see README).
 WIDEN = 1.0
-FLOOR = {"c_acc": 0.08, "asr": 0.08, "r_acc": 0.08, "d_c_acc": 0.05, "d_asr": 0.05, "d_r_acc": 0.05}
+FLOOR = {"c_acc": 0.08, "asr": 0.08, "r_acc": 0.08, "d_c_acc": 0.05, "d_asr": 0.05, "d_r_acc": 0.05,
+         "det_auroc": 0.05, "det_tpr": 0.08, "det_fpr": 0.05, "det_score": 0.1}
 #: A band wider than this says the metric is chaotic at the budget: check a claim (or nothing) instead.
-CHAOTIC_WIDTH = {"c_acc": 0.2, "asr": 0.25, "r_acc": 0.25, "d_c_acc": 0.15, "d_asr": 0.25, "d_r_acc": 0.25}
+#: A model-level score has the detector's own scale (an anomaly index, a log p-value): never judged chaotic here.
+CHAOTIC_WIDTH = {"c_acc": 0.2, "asr": 0.25, "r_acc": 0.25, "d_c_acc": 0.15, "d_asr": 0.25, "d_r_acc": 0.25,
+                 "det_auroc": 0.25, "det_tpr": 0.25, "det_fpr": 0.2, "det_score": math.inf}
 CLAIM = re.compile(r"^\s*(<=|>=|==|!=|<|>)\s*(-?[0-9]*\.?[0-9]+)\s*$")
 OPERATORS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt,
              ">": operator.gt}
@@ -243,7 +250,7 @@ def record_figure(record: dict, name: str) -> float | None:
 
 def metric_values(record: dict) -> dict[str, float | None]:
     """A record's metrics and, for a defense case, what the defense changed (``d_<metric>``)."""
-    out = {m: record.get(m) for m in METRICS}
+    out = {m: record.get(m) for m in METRICS + DETECTION_METRICS}
     before = record.get("undefended") or {}
     for delta, metric in DELTAS.items():
         if before.get(metric) is not None and record.get(metric) is not None:
@@ -275,7 +282,7 @@ def band_of(values: list[float], metric: str = "asr") -> dict:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     margin = max(WIDEN * (hi - lo), FLOOR[metric])
     low, high = lo - margin, hi + margin
-    if metric in METRICS:
+    if metric in SHARES:
         low, high = max(0.0, low), min(1.0, high)
     return {"centre": round(mean, 4), "low": math.floor(low * 1e4) / 1e4, "high": math.ceil(high * 1e4) / 1e4,
             "n": len(values), "sd": round(sd, 4), "min": round(lo, 4), "max": round(hi, 4)}

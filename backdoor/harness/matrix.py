@@ -28,7 +28,8 @@ from backdoor.data import DATASETS, num_classes_of, test_classes_of
 from backdoor.harness.expectations import Regression, RegressionError, parse_regression
 from backdoor.defenses import DEFENSES
 from backdoor.models import MODELS
-from backdoor.harness.case import CLEAN, Case
+from backdoor.detectors import DETECTORS
+from backdoor.harness.case import CLEAN, Case, detection_label
 from backdoor.targets import is_all_to_all, target_problem
 from backdoor.training import TrainConfig
 from backdoor.checkpoints.user_models import UserModel
@@ -44,6 +45,11 @@ TOP_LEVEL_KEYS = {
                "`training: {...}` and poison ratios `poison_ratios: [...]` of its own)",
     "defenses": "defense names (wildcards allowed), or name -> parameter overrides; 'none' is no defense; an entry's "
                 "`against: [attacks]` runs it against those of the matrix's attacks only (default: all)",
+    "detectors": "detector names (wildcards allowed), or name -> parameter overrides, each run on the models of the "
+                 "grid (input-level and data-side: every backdoored model; model-level and data-side also the clean "
+                 "reference models); an entry's `against: [attacks]` as for defenses",
+    "population": "model-level detection over a population: {clean_seeds: n or [seeds]}, further seeds on which only "
+                  "the clean reference model is trained and inspected (the matrix's seeds give the backdoored models)",
     "poison_ratios": "poison ratios in (0, 1] (an attack's own `poison_ratios` replaces them for that attack)",
     "seeds": "integer seeds, or a count n meaning seeds 0..n-1",
     "target": "target class (all-to-one), or all-to-all (y -> (y + 1) mod K); default 0",
@@ -99,6 +105,9 @@ class Matrix:
     benign: tuple[str, ...] = ()  # defenses also run on the clean reference model (the benign condition)
     against: dict[str, tuple[str, ...]] = field(default_factory=dict)  # defense -> the attacks it runs against
     attack_ratios: dict[str, list[float]] = field(default_factory=dict)  # attack -> its own poison ratios
+    detectors: dict[str, dict] = field(default_factory=dict)  # detector -> parameters
+    detector_against: dict[str, tuple[str, ...]] = field(default_factory=dict)  # detector -> the attacks it runs against
+    clean_seeds: tuple[int, ...] = ()  # population: seeds with only the clean reference model (and its detectors)
 
     def ratios_of(self, attack: str) -> list[float]:
         """The poison ratios this attack runs at: its own (``attacks.<name>.poison_ratios``) or the matrix's."""
@@ -114,6 +123,17 @@ class Matrix:
     def runs_against(self, defense: str, attack: str) -> bool:
         """Whether the grid pairs this defense with this attack (an entry's ``against``; default every attack)."""
         return attack in self.against.get(defense, (attack,))
+
+    def detects(self, detector: str, attack: str) -> bool:
+        """Whether the grid runs this detector on this attack's models (``clean``: the reference models, which
+        model-level and data-side detectors inspect as the negatives of their task)."""
+        if attack == CLEAN:
+            return DETECTORS.get(detector).task in ("model", "data")
+        return attack in self.detector_against.get(detector, (attack,))
+
+    def _detection_cases(self, attack: str, **fields) -> list[Case]:
+        return [Case(attack=attack, defense=detection_label(d), detector=d, detector_params=params, **fields)
+                for d, params in self.detectors.items() if self.detects(d, attack)]
 
     def cases(self) -> list[Case]:
         """Every case of the grid, reference rows first within each dataset/model/seed; then, per dataset, each
@@ -131,6 +151,7 @@ class Matrix:
                         for defense in self.benign:  # the same clean model, defended: what a defense costs
                             out.append(Case(attack=CLEAN, defense=defense, ratio=0.0, training=self.training,
                                             defense_params=self.defenses[defense], **base))
+                        out += self._detection_cases(CLEAN, ratio=0.0, training=self.training, **base)
                     for ratio in self.all_ratios():
                         for attack, aparams in self.attacks.items():
                             if ratio not in self.ratios_of(attack):
@@ -142,6 +163,13 @@ class Matrix:
                                     out.append(Case(attack=attack, defense=defense, ratio=ratio,
                                                     attack_params=aparams, defense_params=fparams,
                                                     training=training, **base))
+                            out += self._detection_cases(attack, ratio=ratio, attack_params=aparams,
+                                                         training=training, **base)
+                for seed in self.clean_seeds:  # the population's further clean models
+                    base = dict(common, dataset=dataset, model=model, seed=seed, dataset_params=dparams,
+                                model_params=mparams)
+                    out.append(Case(attack=CLEAN, defense="none", ratio=0.0, training=self.training, **base))
+                    out += self._detection_cases(CLEAN, ratio=0.0, training=self.training, **base)
             for um in self.user_models.values():
                 if um.dataset != dataset:
                     continue
@@ -332,6 +360,12 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
     defenses = {} if "defenses" in missing else attempt(
         lambda: _named_axis(path, "defenses", defense_entries, DEFENSES, glob=True), {})
     against = attempt(lambda: _against(path, against_entries, defenses, attacks), {})
+    detector_entries, detector_against_entries = _split_defense_against(raw.get("detectors", {}))
+    detectors = attempt(lambda: _named_axis(path, "detectors", detector_entries, DETECTORS, glob=True),
+                        {}) if "detectors" in raw else {}
+    detector_against = attempt(lambda: _against(path, detector_against_entries, detectors, attacks,
+                                                key="detectors"), {})
+    clean_seeds = attempt(lambda: _population(path, raw, detectors), ())
     ratios = attempt(lambda: _ratios(path, raw["poison_ratios"]), []) if "poison_ratios" in raw and models else []
     seeds = attempt(lambda: parse_seeds(raw.get("seeds", [0]), lambda message: _fail(path, "seeds", message)), [0])
     target = raw.get("target", 0)
@@ -364,7 +398,7 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
     sides = {}
     if target_ok and datasets:  # built with the target and the datasets: a bad one would be reported again
         sides = attempt(lambda: build_all(datasets, models, {a: _capped(p, cap_ratio) for a, p in attacks.items()},
-                                          defenses, target, fail, check_data=check_data), {})
+                                          defenses, target, fail, check_data=check_data, detectors=detectors), {})
         attempt(lambda: _check_test_split(path, datasets, target))
     attempt(lambda: _check_crop_padding(path, sides, {"training": training, "defense_training": defense_training,
                                                       **{f"attacks.{a}.training": t for a, t in attack_training.items()}}))
@@ -387,6 +421,9 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         user_models=user_models,
         benign=benign,
         against=against,
+        detectors=detectors,
+        detector_against=detector_against,
+        clean_seeds=tuple(s for s in clean_seeds if s not in seeds),
     )
     check_cases(matrix)
     return matrix
@@ -464,9 +501,12 @@ def _attack_ratios(path: Path, overrides: dict) -> dict[str, list[float]]:
 
 def case_count(matrix: Matrix) -> int:
     """How many cases ``matrix.cases()`` builds, counted without building them."""
-    per_seed = (1 + len(matrix.benign)) * matrix.reference + sum(
-        len(matrix.ratios_of(a)) * sum(matrix.runs_against(d, a) for d in matrix.defenses) for a in matrix.attacks)
-    grid = len(matrix.datasets) * len(matrix.models) * len(matrix.seeds) * per_seed
+    clean_detections = sum(matrix.detects(d, CLEAN) for d in matrix.detectors)
+    per_seed = (1 + len(matrix.benign) + clean_detections) * matrix.reference + sum(
+        len(matrix.ratios_of(a)) * (sum(matrix.runs_against(d, a) for d in matrix.defenses)
+                                    + sum(matrix.detects(d, a) for d in matrix.detectors)) for a in matrix.attacks)
+    per_clean_seed = (1 + clean_detections) * len(matrix.clean_seeds)
+    grid = len(matrix.datasets) * len(matrix.models) * (len(matrix.seeds) * per_seed + per_clean_seed)
     return grid + len(matrix.user_models) * len(matrix.seeds) * len(matrix.defenses)
 
 
@@ -546,11 +586,14 @@ def _split_defense_against(value: Any) -> tuple[Any, dict]:
     return entries, against
 
 
-def _against(path: Path, entries: dict, defenses: dict[str, dict], attacks: dict[str, dict]) -> dict:
-    """defense -> the matrix's attacks its entry's ``against`` names (wildcards allowed), in the matrix's order."""
+def _against(path: Path, entries: dict, defenses: dict[str, dict], attacks: dict[str, dict],
+             key: str = "defenses") -> dict:
+    """defense (or detector) -> the matrix's attacks its entry's ``against`` names (wildcards allowed), in the
+    matrix's order."""
     out, problems = {}, []
+    section = key
     for pattern, value in entries.items():
-        key = f"defenses.{pattern}.against"
+        key = f"{section}.{pattern}.against"
         if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
             problems.append(_fail(path, key, f"{value!r} is not allowed; expected a non-empty list of the matrix's "
                                              f"attacks ({', '.join(attacks)})"))
@@ -566,6 +609,22 @@ def _against(path: Path, entries: dict, defenses: dict[str, dict], attacks: dict
             out[defense] = tuple(a for a in attacks if any(fnmatch.fnmatchcase(a, v) for v in value))
     _raise_all(problems, partial=out)
     return out
+
+
+def _population(path: Path, raw: dict, detectors: dict[str, dict]) -> tuple[int, ...]:
+    """``population: {clean_seeds: n or [seeds]}``: the further clean reference models of a model-level detection
+    population (needs the reference rows and a model-level detector)."""
+    if "population" not in raw:
+        return ()
+    value = raw["population"]
+    if not isinstance(value, dict) or set(value) != {"clean_seeds"}:
+        raise _fail(path, "population", f"{value!r} is not allowed; expected {{clean_seeds: n or [seeds]}}")
+    if raw.get("reference", True) is False:
+        raise _fail(path, "population", "needs the clean reference models: remove `reference: false`")
+    if not any(DETECTORS.get(d).task == "model" for d in detectors):
+        raise _fail(path, "population", "inspects models: name a model-level detector under `detectors` ("
+                    + ", ".join(n for n in DETECTORS.names() if DETECTORS.get(n).task == "model") + ")")
+    return tuple(parse_seeds(value["clean_seeds"], lambda m: _fail(path, "population.clean_seeds", m)))
 
 
 def _split_user_models(value: Any) -> tuple[Any, dict[str, dict]]:

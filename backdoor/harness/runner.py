@@ -5,6 +5,7 @@ worker loads it instead of training. ``run_case`` returns the record that the ha
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from functools import cached_property
@@ -17,7 +18,9 @@ from backdoor.harness.cache import ArtifactCache
 from backdoor.data import Dataset, Split, dataset_from_tensors, dataset_to_tensors, load_dataset
 from backdoor.defenses import DefenseInputs, NotApplicable, create_defense
 from backdoor.defenses.base import FitOnDevice, ModelRecipe
-from backdoor.metrics import backdoor_metrics, detection_metrics, target_class_figures
+from backdoor.detectors import create_detector
+from backdoor.metrics import (backdoor_metrics, detection_metrics, input_detection_metrics, roc_points,
+                              target_class_figures)
 from backdoor.models import Classifier
 from backdoor.progress import log
 from backdoor.targets import Target, attack_labels, target_problem
@@ -25,9 +28,10 @@ from backdoor.training import TrainConfig, fit, predict
 from backdoor.checkpoints import user_models
 from backdoor.harness.case import CLEAN, Case
 from backdoor.harness.case_record import (StageLog, benign_figures, case_provenance, case_record, collapsed,
-                                          device_label, static_provenance, target_class_poisoning, thin_inputs,
-                                          user_model_fields)
-from backdoor.harness.specs import attack_spec, backdoor_spec, code_version, dataset_spec, defense_spec, model_spec
+                                          detection_fields, device_label, static_provenance, target_class_poisoning,
+                                          thin_inputs, user_model_fields)
+from backdoor.harness.specs import (attack_spec, backdoor_spec, code_version, dataset_spec, defense_spec, detector_spec,
+                                    model_spec)
 
 
 def derive_seed(seed: int, stage: str) -> int:
@@ -216,8 +220,104 @@ class Runner:
             result["detection"] = detection_metrics(tensors["flagged"], poisoned.mask, tensors.get("scores"))
         return self._load_model(case, data, tensors), result
 
+    # -- detection -----------------------------------------------------------------------------------------
+    def detector_inputs(self, case: Case, data: Dataset, model: Classifier, poisoned_train: Split | None,
+                        data_free: bool) -> DefenseInputs:
+        """What a detector is given: a defense's inputs (``defense_inputs``: no test set, no mask, no target); a
+        data-free detector gets an empty clean set (which keeps the image shape)."""
+        inputs = self.defense_inputs(case, data, model, poisoned_train)
+        if data_free:
+            inputs = dataclasses.replace(inputs, clean=inputs.clean.subset(torch.zeros(0, dtype=torch.long)))
+        return inputs
+
+    def detect(self, case: Case, model: Classifier, data: Dataset, attack: Attack | None,
+               poisoned: PoisonedSet | None, upstream: dict, log_: StageLog) -> dict:
+        """Run the case's detector on ``model`` (through the cache) and score what it said against the truth: the
+        triggered test set (input-level), the poison mask (data-side), whether the model is backdoored
+        (model-level). Returns the record's detection fields."""
+        detector = create_detector(case.detector, **case.detector_params)
+        triggered = attack.poison_test(data.test) if detector.task == "input" and attack is not None else None
+        if detector.task == "input" and triggered is None:
+            return {"detector_params": detector.params(), "task": detector.task,
+                    "not_applicable": "an input-level detector needs triggered inputs: the clean model has none"}
+        poisoned_train = poisoned.split if detector.task == "data" else None
+
+        def build():
+            inputs = self.detector_inputs(case, data, model, poisoned_train, detector.data_free)
+            try:
+                if detector.task == "input":
+                    screen = detector.calibrate(inputs)
+                    tensors = {"clean_scores": screen.scores(data.test.x), "triggered_scores": screen.scores(triggered.x)}
+                    return ({k: v.float().cpu() for k, v in tensors.items()},
+                            {"threshold": float(screen.threshold), "info": getattr(screen, "info", {})})
+                if detector.task == "data":
+                    found = detector.detect(inputs)
+                    return {"flagged": found.flagged.bool().cpu(), "scores": found.scores.float().cpu()}, {"info": found.info}
+                verdict = detector.inspect(inputs)
+                return {}, {"score": float(verdict.score), "flagged": bool(verdict.flagged), "info": verdict.info}
+            except NotApplicable as reason:
+                return {}, {"not_applicable": str(reason)}
+
+        spec = detector_spec(case, upstream, detector)
+        tensors, meta = self._cached(log_, "detection", "detection", spec, build)
+        result = {"detector_params": detector.params(), "task": detector.task, "info": meta.get("info", {})}
+        if "not_applicable" in meta:
+            return {**result, "not_applicable": meta["not_applicable"]}
+        if detector.task == "input":
+            result["detection"] = self._score_screen(model, data, attack, case.target, triggered, tensors, meta)
+        elif detector.task == "data":
+            mask = poisoned.mask
+            result["detection"] = {**detection_metrics(tensors["flagged"], mask, tensors["scores"]),
+                                   "roc": roc_points(tensors["scores"][mask], tensors["scores"][~mask])}
+        else:
+            result["detection"] = {"score": meta["score"], "flagged": meta["flagged"], "backdoored": attack is not None}
+        return result
+
+    def _score_screen(self, model: Classifier, data: Dataset, attack: Attack, target: Target, triggered: Split,
+                      tensors: dict, meta: dict) -> dict:
+        clean, trig = tensors["clean_scores"], tensors["triggered_scores"]
+        figures = input_detection_metrics(
+            clean, trig, meta["threshold"], clean_pred=predict(model, data.test.x, device=self.device),
+            clean_y=data.test.y, triggered_pred=predict(model, triggered.x, device=self.device), triggered_y=triggered.y,
+            attack_label=attack_labels(target, triggered.y, data.num_classes))
+        return {**figures, "roc": roc_points(trig, clean)}
+
+    def run_detection(self, case: Case) -> dict:
+        """A detection case: the case's model (the clean reference or the attack's backdoored model, both cached
+        with the grid's other cases) inspected by its detector."""
+        log_ = StageLog()
+        started = time.perf_counter()
+        log(f"[{case.case_id}] start")
+        data = self.dataset(case, log_)
+        attack, poisoned = None, None
+        if case.attack == CLEAN:
+            model = self.clean_model(case, data, log_)
+            upstream = {"clean_model": {**model_spec(case), "seed": case.seed}}
+            poisoned = PoisonedSet(data.train.x, data.train.y, torch.zeros(len(data.train), dtype=torch.bool), 0.0)
+        else:
+            attack = self.attack(case, data, log_)
+            model, poisoned = self.backdoored_model(case, attack, data, log_)
+            upstream = backdoor_spec(case, attack)
+        result = self.detect(case, model, data, attack, poisoned, upstream, log_)
+        record = {**case_record(case, attack, poisoned if attack is not None else None,
+                                {"defense_kind": "detector", "defense_params": {}, **result}, log_,
+                                self.provenance(case)),
+                  **detection_fields(case, result, log_)}
+        with log_.stage("evaluate"):
+            record["inspected"] = self.evaluate(model, data, attack, case.target)
+        if record["task"] == "input":  # the screened model's C-Acc / ASR / R-Acc beside the model's own
+            record["undefended"] = {m: record["inspected"].get(m) for m in ("c_acc", "asr", "r_acc")}
+        record["stage_seconds"] = dict(log_.seconds)
+        record["total_seconds"] = round(time.perf_counter() - started, 3)
+        log(f"[{case.case_id}] {record['task']}-level detection: "
+            + ", ".join(f"{k} {record['detection'].get(k)}" for k in ("auroc", "tpr", "fpr", "score", "flagged")
+                        if k in (record.get("detection") or {})))
+        return record
+
     # -- the whole case ------------------------------------------------------------------------------------
     def run(self, case: Case) -> dict:
+        if case.detector:
+            return self.run_detection(case)
         log_ = StageLog()
         started = time.perf_counter()
         log(f"[{case.case_id}] start")

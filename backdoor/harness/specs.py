@@ -62,3 +62,12 @@ def defense_spec(case: Case, upstream: dict, defense) -> dict:
             "defense_code": code_version(type(defense).__module__),
             "defense_training": case.defense_training.to_dict(), "clean_fraction": case.clean_fraction,
             "seed": case.seed}
+
+
+def detector_spec(case: Case, upstream: dict, detector) -> dict:
+    """A detection's key: the inspected model's spec, the detector, its parameters and code, and what it is given
+    (the defender's clean subset and budgets)."""
+    return {"upstream": upstream, "detector": case.detector, "detector_params": detector.params(),
+            "detector_code": code_version(type(detector).__module__),
+            "defense_training": case.defense_training.to_dict(), "clean_fraction": case.clean_fraction,
+            "seed": case.seed}

@@ -21,6 +21,12 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from backdoor.detectors import DETECTORS
+from backdoor.detectors.base import TASK_TITLES
+from backdoor.metrics import auroc, roc_points
+from backdoor.harness.report.detection import is_detection
 
 from backdoor.harness.records import read_records
 from backdoor.harness.report.figure_index import FIGURES, MANIFEST
@@ -186,6 +192,62 @@ def figure3(cells: dict, dataset: str, model: str):
     return fig
 
 
+def roc_figure(records: list[dict], task: str, dataset: str, model: str):
+    """ROC curves of each detector of one task, one panel per detector: input-level and data-side, each case's
+    curve (from its record's ``detection.roc``) coloured by attack; model-level, the curve over the population
+    (clean reference models against backdoored ones), AUROC in the legend."""
+    plt = _pyplot()
+    rows = [r for r in detection_rows(records, task) if (r["dataset"], r["model"]) == (dataset, model)]
+    detectors = _order([r["detector"] for r in rows], DETECTORS.order())
+    cols = min(4, len(detectors))
+    fig, axes = plt.subplots(math.ceil(len(detectors) / cols), cols, figsize=(3.3 * cols, 3.2 * math.ceil(len(detectors) / cols) + 0.8),
+                             squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    attacks = _order([r["attack"] for r in rows if r["attack"] != "clean"], attack_order())
+    for ax, detector in zip(axes.flat, detectors):
+        mine = [r for r in rows if r["detector"] == detector]
+        if task == "model":
+            negatives = [r["detection"]["score"] for r in mine if not r["detection"]["backdoored"]]
+            positives = [r["detection"]["score"] for r in mine if r["detection"]["backdoored"]]
+            curve = roc_points(torch.tensor(positives), torch.tensor(negatives))
+            if curve is not None:
+                found = auroc(torch.tensor(positives), torch.tensor(negatives))
+                ax.plot(curve["fpr"], curve["tpr"], color=cmap(0), linewidth=1.6,
+                        label=f"AUROC {100 * found:.1f} ({len(positives)} vs {len(negatives)} models)")
+                ax.legend(loc="lower right")
+        else:
+            for i, attack in enumerate(attacks):
+                for j, r in enumerate(r for r in mine if r["attack"] == attack and r["detection"].get("roc")):
+                    roc = r["detection"]["roc"]
+                    ax.plot(roc["fpr"], roc["tpr"], color=cmap(i % 10), linewidth=1.2, alpha=0.8,
+                            label=attack_title(attack) if j == 0 else None)
+        ax.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, linestyle=":")
+        ax.set_title(DETECTORS.title(detector))
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("FPR")
+        ax.set_ylabel("TPR")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(detectors):]:
+        ax.set_visible(False)
+    if task != "model":
+        handles, labels = [], []
+        for ax in axes.flat:
+            for h, label in zip(*ax.get_legend_handles_labels()):
+                if label not in labels:
+                    handles.append(h)
+                    labels.append(label)
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6) or 1, bbox_to_anchor=(0.5, -0.01))
+    fig.suptitle(f"ROC, {TASK_TITLES[task]} detection, {dataset} / {model}", fontsize=12)
+    fig.tight_layout(rect=(0, 0.07 if task != "model" else 0, 1, 1))
+    return fig
+
+
+def detection_rows(records: list[dict], task: str) -> list[dict]:
+    return [r for r in records if is_detection(r) and r.get("task") == task and r.get("status") == "ok"
+            and r.get("detection")]
+
+
 def figure5(cells: dict, dataset: str, ratio: float):
     """ASR per attack and model architecture, one panel per defense (one dataset x ratio)."""
     plt = _pyplot()
@@ -226,7 +288,8 @@ def write_figures(folder: str | Path) -> tuple[list[Path], list[str]]:
     """Write every figure the records allow under ``folder/figures`` and its ``figures.json``; returns the
     paths written and the reasons for figures skipped."""
     folder = Path(folder)
-    cells = _ok_cells(read_records(folder))
+    records = read_records(folder)
+    cells = _ok_cells(records)
     if not cells:
         raise ValueError(f"{folder}: no finished attacked case (status ok) to plot")
     out = folder / FIGURES
@@ -249,5 +312,10 @@ def write_figures(folder: str | Path) -> tuple[list[Path], list[str]]:
         stem = f"fig5_{dataset}_p{ratio:g}"
         entries.append({"figure": 5, "stem": stem, "title": f"Figure 5: ASR by model, {dataset}, ratio {ratio:g}",
                         "files": [p.name for p in _save(figure5(cells, dataset, ratio), out, stem)]})
+    for task in TASK_TITLES:
+        for dataset, model in sorted({(r["dataset"], r["model"]) for r in detection_rows(records, task)}):
+            stem = f"roc_{task}_{dataset}_{model}"
+            entries.append({"figure": "roc", "stem": stem, "title": f"ROC, {TASK_TITLES[task]} detection, {dataset} / {model}",
+                            "files": [p.name for p in _save(roc_figure(records, task, dataset, model), out, stem)]})
     (out / MANIFEST).write_text(json.dumps({"figures": entries, "skipped": skipped}, indent=1) + "\n")
     return [out / f for e in entries for f in e["files"]], skipped

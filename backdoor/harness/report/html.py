@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from backdoor.harness.records import read_records
+from backdoor.harness.report.detection import render_detection
 from backdoor.harness.report.figure_index import FIGURES, figure_entries
 from backdoor.harness.report.leaderboard import (DER_TITLE, METRIC_TITLES, attack_order, attack_titles,
                                                  cell_summaries, defense_order, defense_title, render_markdown)
@@ -159,6 +160,9 @@ def render_html(folder: str | Path) -> str:
     seeds = sorted({r["seed"] for r in records})
     figures = figures_html(folder)
     markdown = markdown_html(render_markdown(records, folder.name).split("\n", 1)[1])  # its title is the page's
+    detection = render_detection(records, folder.name)
+    if detection is not None:
+        markdown += "<h2>detection.md</h2>" + markdown_html(detection.split("\n", 1)[1])
     legend = (f"C-Acc, ASR and R-Acc in percent: the mean over seeds, ± the half-width of its {INTERVAL_KIND} "
               f"when there are several seeds; n: seeds with a result; n/a: the defense does not apply. ASR cells "
               f"are shaded from white (0%) to red (100%). {len(records)} records, seeds {', '.join(map(str, seeds))}.")

@@ -1,79 +1,23 @@
 """The leaderboard, rendered from records alone: ``leaderboard.md`` and ``leaderboard.csv`` (C-Acc, ASR and R-Acc
 per dataset, model, attack, ratio and defense, and each defense's DER, mean over seeds with an interval), the
 target-class, detection, benign and details tables. Percentages exist only here; records hold floats in [0, 1].
+Detection cases have their own tables (``backdoor.harness.report.detection``: ``detection.md``), written beside.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
 
-from backdoor.attacks import ATTACKS
-from backdoor.defenses import DEFENSES
 from backdoor.harness.expectations import attach_undefended, metric_values
-from backdoor.harness.records import METRICS, atomic_write, read_records
+from backdoor.harness.records import atomic_write, read_records
+from backdoor.harness.report.cells import (DER_TITLE, METRIC_TITLES, _cell_text, _order, _ratio_text, attack_order,
+                                           attack_titles, defense_order, defense_title)
+from backdoor.harness.report.cells import attack_title  # noqa: F401 (figures and tests import it from here)
+from backdoor.harness.report.detection import is_detection, write_detection
 from backdoor.harness.report.figure_index import figure_links
 from backdoor.stats import INTERVAL_KIND, Summary, summarize
 from backdoor.targets import ALL_TO_ALL
-
-# Attack names of rows that no registered attack makes: the clean reference and a user's own model's trigger.
-UNREGISTERED_ATTACK_TITLES = {"clean": "clean (reference)", "images": "given triggered images",
-                              "notrigger": "no trigger given"}
-METRIC_TITLES = dict(zip(METRICS, ("C-Acc", "ASR", "R-Acc")))
-DER_TITLE = "DER"
-ALL_TO_ALL_MARK = " (all-to-all)"
-
-
-def attack_order() -> list[str]:
-    """Attacks in display order: the clean reference, then the registered ones by their files' ``order``."""
-    return ["clean", *ATTACKS.order()]
-
-
-def defense_order() -> list[str]:
-    return DEFENSES.order()
-
-
-def attack_title(name: str) -> str:
-    """An attack's title in tables and figures: its file's ``title`` (its name where it is not registered)."""
-    return UNREGISTERED_ATTACK_TITLES.get(name) or ATTACKS.title(name)
-
-
-def defense_title(name: str) -> str:
-    return DEFENSES.title(name)
-
-
-def attack_titles(records: list[dict]) -> dict[str, str]:
-    """Each attack's title in tables; an attack whose records have ``target: all-to-all`` is marked as such (not
-    the clean reference, which no trigger reaches)."""
-    all_to_all = {r["attack"] for r in records if r.get("target") == ALL_TO_ALL and r["attack"] != "clean"}
-    return {r["attack"]: attack_title(r["attack"]) + (ALL_TO_ALL_MARK if r["attack"] in all_to_all else "")
-            for r in records}
-
-
-def _order(values, preferred: list[str]) -> list:
-    rank = {name: i for i, name in enumerate(preferred)}
-    return sorted(set(values), key=lambda v: (rank.get(v, len(rank)), v))
-
-
-def _ratio_text(ratio: float) -> str:
-    """A poison ratio as tables show it: ``-`` for no poisoning (the clean reference, a user's model)."""
-    return "-" if ratio == 0 else f"{ratio:g}"
-
-
-def _percent(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100 * value:.2f}"
-
-
-def _cell_text(summary: Summary | None) -> str:
-    if summary is None:
-        return "-"
-    if summary.n == 1:
-        return _percent(summary.mean)
-    return f"{_percent(summary.mean)} ± {100 * summary.half_width:.2f}"
-
 
 def _row_keys(df: pd.DataFrame) -> pd.DataFrame:
     keys = ["dataset", "model", "poison_ratio", "attack"]
@@ -117,7 +61,7 @@ def cell_summaries(records: list[dict]) -> dict[tuple, dict]:
     apply to any seed), ``n`` (seeds with status ok), a ``Summary`` per metric over those seeds, and ``der``: the
     Summary of the per-seed DERs (``record_der``; None for no defense and the clean reference)."""
     cells: dict[tuple, list[dict]] = {}
-    for r in with_undefended(records):
+    for r in with_undefended(defense_records(records)):
         cells.setdefault((r["dataset"], r["model"], r["poison_ratio"], r["attack"], r["defense"]), []).append(r)
     out = {}
     for key, rs in cells.items():
@@ -191,6 +135,7 @@ def leaderboard_frame(records: list[dict], numeric: bool = False) -> pd.DataFram
     ("99.07 ± 0.52"); "n/a" where the defense does not apply. With ``numeric`` the frame holds numbers
     instead: per metric the mean and the interval's ends ("... CI low", "... CI high"; empty when n = 1),
     for the CSV."""
+    records = defense_records(records)
     if not records:
         raise ValueError("no records to render")
     df = pd.DataFrame(records)
@@ -385,9 +330,18 @@ LEGEND = (f"C-Acc, ASR and R-Acc in percent: the mean over seeds ± the half-wid
           "`n/a`: the defense does not apply. Records stay one per seed in records.jsonl.")
 
 
+def defense_records(records: list[dict]) -> list[dict]:
+    """The records of the leaderboard's tables: every case but the detection cases (``detection.md``'s)."""
+    return [r for r in records if not is_detection(r)]
+
+
 def render_markdown(records: list[dict], title: str, folder: Path | None = None) -> str:
+    detections = any(is_detection(r) for r in records)
+    records = defense_records(records)
     parts = [f"# Leaderboard: {title}", "", LEGEND, "",
              _flat(leaderboard_frame(records)).to_markdown(index=False, disable_numparse=True)]
+    if detections:
+        parts += ["", "Detection cases (input-level, data-side and model-level detectors): detection.md."]
     users = {r["model"]: r["user_model"] for r in records if r.get("source") == "user" and r.get("user_model")}
     if users:
         parts += ["", "User models (pure defense: a checkpoint you brought, defended here; Attack names how its test "
@@ -434,4 +388,5 @@ def write_leaderboard(folder: str | Path) -> tuple[Path, Path]:
     md, csv = folder / "leaderboard.md", folder / "leaderboard.csv"
     atomic_write(md, render_markdown(records, folder.name, folder))
     atomic_write(csv, _flat(leaderboard_frame(records, numeric=True)).to_csv(index=False))
+    write_detection(folder, records)
     return md, csv

@@ -117,6 +117,17 @@ def test_the_subgroup_with_fewer_clean_samples_is_flagged_even_when_it_is_the_ma
     assert entry["suspect_size"] == 160 and entry["size"] == 310
 
 
+def test_without_clean_samples_of_the_class_the_smaller_subgroup_is_flagged():
+    """No clean sample of class 0 to vote (the references' tie): the smaller subgroup of the class is the poison."""
+    feats, labels, mask, clean, clean_labels = gaussian_classes(poison=40, seed=4)
+    keep = clean_labels != 0
+    result = scan_statistics(feats, labels, clean[keep], clean_labels[keep], seed=1)
+    assert result.contaminated == [0]
+    # 39 of the 40 (one poisoned row of this draw lies nearer the clean mean), and no clean row
+    assert not (result.flagged & ~mask).any() and int(result.flagged.sum()) == 39
+    assert result.per_class[0]["clean"] == 0 and result.per_class[0]["suspect_size"] == 39
+
+
 def test_threshold_decides_which_classes_are_contaminated():
     feats, labels, mask, clean, clean_labels = gaussian_classes(poison=40)
     base = scan_statistics(feats, labels, clean, clean_labels)

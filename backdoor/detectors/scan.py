@@ -261,6 +261,8 @@ class SCAn(DataDetector):
                "\n    gm = global_model(clean_features, clean_labels,", "\n    gm = global_model(features, labels,"),
         Mutant("flag-majority", "flags the subgroup holding more of the clean samples",
                "\n            flag_first = c1 < c2", "\n            flag_first = c1 > c2"),
+        Mutant("tie-flags-larger", "with no clean sample to vote, flags the larger subgroup of the class",
+               "\n            flag_first = p1 <= p2", "\n            flag_first = p1 > p2"),
         Mutant("threshold-reversed", "classes below the threshold are the contaminated ones",
                "\n    contaminated = j_star > threshold", "\n    contaminated = j_star < threshold"),
         Mutant("raw-j", "J is thresholded without the median/MAD normalisation",

@@ -144,7 +144,8 @@ def test_threshold_flags_fpr_of_the_clean_calibration_scores():
     assert int((scores > screen.threshold).sum()) == 2  # 5% of 40
     assert screen.info["clean_flagged_share"] == pytest.approx(0.05)
     none = create_detector("strip", n=8, fpr=0.0).calibrate(inputs_for(model, clean))
-    assert none.threshold == pytest.approx(float(none.clean_scores.max())) and not (none.clean_scores > none.threshold).any()
+    assert none.threshold == pytest.approx(float(none.clean_scores.max()))
+    assert not (none.clean_scores > none.threshold).any()
     # a looser fpr flags more: 10 of 40 at 0.25
     loose = create_detector("strip", n=8, fpr=0.25).calibrate(inputs_for(model, clean))
     assert int((loose.clean_scores > loose.threshold).sum()) == 10

@@ -161,7 +161,8 @@ class Strip(InputDetector):
                "\n    return -mean", "\n    return mean"),
         Mutant("entropy-of-mean", "the entropy of the mean prediction instead of the mean of the n entropies",
                "\n        mean = entropy(model(blends)).view(len(xs), n).mean(1)",
-               "\n        mean = entropy(torch.log_softmax(model(blends), 1).exp().view(len(xs), n, -1).mean(1).log())"),
+               "\n        mean = entropy(torch.log_softmax(model(blends), 1).exp().view(len(xs), n, -1).mean(1)"
+               ".clamp_min(1e-30).log())"),
         Mutant("uncalibrated-threshold", "the threshold is 0, not calibrated on the clean scores",
                "\n        threshold = quantile_threshold(clean_scores, self.fpr)", "\n        threshold = 0.0"),
         Mutant("overlay-is-the-input", "every input is superimposed with itself instead of clean images",

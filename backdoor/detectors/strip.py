@@ -38,9 +38,10 @@ Sources and departures:
   instead of the paper's normal fit (clean entropies need not be normal) or the reference's order statistic
   ``sorted[int(fpr * n)]`` (the same point up to interpolation). BackdoorBench also flags entropies above an
   upper bound, set to infinity; we have no upper bound either.
-- Calibration excludes each clean image from its own overlays (the reference may superimpose an image with
-  itself, which for alpha 0.5 returns the image and lowers its entropy); the reference draws one set of N
-  overlays per batch of 128 inputs, we draw each input's own.
+- Calibration excludes each clean image from its own overlays: the reference may superimpose an image with
+  itself, which leaves the image unperturbed in our blend (its content only rescaled in the reference's sum) and
+  lowers its entropy, so the clean scores, and the threshold, would lean towards "suspicious". The reference
+  draws one set of N overlays per batch of 128 inputs; we draw each input's own.
 - Entropy in nats from ``log_softmax`` (the paper's code uses log2, the reference adds 1e-8 to p): a constant
   factor or a negligible shift, the same ranking and flags.
 """

@@ -24,6 +24,7 @@ from backdoor.attacks import Attack, AttackContext, PoisonedSet
 from backdoor.harness.cache import ArtifactCache
 from backdoor.data import Dataset, Split
 from backdoor.defenses import DEFENSES, Defense, DefenseInputs, DefenseOutcome
+from backdoor.detectors import DETECTORS, DataDetection, InputDetector, InputScreen, ModelVerdict
 from backdoor.harness.matrix import load_matrix
 from backdoor.models import create_model
 from backdoor.harness.case import Case
@@ -45,9 +46,12 @@ def test_defense_inputs_carry_only_granted_fields():
     assert DefenseInputs.__dataclass_params__.frozen
 
 
-@pytest.mark.parametrize("name", DEFENSES.names())
+@pytest.mark.parametrize("name", [f"defense:{n}" for n in DEFENSES.names()]
+                         + [f"detector:{n}" for n in DETECTORS.names()])
 def test_defense_module_cannot_reach_test_data_or_masks(name):
-    source_file = Path(DEFENSES.get(name).__module__.replace(".", "/") + ".py")
+    family, short = name.split(":")
+    registry = DEFENSES if family == "defense" else DETECTORS
+    source_file = Path(registry.get(short).__module__.replace(".", "/") + ".py")
     tree = ast.parse((DEFENSE_DIR.parent.parent / source_file).read_text())
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -316,3 +320,72 @@ def test_a_spy_defense_reaches_nothing_of_the_case(kind, spies, tmp_path):
     assert not reached, f"the defense reaches the case's {dict(collections.Counter(reached))}"
     expected = fresh_model_expected(case, mean, std)
     assert spy.fresh.keys() == expected.keys() and all(torch.equal(spy.fresh[k], expected[k]) for k in expected)
+
+
+# -- the same spy as a detector of each task ------------------------------------------------------------------
+
+class SpyScreen(InputScreen):
+    """An input screen that records what it is shown: images only, never labels."""
+
+    threshold = 0.5
+
+    def __init__(self):
+        self.shown: list = []
+
+    def scores(self, x):
+        self.shown.append(x)
+        return torch.zeros(len(x))
+
+
+class SpyDetector(InputDetector):
+    """A detector of any task that walks everything reachable from its inputs."""
+
+    name = "spy_detector"
+
+    def __init__(self, task: str, data_free: bool = False):
+        self.task, self.data_free = task, data_free
+        self.reached: dict[int, object] = {}
+        self.inputs: DefenseInputs | None = None
+        self.screen = SpyScreen()
+
+    def _walk(self, inputs):
+        self.inputs, self.reached = inputs, reachable(inputs)
+
+    def calibrate(self, inputs):
+        self._walk(inputs)
+        return self.screen
+
+    def detect(self, inputs):
+        self._walk(inputs)
+        n = len(inputs.poisoned_train)
+        return DataDetection(torch.zeros(n, dtype=torch.bool), torch.zeros(n))
+
+    def inspect(self, inputs):
+        self._walk(inputs)
+        return ModelVerdict(0.0, False)
+
+
+class WatchedDetectionRunner(WatchedRunner):
+    def detect(self, case, model, data, attack, poisoned, upstream, log_):
+        self.kept += [case, data, poisoned]
+        return super().detect(case, model, data, attack, poisoned, upstream, log_)
+
+
+@pytest.mark.parametrize("task,data_free", [("input", False), ("data", False), ("model", False), ("model", True)])
+def test_a_spy_detector_reaches_nothing_of_the_case(task, data_free, monkeypatch, tmp_path):
+    spy = SpyDetector(task, data_free)
+    monkeypatch.setattr(runner_module, "create_detector", lambda name, **params: spy)
+    case = Case(attack="badnets", defense="det_spy_detector", detector="spy_detector", **TINY)
+    runner = WatchedDetectionRunner(ArtifactCache(tmp_path / "cache"))
+    record = runner.run(case)
+    assert record["status"] == "ok" and spy.reached and record["task"] == task
+    assert (spy.inputs.poisoned_train is None) == (task != "data")
+    assert (len(spy.inputs.clean) == 0) == data_free  # a data-free detector is given no clean image
+    assert spy.inputs.clean.x.shape[1:] == (3, 32, 32)  # but the image shape
+    reached = case_objects_reached(spy, runner)
+    assert not reached, f"the detector reaches the case's {dict(collections.Counter(reached))}"
+    if task == "input":  # the screen is shown the clean and the triggered test images, never their labels
+        data = next(obj for obj in runner.kept if isinstance(obj, Dataset))
+        assert [tuple(x.shape) for x in spy.screen.shown] == [(len(data.test), 3, 32, 32),
+                                                             (record["detection"]["positives"], 3, 32, 32)]
+        assert all(x.dtype == torch.uint8 for x in spy.screen.shown)

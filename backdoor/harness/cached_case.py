@@ -61,6 +61,9 @@ def find_record(results_dir: str | Path, case_id: str) -> dict:
 
 def case_from_record(record: dict) -> Case:
     """Rebuild the ``Case`` a record was made from (its parameters are the resolved ones the run used)."""
+    if record.get("detector"):
+        raise ValueError(f"{record['case_id']} is a detection case: analyse the model it inspected, the case "
+                         f"{record['case_id'].rsplit('-', 1)[0]}-none")
     if record.get("source") == "user":
         raise ValueError(f"{record['case_id']} is a user-model case (pure defense): its model is the checkpoint "
                          f"{(record.get('user_model') or {}).get('checkpoint')}, not an artifact of the cache")

@@ -60,7 +60,7 @@ def _after_signal(name: str, matrix: Path, results: Path) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     for title, family in (("datasets", "data"), ("models", "models"), ("attacks", "attacks"),
-                          ("defenses", "defenses")):
+                          ("defenses", "defenses"), ("detectors", "detectors")):
         print(f"{title}:")
         for entry in catalog(family):
             kind = f"[{entry.kind.replace('_', ' ')}] " if entry.kind else ""

@@ -131,6 +131,11 @@ class Matrix:
             return DETECTORS.get(detector).task in ("model", "data")
         return attack in self.detector_against.get(detector, (attack,))
 
+    def population_seeds(self) -> list[int]:
+        """The population's further clean seeds: ``population.clean_seeds`` less the matrix's seeds (whose clean
+        reference models are already in the grid)."""
+        return [s for s in self.clean_seeds if s not in self.seeds]
+
     def _detection_cases(self, attack: str, **fields) -> list[Case]:
         return [Case(attack=attack, defense=detection_label(d), detector=d, detector_params=params, **fields)
                 for d, params in self.detectors.items() if self.detects(d, attack)]
@@ -165,7 +170,7 @@ class Matrix:
                                                     training=training, **base))
                             out += self._detection_cases(attack, ratio=ratio, attack_params=aparams,
                                                          training=training, **base)
-                for seed in self.clean_seeds:  # the population's further clean models
+                for seed in self.population_seeds():  # the population's further clean models
                     base = dict(common, dataset=dataset, model=model, seed=seed, dataset_params=dparams,
                                 model_params=mparams)
                     out.append(Case(attack=CLEAN, defense="none", ratio=0.0, training=self.training, **base))
@@ -423,7 +428,7 @@ def load_matrix(path: str | Path, check_data: bool = True) -> Matrix:
         against=against,
         detectors=detectors,
         detector_against=detector_against,
-        clean_seeds=tuple(s for s in clean_seeds if s not in seeds),
+        clean_seeds=tuple(clean_seeds),
     )
     check_cases(matrix)
     return matrix
@@ -505,7 +510,7 @@ def case_count(matrix: Matrix) -> int:
     per_seed = (1 + len(matrix.benign) + clean_detections) * matrix.reference + sum(
         len(matrix.ratios_of(a)) * (sum(matrix.runs_against(d, a) for d in matrix.defenses)
                                     + sum(matrix.detects(d, a) for d in matrix.detectors)) for a in matrix.attacks)
-    per_clean_seed = (1 + clean_detections) * len(matrix.clean_seeds)
+    per_clean_seed = (1 + clean_detections) * len(matrix.population_seeds())
     grid = len(matrix.datasets) * len(matrix.models) * (len(matrix.seeds) * per_seed + per_clean_seed)
     return grid + len(matrix.user_models) * len(matrix.seeds) * len(matrix.defenses)
 

@@ -81,7 +81,9 @@ TEST_VALUES = [k for k in range(9, 252, 7) if away_from_boundaries(k)]
 
 def inputs_for(clean_values, num_classes: int = 4) -> DefenseInputs:
     x = constant_images(clean_values)
-    clean = Split(x, torch.tensor([band(k / 255) for k in clean_values]))
+    # labels that are NOT the model's predictions: the screen's statistics are per predicted class and must
+    # not read them
+    clean = Split(x, torch.tensor([(band(k / 255) + 1) % 4 for k in clean_values], dtype=torch.long))
     return DefenseInputs(model=band_model(), clean=clean, num_classes=num_classes, device=CPU, seed=3,
                          training=TrainConfig(epochs=1), retraining=TrainConfig(epochs=1),
                          new_model=band_model, fit=lambda *a, **k: {})

@@ -11,9 +11,10 @@ the share of amplified images whose predicted label is the original image's. The
 prediction of a triggered image survives amplification (the trigger, often saturated pixels, stays where it is
 and dominates), a benign image's drifts, so a high SPC is suspicious.
 
-Data-limited variant (the paper's section on defenders with a few benign samples; ``standardise``, on by
-default, since the defender's clean subset is always given): some benign classes are themselves consistent
-under amplification, so the benign consistency is removed per class. The clean subset's SPC is measured the
+Data-limited variant (``standardise``, on by default, since the defender's clean subset is always given): the
+paper assumes the defender holds a few benign samples from each class and normalises an input's SPC by the
+mean and standard deviation of those samples' SPC, since some benign images are themselves consistent under
+amplification. We remove that benign consistency per class. The clean subset's SPC is measured the
 same way; its samples are grouped by the model's prediction on the (unscaled) clean image, and each group gives
 a mean mu_c and a sample standard deviation sigma_c (Bessel-corrected, as ``torch.std``). An input predicted as
 class c scores ``(SPC(x) - mu_c) / sigma_c``. Where a class cannot give both (no clean sample predicted as c:
@@ -41,10 +42,12 @@ whose original and scaled images go through the model together (at most ``_IMAGE
 Departures from BackdoorBox (THUYimingLi/BackdoorBox, core/defenses/SCALE_UP.py), and why:
 - Standardisation per predicted class. BackdoorBox's ``init_spc_norm`` pools ONE mean and std over all the
   benign samples, and measures their SPC against their TRUE labels (the screened inputs' against the model's
-  prediction). We group by the model's prediction and measure both against the prediction: the paper's
-  data-limited variant estimates the benign consistency per class, the screened input has no label but its
-  prediction, and the same statistic on both sides is what makes the standardisation remove that class's
-  benign consistency. ``standardise=False`` gives the raw SPC (BackdoorBox without ``valset``).
+  prediction). We group by the model's prediction and measure both against the prediction: benign
+  consistency differs between classes (a bright class stays bright when amplified), the benign samples come
+  from each class, the screened input has no label but its prediction, and the same statistic on both sides is
+  what makes the standardisation remove that class's benign consistency (tests/test_detect_scaleup.py shows a
+  raw-SPC tie between triggered inputs and a consistent benign class that the per-class scores break).
+  ``standardise=False`` gives the raw SPC (BackdoorBox without ``valset``).
 - The decision is ``>``, BackdoorBox's is ``>=`` (see Ties). BackdoorBox also sets T only when no threshold is
   passed (a given threshold is ignored there); ours is used as given.
 - BackdoorBox's evaluation keeps only the inputs the model classifies as their label (a test-set metric that
@@ -140,9 +143,11 @@ class ScaleUp(InputDetector):
     order = 20
     parameters = {
         "scales": Param(NOT_STATED, "3, 5, 7, 9, 11 (`scale_set`)",
-                        "BackdoorBox's default; the authors' code (JunfengGo/SCALE-UP) scans 1 to 11, factor 1 counted"),
-        "standardise": Param("data-limited variant: benign SPC mean/std per class",
-                             "with `valset`: one mean/std pooled over all benign samples, their SPC against true labels",
+                        "BackdoorBox's default; the authors' code (JunfengGo/SCALE-UP) scans 1 to 11, factor 1 "
+                        "counted"),
+        "standardise": Param("data-limited variant: SPC normalised by a few benign samples' mean/std",
+                             "with `valset`: one mean/std pooled over all benign samples, their SPC against true "
+                             "labels",
                              "on (the clean subset is always given); per predicted class, clean SPC against the "
                              "prediction, as the screened inputs' (see the docstring)"),
         "threshold": Param("defender-specified T", "0.5 (`T`, flags score >= T)",
@@ -166,6 +171,10 @@ class ScaleUp(InputDetector):
         Mutant("pooled-mean", "every class is centred on the pooled clean mean instead of its own",
                "\n    mean = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, pooled_mean))",
                "\n    mean = torch.full_like(sums, pooled_mean)"),
+        Mutant("grouped-by-label", "the clean statistics are grouped by the clean samples' labels, not the predictions",
+               "\n            spc, pred = scaled_prediction_consistency(model, clean.x, self.scales, device)",
+               "\n            spc, pred = scaled_prediction_consistency(model, clean.x, self.scales, device)"
+               "\n            pred = clean.y.long()"),
         Mutant("no-standardisation", "the score is the raw SPC even when standardisation is on",
                "\n            if self.standardise:", "\n            if False:"),
         Mutant("threshold-not-calibrated", "with fpr set, the threshold stays the fixed 0.5",

@@ -274,3 +274,18 @@ def test_empty_clean_set():
         create_detector("scaleup").calibrate(empty)
     screen = create_detector("scaleup", standardise=False).calibrate(empty)
     assert screen.scores(constant_images([200])).tolist() == [1.0]
+
+
+def test_runs_on_a_registered_architecture():
+    """A real network (cnn_small, 16x16): SPCs are shares of 5 factors, the clean statistics are per class."""
+    from backdoor.models import create_model
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (24, 3, 16, 16), generator=g, dtype=torch.uint8)
+    inputs = DefenseInputs(model=create_model("cnn_small", 3, seed=0), clean=Split(x, torch.arange(24) % 3),
+                           num_classes=3, device=CPU, seed=0, training=TrainConfig(epochs=1),
+                           retraining=TrainConfig(epochs=1), new_model=lambda: None, fit=lambda *a, **k: {})
+    screen = create_detector("scaleup", standardise=False).calibrate(inputs)
+    spc = screen.scores(x[:8])
+    assert spc.shape == (8,) and all(round(5 * s) == pytest.approx(5 * s, abs=1e-6) for s in spc.tolist())
+    standardised = create_detector("scaleup", fpr=0.1).calibrate(inputs)
+    assert len(standardised.info["class_mean"]) == 3 and torch.isfinite(standardised.scores(x)).all()

@@ -21,13 +21,13 @@ is fitted to it, and the largest statistic r_max gets the order-statistic p-valu
 F the fitted CDF and K the number of classes. The model is flagged when p <= ``alpha`` (0.05); the suspected
 target is the class with the largest statistic.
 
-All K classes are optimised at once, as one batch of K x ``num_starts`` images (in chunks of at most
-``max_batch`` images per forward pass; each image's gradient depends on it alone, as the model is in eval mode,
-so chunking changes nothing). The verdict's score is -log10(p), computed from the gamma's log survival function
-where p underflows, so it keeps ranking models whose p is below 1e-300 (higher = more likely backdoored;
-capped at 324, where even the log underflows); info holds the suspected class, the per-class statistics, p, the fitted gamma and each
-class's steps. Cost per model: at most ``steps`` forward and backward passes of K x ``num_starts`` images (300 x
-300 on a ten-class model at the defaults; about 30 s for cnn_small on 8x8 images on one busy CPU thread, so small
+All K classes are optimised at once, as one batch of K x ``num_starts`` images (in chunks of at most ``max_batch``
+images per forward pass; each image's gradient depends on it alone, as the model is in eval mode, so chunking
+changes nothing). The verdict's score is -log10(p), computed from the gamma's log survival function where p
+underflows, so it keeps ranking models whose p is below 1e-300 (higher = more likely backdoored; capped at 324,
+where even the log underflows); info holds the suspected class, the per-class statistics, p, the fitted gamma and
+each class's steps. Cost per model: at most ``steps`` forward and backward passes of K x ``num_starts`` images (300
+x 300 on a ten-class model at the defaults; about 30 s for cnn_small on 8x8 images on one busy CPU thread, so small
 matrices should lower ``num_starts``/``steps``); no data.
 
 Threat model: data-free (``data_free = True``). The runner gives it an empty clean set; only its image shape is

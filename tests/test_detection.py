@@ -48,8 +48,10 @@ def test_detection_cases_of_a_matrix(tmp_path):
     ids = [c.case_id for c in matrix.cases()]
     assert len(ids) == case_count(matrix) == len(set(ids))
     # per seed 0-1: clean none + clean nc + clean spectral (data-side: the benign condition), badnets none/nc/spectral,
-    # blended none/nc (spectral runs against badnets only); seeds 2-3: the population's clean none + nc + spectral
-    assert len(ids) == 2 * 8 + 2 * 3
+    # blended none/nc (spectral runs against badnets only); seeds 2-3: the population's clean none + nc (model-level
+    # detectors only)
+    assert len(ids) == 2 * 8 + 2 * 2
+    assert "synthetic-cnn_small-clean-s3-det_spectral" not in ids
     assert "synthetic-cnn_small-clean-s3-det_nc" in ids and "synthetic-cnn_small-badnets-p0.1-s1-det_spectral" in ids
     assert "synthetic-cnn_small-blended-p0.1-s0-det_spectral" not in ids
     assert "synthetic-cnn_small-badnets-p0.1-s3-none" not in ids  # the population's seeds are clean only
@@ -160,7 +162,7 @@ def test_a_detection_grid_end_to_end(tmp_path):
     spectral = [r for r in detections if r["detector"] == "spectral" and r["attack"] == "badnets"]
     assert all(r["detection"]["flagged"] > 0 and 0 <= r["det_auroc"] <= 1 for r in spectral)
     benign = [r for r in detections if r["detector"] == "spectral" and r["attack"] == "clean"]
-    assert len(benign) == 3 and all(r["detection"]["tpr"] is None and r["det_fpr"] > 0 for r in benign)
+    assert len(benign) == 2 and all(r["detection"]["tpr"] is None and r["det_fpr"] > 0 for r in benign)
     folder = tmp_path / "r" / "det"
     assert "det_nc" not in (folder / "leaderboard.md").read_text()
     text = (folder / "detection.md").read_text()

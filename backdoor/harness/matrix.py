@@ -49,7 +49,8 @@ TOP_LEVEL_KEYS = {
                  "grid (input-level and data-side: every backdoored model; model-level and data-side also the clean "
                  "reference models); an entry's `against: [attacks]` as for defenses",
     "population": "model-level detection over a population: {clean_seeds: n or [seeds]}, further seeds on which only "
-                  "the clean reference model is trained and inspected (the matrix's seeds give the backdoored models)",
+                  "the clean reference model is trained and inspected by the model-level detectors (the matrix's "
+                  "seeds give the backdoored models)",
     "poison_ratios": "poison ratios in (0, 1] (an attack's own `poison_ratios` replaces them for that attack)",
     "seeds": "integer seeds, or a count n meaning seeds 0..n-1",
     "target": "target class (all-to-one), or all-to-all (y -> (y + 1) mod K); default 0",
@@ -136,9 +137,10 @@ class Matrix:
         reference models are already in the grid)."""
         return [s for s in self.clean_seeds if s not in self.seeds]
 
-    def _detection_cases(self, attack: str, **fields) -> list[Case]:
+    def _detection_cases(self, attack: str, tasks: tuple[str, ...] = ("input", "data", "model"),
+                         **fields) -> list[Case]:
         return [Case(attack=attack, defense=detection_label(d), detector=d, detector_params=params, **fields)
-                for d, params in self.detectors.items() if self.detects(d, attack)]
+                for d, params in self.detectors.items() if self.detects(d, attack) and DETECTORS.get(d).task in tasks]
 
     def cases(self) -> list[Case]:
         """Every case of the grid, reference rows first within each dataset/model/seed; then, per dataset, each
@@ -174,7 +176,7 @@ class Matrix:
                     base = dict(common, dataset=dataset, model=model, seed=seed, dataset_params=dparams,
                                 model_params=mparams)
                     out.append(Case(attack=CLEAN, defense="none", ratio=0.0, training=self.training, **base))
-                    out += self._detection_cases(CLEAN, ratio=0.0, training=self.training, **base)
+                    out += self._detection_cases(CLEAN, ("model",), ratio=0.0, training=self.training, **base)
             for um in self.user_models.values():
                 if um.dataset != dataset:
                     continue
@@ -507,10 +509,11 @@ def _attack_ratios(path: Path, overrides: dict) -> dict[str, list[float]]:
 def case_count(matrix: Matrix) -> int:
     """How many cases ``matrix.cases()`` builds, counted without building them."""
     clean_detections = sum(matrix.detects(d, CLEAN) for d in matrix.detectors)
+    population_detections = sum(DETECTORS.get(d).task == "model" for d in matrix.detectors)
     per_seed = (1 + len(matrix.benign) + clean_detections) * matrix.reference + sum(
         len(matrix.ratios_of(a)) * (sum(matrix.runs_against(d, a) for d in matrix.defenses)
                                     + sum(matrix.detects(d, a) for d in matrix.detectors)) for a in matrix.attacks)
-    per_clean_seed = (1 + clean_detections) * len(matrix.population_seeds())
+    per_clean_seed = (1 + population_detections) * len(matrix.population_seeds())
     grid = len(matrix.datasets) * len(matrix.models) * (len(matrix.seeds) * per_seed + per_clean_seed)
     return grid + len(matrix.user_models) * len(matrix.seeds) * len(matrix.defenses)
 

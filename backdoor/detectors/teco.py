@@ -356,17 +356,22 @@ class TeCo(InputDetector):
         "fpr": Param(NONE, NONE, "the paper and the reference report AUROC (the reference also the best F1 over "
                      "thresholds, which needs test labels); 5% FPR on the defender's clean subset fixes one"),
     }
+    # Each find starts with a newline and the line's indentation: it then matches the code line and not its own
+    # text here, where the newline is an escape.
     mutants = (
         Mutant("severity-always-1", "every severity step applies severity 1",
-               "corrupt(batch, name, severity, generator)", "corrupt(batch, name, 1, generator)"),
+               "\n            labels = torch.stack([_labels(model, corrupt(batch, name, severity, generator))",
+               "\n            labels = torch.stack([_labels(model, corrupt(batch, name, 1, generator))"),
         Mutant("mean-not-deviation", "scores the mean transition severity instead of its deviation",
-               "severities.double().std(1, correction=0).float()", "severities.double().mean(1).float()"),
+               "\n    return severities.double().std(1, correction=0).float()",
+               "\n    return severities.double().mean(1).float()"),
         Mutant("reference-severity-1", "compares each label with the severity-1 label instead of the clean one",
                "\n            reference = clean", "\n            reference = labels[:, 0]"),
         Mutant("no-corruption", "the corruption returns the image unchanged",
-               "return _to_uint8(CORRUPTIONS[name](x.float() / 255, severity, generator))", "return x.clone()"),
+               "\n    return _to_uint8(CORRUPTIONS[name](x.float() / 255, severity, generator))", "\n    return x.clone()"),
         Mutant("threshold-not-calibrated", "the threshold ignores fpr (the clean median)",
-               "quantile_threshold(clean, self.fpr)", "quantile_threshold(clean, 0.5)"),
+               "\n        screen.threshold = quantile_threshold(clean, self.fpr)",
+               "\n        screen.threshold = quantile_threshold(clean, 0.5)"),
     )
 
     def __init__(self, corruptions: tuple[str, ...] | list[str] = DEFAULT_CORRUPTIONS, fpr: float = 0.05):

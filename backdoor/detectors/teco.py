@@ -336,7 +336,7 @@ def transition_severities(model, x: torch.Tensor, corruptions, generator: torch.
                           device: torch.device) -> torch.Tensor:
     """[N, K] long: per image and corruption type, the first severity 1..5 whose label differs from the clean
     image's label; ``NEVER`` (6) where none does. Batched (``BATCH``), in order; random draws from ``generator``."""
-    model.eval()
+    model.to(device).eval()
     out = []
     for start in range(0, len(x), BATCH):
         batch = x[start:start + BATCH].to(device)

@@ -1,5 +1,6 @@
-"""TeCo: test-time corruption consistency (Liu, Li, Wang, Hu, Ye, Jin, Wu, Xiao, "Detecting Backdoors During the
-Inference Stage Based on Corruption Robustness Consistency", CVPR 2023).
+"""TeCo: test-time corruption consistency (Xiaogeng Liu, Minghui Li, Haoyu Wang, Shengshan Hu, Dengpan Ye, Hai Jin,
+Libing Wu, Chaowei Xiao, "Detecting Backdoors During the Inference Stage Based on Corruption Robustness
+Consistency", CVPR 2023, pp. 16363-16372).
 
 Input-level detector. Each input is corrupted with every corruption type of the ImageNet-C set (Hendrycks &
 Dietterich) at the five severities 1-5, and the model's hard label is read on the clean input and on each
@@ -19,7 +20,12 @@ Corruptions, written here in torch, vectorised over the batch, with the severity
 ``imagecorruptions`` package (which the reference calls) has them; every corrupted image is truncated to uint8
 as ``imagecorruptions.corrupt`` does (``np.uint8``; here with a 1e-3 tolerance against float error) before the
 model sees it. Random draws (noise, glass-blur offsets, motion angles, snow, elastic fields) come from a
-``torch.Generator`` seeded with ``inputs.seed`` at each ``scores`` call, drawn in batch order on the device.
+``torch.Generator`` seeded with ``inputs.seed`` at each ``scores`` call, drawn in batch order on the device (so
+the same images in the same order get the same draws; another order, or another device, other draws). The
+model runs in float32 (no autocast), ``BATCH`` images at a time.
+
+Cost: 1 + 5 x (number of types) forward passes per input (71 with the 14 default types), for the clean subset
+at calibration and for every screened input; no training.
 
 Departures, and why:
 - Frost is left out (14 of the 15 types by default): it blends in photographs of frost that the package ships
@@ -42,6 +48,10 @@ Departures, and why:
 - Elastic transform and snow's zoom: scipy's linear ``zoom``/``map_coordinates`` as ``F.interpolate(...,
   align_corners=True)`` / ``grid_sample`` (reflection padding); the smoothing of elastic's displacement fields
   (radius 1 at 32 px) replicates the border, which equals scipy's 'reflect' at radius 1.
+- Elastic transform is the package's version (a Gaussian-smoothed random displacement field, sigma 1% of the
+  side, alpha 250 x (0.05 ... 0.12)), not the original ImageNet-C one with an affine step; zoom blur keeps the
+  package's ``np.arange`` factor lists (12 factors 1.00-1.11 at severity 1); motion blur's weights are not
+  renormalised when a shift leaves the image, as there (a small image gets darker).
 - Brightness raises HSV value by the constant with hue and saturation kept, written directly: each pixel is scaled
   by min(v + c, 1) / v (v its channel maximum), a black pixel becomes grey min(c, 1); that is what
   rgb2hsv -> clip(v + c) -> hsv2rgb computes.

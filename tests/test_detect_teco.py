@@ -16,7 +16,7 @@ from backdoor._checks import ParameterError
 from backdoor.detectors import create_detector
 from backdoor.defenses.base import DefenseInputs
 from backdoor.detectors.teco import (CONTRAST, CORRUPTIONS, DEFAULT_CORRUPTIONS, FOG, GAUSSIAN_NOISE, IMPULSE_NOISE,
-                                     MOTION_BLUR, NEVER, SHOT_NOISE, _motion_blur, corrupt, deviation,
+                                     MOTION_BLUR, NEVER, SHOT_NOISE, _clipped_zoom, _motion_blur, corrupt, deviation,
                                      transition_severities)
 from backdoor.training import TrainConfig
 
@@ -231,3 +231,11 @@ def test_defaults_and_recorded_parameters():
     assert teco.corruptions == DEFAULT_CORRUPTIONS and len(DEFAULT_CORRUPTIONS) == 14 and "frost" not in DEFAULT_CORRUPTIONS and teco.fpr == 0.05
     assert teco.params() == {"corruptions": list(DEFAULT_CORRUPTIONS), "fpr": 0.05}
     assert create_detector("teco", corruptions=["contrast", "pixelate"]).corruptions == ("contrast", "pixelate")
+
+
+def test_clipped_zoom_stretches_the_centre_corners_to_corners():
+    """scipy's linear zoom of the centre ceil(8 / 2) = 4 columns (2..5) of a ramp back to 8: 2 + 3 j / 7."""
+    ramp = torch.arange(8, dtype=torch.float64).expand(1, 1, 8, 8)
+    out = _clipped_zoom(ramp, 2.0)
+    assert torch.allclose(out[0, 0, 0], 2 + 3 * torch.arange(8, dtype=torch.float64) / 7)
+    assert _clipped_zoom(ramp, 1.3, crop=False).shape[-1] == round(math.ceil(8 / 1.3) * 1.3)  # 9: kept whole

@@ -145,16 +145,16 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _clipped_zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
+def _clipped_zoom(x: torch.Tensor, factor: float, crop: bool = True) -> torch.Tensor:
     """Crop the centre ceil(side / factor), zoom it linearly (corners to corners, as scipy's ``zoom``) to
-    round(crop * factor), keep the top-left side x side."""
+    round(crop * factor), keep the top-left side x side (all of it where not ``crop``)."""
     h, w = x.shape[-2:]
     ch, cw = math.ceil(h / factor), math.ceil(w / factor)
     top, left = (h - ch) // 2, (w - cw) // 2
-    crop = x[..., top:top + ch, left:left + cw]
-    out = F.interpolate(crop, size=(max(h, round(ch * factor)), max(w, round(cw * factor))), mode="bilinear",
+    centre = x[..., top:top + ch, left:left + cw]
+    out = F.interpolate(centre, size=(max(h, round(ch * factor)), max(w, round(cw * factor))), mode="bilinear",
                         align_corners=True)
-    return out[..., :h, :w]
+    return out[..., :h, :w] if crop else out
 
 
 def _motion_blur(x: torch.Tensor, radius: int, sigma: float, angle: torch.Tensor) -> torch.Tensor:
@@ -238,10 +238,10 @@ def snow(x, severity, g):
     loc, scale, zoom, cut, radius, sigma, keep = SNOW[severity - 1]
     n, _, h, w = x.shape
     layer = loc + scale * torch.randn((n, 1, h, w), generator=g, device=x.device, dtype=x.dtype)
-    layer = _clipped_zoom(layer, zoom)
+    layer = _clipped_zoom(layer, zoom, crop=False)  # blurred whole, cropped after, as there
     layer = torch.where(layer < cut, torch.zeros_like(layer), layer).clamp(0, 1)
     angle = torch.rand(n, generator=g, device=x.device, dtype=x.dtype) * 90 - 135
-    layer = torch.round(_motion_blur(layer, radius, sigma, angle) * 255) / 255
+    layer = torch.round(_motion_blur(layer, radius, sigma, angle) * 255)[..., :h, :w] / 255
     x = keep * x + (1 - keep) * torch.maximum(x, _gray(x) * 1.5 + 0.5)
     return x + layer + layer.flip(-1, -2)
 

@@ -28,7 +28,7 @@ def planted_inputs(backdoor: float = 3.0, seed: int = 0) -> DefenseInputs:
 
 def test_regularisers_on_a_known_mask_and_pattern():
     """Mask: a 2x2 block of ones in the bottom-right of a 3x3 image and 0.5 at the centre's left neighbour
-    (row 1, col 0); pattern 0.5 everywhere on 3 channels.
+    (row 1, col 0); pattern 0.5 on 3 channels, except 1 under the block (so that inside and outside differ).
     mask_r1 = |m|_1 + |m|_2^2 = 4.5 + 4.25. Outside the mask, u = (1 - m) p is 0.5 at the 4 zero pixels and 0.25
     at the half pixel, per channel: |u|_1 = 3 * 2.25, |u|_2^2 = 3 * (4 * 0.25 + 0.0625).
     s(m): vertical pairs (0,0)-(1,0) 0.25, (1,0)-(2,0) 0.25, (0,1)-(1,1) 1, (0,2)-(1,2) 1; horizontal
@@ -38,6 +38,7 @@ def test_regularisers_on_a_known_mask_and_pattern():
     mask[0, 0, 1:, 1:] = 1.0
     mask[0, 0, 1, 0] = 0.5
     pattern = torch.full((1, 3, 3, 3), 0.5)
+    pattern[..., 1:, 1:] = 1.0
     reg = regularisers(mask, pattern)
     assert reg["mask_r1"].item() == pytest.approx(4.5 + 4.25)
     assert reg["pattern_r1"].item() == pytest.approx(3 * 2.25 + 3 * 1.0625)

@@ -130,11 +130,11 @@ class Tabor(ModelDetector):
     # Each find starts with a newline and the line's indentation, so it matches the code line and not this text.
     mutants = (
         Mutant("no-mask-area", "the mask-area terms are dropped: nothing keeps the reversed masks small",
-               "\n                area = cost * mask.flatten(1).sum(1) + l_mask_r1 * reg[\"mask_r1\"]",
-               "\n                area = 0 * mask.flatten(1).sum(1)"),
+               "\n                    area = cost * mask.flatten(1).sum(1) + l_mask_r1 * reg[\"mask_r1\"]",
+               "\n                    area = 0 * mask.flatten(1).sum(1)"),
         Mutant("no-misclassification", "the misclassification term is dropped: the triggers need not reach the "
-               "class", "\n                ce = F.cross_entropy(logits, target, reduction=\"none\")",
-               "\n                ce = 0 * F.cross_entropy(logits, target, reduction=\"none\")"),
+               "class", "\n                    ce = F.cross_entropy(logits, target, reduction=\"none\")",
+               "\n                    ce = 0 * F.cross_entropy(logits, target, reduction=\"none\")"),
         Mutant("largest-norm", "the suspected class is the one with the largest mask, not the smallest",
                "\n    suspect = int(norms.argmin())", "\n    suspect = int(norms.argmax())"),
         Mutant("decision-inverted", "the decision is compared the wrong way (flags when the index is small)",

@@ -1,4 +1,5 @@
-"""TABOR: each regulariser against a hand computation on a small mask and pattern; the anomaly score of the
+"""TABOR: each regulariser against a hand computation on a small mask and pattern, and the whole objective
+(R3 and R4 on) against a class-by-class, image-by-image computation; the anomaly score of the
 smallest mask on known numbers; on tests/planted.py's corner model the reversed trigger of class 0 is a small
 mask on the white 2x2 corner and the model is flagged with class 0 suspected, while the same model without its
 corner detector is not flagged; parameter validation and determinism under the seed."""
@@ -58,6 +59,34 @@ def test_smoothness_against_a_loop_over_neighbours():
                     if j + 1 < 6:
                         expected[k] += (t[k, c, i, j + 1] - t[k, c, i, j]) ** 2
     assert torch.allclose(smoothness(t), expected, rtol=1e-5)
+
+
+def test_objective_against_a_direct_computation_per_class_and_image():
+    """Every term weighted (R3 and R4 on), on a small linear model: the batched loss of each class equals the
+    one computed class by class and image by image from the formulas."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(3, 32, generator=g))
+    xb, yb = torch.rand(5, 2, 4, 4, generator=g), torch.tensor([0, 1, 2, 1, 0])
+    mask, pattern = torch.rand(3, 1, 4, 4, generator=g), torch.rand(3, 2, 4, 4, generator=g)
+    w = {"cost": 0.3, "l_mask_r1": 0.05, "l_pattern_r1": 0.07, "l_mask_r2": 0.11, "l_pattern_r2": 0.13,
+         "l_r3": 0.4, "l_r4": 0.6}
+    loss, logits = create_detector("tabor", **w).objective(model, xb, yb, torch.arange(3), mask, pattern)
+    assert logits.shape == (15, 3)
+    ce = torch.nn.functional.cross_entropy
+    for k in range(3):
+        m, p = mask[k], pattern[k]
+        u = (1 - m) * p
+        stamped = torch.stack([(1 - m) * x + m * p for x in xb])
+        misclass = sum(ce(model(s[None]), torch.tensor([k])) for s in stamped) / 5
+        r3 = sum(ce(model(((1 - m) * x)[None]), yb[i:i + 1]) for i, x in enumerate(xb)) / 5
+        r4 = ce(model((m * p)[None]), torch.tensor([k]))
+        tv2 = lambda t: torch.diff(t, dim=-1).square().sum() + torch.diff(t, dim=-2).square().sum()  # noqa: E731
+        expected = (misclass + w["cost"] * m.sum() + w["l_mask_r1"] * (m.sum() + m.square().sum())
+                    + w["l_pattern_r1"] * (u.sum() + u.square().sum()) + w["l_mask_r2"] * tv2(m)
+                    + w["l_pattern_r2"] * tv2(u) + w["l_r3"] * r3 + w["l_r4"] * r4)
+        assert loss[k].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_score_is_the_anomaly_index_of_the_smallest_mask_below_the_median():

@@ -140,11 +140,11 @@ class Tabor(ModelDetector):
     # Each find starts with a newline and the line's indentation, so it matches the code line and not this text.
     mutants = (
         Mutant("no-mask-area", "the mask-area terms are dropped: nothing keeps the reversed masks small",
-               "\n                    area = cost * mask.flatten(1).sum(1) + l_mask_r1 * reg[\"mask_r1\"]",
-               "\n                    area = 0 * mask.flatten(1).sum(1)"),
+               "\n        area = self.cost * mask.flatten(1).sum(1) + self.l_mask_r1 * reg[\"mask_r1\"]",
+               "\n        area = 0 * mask.flatten(1).sum(1)"),
         Mutant("no-misclassification", "the misclassification term is dropped: the triggers need not reach the "
-               "class", "\n                    ce = F.cross_entropy(logits, target, reduction=\"none\")",
-               "\n                    ce = 0 * F.cross_entropy(logits, target, reduction=\"none\")"),
+               "class", "\n        ce = F.cross_entropy(logits, target, reduction=\"none\")",
+               "\n        ce = 0 * F.cross_entropy(logits, target, reduction=\"none\")"),
         Mutant("largest-norm", "the suspected class is the one with the largest mask, not the smallest",
                "\n    suspect = int(norms.argmin())", "\n    suspect = int(norms.argmax())"),
         Mutant("decision-inverted", "the decision is compared the wrong way (flags when the index is small)",
@@ -154,6 +154,11 @@ class Tabor(ModelDetector):
                "\n    vertical = (t[..., 1:, :] - t[..., :-1, :]).abs()"),
         Mutant("overlay-inside", "the overlay penalty is on the pattern inside the mask instead of outside it",
                "\n    outside = (1 - mask) * pattern", "\n    outside = mask * pattern"),
+        Mutant("r4-wrong-input", "R4 classifies the stamped pattern over a black image instead of the trigger alone, "
+               "m * p", "\n            loss = loss + self.l_r4 * F.cross_entropy(model(mask * pattern)",
+               "\n            loss = loss + self.l_r4 * F.cross_entropy(model(pattern)"),
+        Mutant("r3-keeps-trigger", "R3 classifies the image with the trigger region kept instead of cut out",
+               "\n            cut = ((1 - mask[:, None]) * xb[None])", "\n            cut = (mask[:, None] * xb[None])"),
     )
 
     def __init__(self, epochs: int = 10, lr: float = 0.1, cost: float = 1e-3, l_mask_r1: float = 1e-6,
@@ -175,6 +180,28 @@ class Tabor(ModelDetector):
         self.batch_size, self.success_threshold = batch_size, success_threshold
         self.threshold, self.max_batch = threshold, max_batch
 
+    def objective(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, ks: torch.Tensor, mask: torch.Tensor,
+                  pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TABOR's loss per class for classes ``ks`` [k] with masks [k, 1, H, W] and patterns [k, C, H, W] in
+        [0, 1], on float images ``xb`` [B, C, H, W] with true labels ``yb`` (R3 only): returns the losses [k]
+        and the stamped images' logits [k * B, K]."""
+        xs = stamp(xb[None], mask[:, None], pattern[:, None]).flatten(0, 1)  # [k*B, C, H, W]
+        target = ks.repeat_interleave(len(xb))
+        logits = model(xs).float()
+        ce = F.cross_entropy(logits, target, reduction="none")
+        ce = ce.view(len(ks), len(xb)).mean(1)
+        reg = regularisers(mask, pattern)
+        area = self.cost * mask.flatten(1).sum(1) + self.l_mask_r1 * reg["mask_r1"]
+        loss = (ce + area + self.l_pattern_r1 * reg["pattern_r1"] + self.l_mask_r2 * reg["mask_r2"]
+                + self.l_pattern_r2 * reg["pattern_r2"])
+        if self.l_r4 > 0:  # R4: the trigger alone, m * p, is classified as the class
+            loss = loss + self.l_r4 * F.cross_entropy(model(mask * pattern).float(), ks, reduction="none")
+        if self.l_r3 > 0:  # R3: the image with the trigger region cut out keeps its true label
+            cut = ((1 - mask[:, None]) * xb[None]).flatten(0, 1)
+            r3 = F.cross_entropy(model(cut).float(), yb.repeat(len(ks)), reduction="none")
+            loss = loss + self.l_r3 * r3.view(len(ks), len(xb)).mean(1)
+        return loss, logits
+
     def reverse(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, device: torch.device,
                 seed: int) -> dict:
         """Reverse one trigger per class on uint8 images ``x`` [N, C, H, W] with labels ``y`` (used by R3 only).
@@ -191,7 +218,6 @@ class Tabor(ModelDetector):
         optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=self.lr, betas=(0.5, 0.9))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
         x_all, y_all = x.to(device), y.to(device)
-        cost, l_mask_r1, l_pattern_r1 = self.cost, self.l_mask_r1, self.l_pattern_r1
         batch = min(self.batch_size, n)
         chunk = max(1, self.max_batch // batch)
         best_norm = torch.full((K,), math.inf, dtype=torch.float64)
@@ -207,21 +233,8 @@ class Tabor(ModelDetector):
                 for j in range(0, K, chunk):
                     ks = torch.arange(j, min(K, j + chunk), device=device)
                     mask, pattern = _from_tanh(mask_raw[ks]), _from_tanh(pattern_raw[ks])
-                    xs = stamp(xb[None], mask[:, None], pattern[:, None]).flatten(0, 1)  # [k*B, C, H, W]
+                    loss, logits = self.objective(model, xb, yb, ks, mask, pattern)
                     target = ks.repeat_interleave(len(xb))
-                    logits = model(xs).float()
-                    ce = F.cross_entropy(logits, target, reduction="none")
-                    ce = ce.view(len(ks), len(xb)).mean(1)
-                    reg = regularisers(mask, pattern)
-                    area = cost * mask.flatten(1).sum(1) + l_mask_r1 * reg["mask_r1"]
-                    loss = (ce + area + l_pattern_r1 * reg["pattern_r1"] + self.l_mask_r2 * reg["mask_r2"]
-                            + self.l_pattern_r2 * reg["pattern_r2"])
-                    if self.l_r4 > 0:  # R4: the trigger alone, m * p, is classified as the class
-                        loss = loss + self.l_r4 * F.cross_entropy(model(mask * pattern).float(), ks, reduction="none")
-                    if self.l_r3 > 0:  # R3: the image with the trigger region cut out keeps its true label
-                        cut = ((1 - mask[:, None]) * xb[None]).flatten(0, 1)
-                        r3 = F.cross_entropy(model(cut).float(), yb.repeat(len(ks)), reduction="none")
-                        loss = loss + self.l_r3 * r3.view(len(ks), len(xb)).mean(1)
                     loss.sum().backward()
                     with torch.no_grad():
                         correct = (logits.argmax(1) == target).view(len(ks), len(xb)).double().mean(1)

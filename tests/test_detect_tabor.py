@@ -114,6 +114,8 @@ def test_reversed_trigger_of_the_planted_class_is_the_corner_and_the_model_is_fl
     assert mask0[-2:, -2:].sum() > 0.9 * mask0.sum() and mask0[-2:, -2:].min() > 0.8
     assert rev["patterns"][0, :, -2:, -2:].min() > 0.8  # white
     assert rev["success"][0] == 1.0
+    # every kept trigger succeeds (classes 1 and 2 by a large colour overlay): none is a leftover initialisation
+    assert rev["reached"].all() and rev["success"].min() >= 0.99
 
     verdict = detector.inspect(planted_inputs())
     assert verdict.flagged is True and verdict.info["suspected_class"] == 0

@@ -154,6 +154,9 @@ class Tabor(ModelDetector):
                "\n    vertical = (t[..., 1:, :] - t[..., :-1, :]).abs()"),
         Mutant("overlay-inside", "the overlay penalty is on the pattern inside the mask instead of outside it",
                "\n    outside = (1 - mask) * pattern", "\n    outside = mask * pattern"),
+        Mutant("keeps-unsuccessful", "a trigger is kept whatever its attack success (TrojanZoo's rule): classes that "
+               "must grow keep their initial masks", "\n            reached = hits / steps >= self.success_threshold",
+               "\n            reached = hits / steps >= 0.0"),
         Mutant("r4-wrong-input", "R4 classifies the stamped pattern over a black image instead of the trigger alone, "
                "m * p", "\n            loss = loss + self.l_r4 * F.cross_entropy(model(mask * pattern)",
                "\n            loss = loss + self.l_r4 * F.cross_entropy(model(pattern)"),

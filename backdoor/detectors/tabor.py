@@ -32,14 +32,15 @@ separate optimisations. Cost per model: ``epochs * ceil(N / batch_size)`` steps,
 backward passes through the model plus K for R4 (plus ``K * B`` more for R3 when ``l_r3 > 0``), and one
 ``K * N`` forward pass at the end for the kept triggers' attack success (reported only). On 16x16 digits,
 cnn_small, 10 classes, 72 clean images, 10 epochs, batch 16: 50 steps of 160 images (8,000 forward and
-backward passes): measured about 10 s on one core of a CPU shared with other jobs (R3 on adds about half).
+backward passes): measured about 3 s on one CPU core (10 s while the CPU was shared with other jobs); R3 on
+adds about half.
 
 Defaults are the reference's, TrojanZoo (ain-soph/trojanzoo, ``trojanvision/defenses/backdoor/model_inspection/
 tabor.py`` and its base ``ModelInspection``): hyper-parameters ``[1e-6, 1e-5, 1e-7, 1e-8, 0, 1e-2]`` for
 (mask R1, pattern R1, mask R2, pattern R2, R3, R4), 10 epochs, lr 0.1, the base loss's fixed mask-L1 cost 1e-3
-(TABOR does not inherit NC's adaptive cost schedule there), Adam betas (0.5, 0.9), cosine annealing, masks and
-patterns initialised from a standard normal in tanh space, the kept trigger the one with the smallest mask L1
-at an epoch's end.
+(TABOR does not inherit NC's adaptive cost schedule there; an older TrojanZoo derived TABOR from its NC), Adam
+betas (0.5, 0.9), cosine annealing, masks and patterns initialised from a standard normal in tanh space, the
+kept trigger the one with the smallest mask L1 at an epoch's end.
 
 Departures and choices:
 - The kept trigger must have succeeded: TrojanZoo keeps the smallest-norm epoch whatever its attack success, so
@@ -47,8 +48,9 @@ Departures and choices:
   initialisations (on tests/planted.py's model they then flag the clean model for some seeds). We keep, as NC
   does, the smallest mask among the epochs whose success reached ``success_threshold`` (0.99, TrojanZoo's NC
   ``attack_succ_threshold``); ``info`` reports which classes reached it.
-- R2 is TrojanZoo's: squared differences (not the absolute differences of total variation), on the mask and on
-  the pattern outside the mask, ``(1 - m) p``, as TrojanZoo computes it (not on ``m p``).
+- R2 is TrojanZoo's: squared differences of neighbours (a total-variation reading would take absolute ones), on
+  the mask and on the pattern outside the mask, ``(1 - m) p``, as TrojanZoo computes it (not on ``m p``). The
+  paper's own formulas were not re-read for this file: where they differ, TrojanZoo's code is what we follow.
 - R3 (blocking) is implemented but off by default (weight 0), as in TrojanZoo's defaults; when off it is not
   computed (it would cost a forward pass per image and class for nothing).
 - The paper's post-hoc trigger quality measure (built from the explanation of the reversed triggers) is not
@@ -161,7 +163,8 @@ class Tabor(ModelDetector):
                "m * p", "\n            loss = loss + self.l_r4 * F.cross_entropy(model(mask * pattern)",
                "\n            loss = loss + self.l_r4 * F.cross_entropy(model(pattern)"),
         Mutant("r3-keeps-trigger", "R3 classifies the image with the trigger region kept instead of cut out",
-               "\n            cut = ((1 - mask[:, None]) * xb[None])", "\n            cut = (mask[:, None] * xb[None])"),
+               "\n            cut = ((1 - mask[:, None]) * xb[None])",
+               "\n            cut = (mask[:, None] * xb[None])"),
     )
 
     def __init__(self, epochs: int = 10, lr: float = 0.1, cost: float = 1e-3, l_mask_r1: float = 1e-6,

@@ -67,7 +67,7 @@ def test_declarations_are_complete():
 
 @pytest.mark.parametrize("family, name, cls", METHODS, ids=IDS)
 def test_ours_is_the_signature_default(family, name, cls):
-    rows = {r["parameter"]: r for r in parameter_rows() if r["method"] == name}
+    rows = {r["parameter"]: r for r in parameter_rows() if (r["family"], r["method"]) == (family, name)}
     defaults = constructor_defaults(cls)
     assert list(rows) == [p for p in parameters.signature_defaults(cls)]
     for param, default in defaults.items():

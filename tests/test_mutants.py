@@ -1,4 +1,4 @@
-"""Mutants: every attack and defense declares its own, they apply to its file and compile; the mutation runner
+"""Mutants: every attack, defense and detector declares its own, they apply to its file and compile; the mutation runner
 (``backdoor mutate``) tells caught, survived and broken mutants apart on a throwaway repository; and the
 do-nothing mutant of every method is caught by its tests (the CI mutation run)."""
 import json
@@ -9,13 +9,14 @@ import pytest
 from backdoor.harness import cli
 from backdoor.attacks import ATTACKS
 from backdoor.defenses import DEFENSES
-from backdoor.mutants import DO_NOTHING, Mutant, do_nothing, mutants_of, source_file
+from backdoor.detectors import DETECTORS
+from backdoor.mutants import DO_NOTHING, Mutant, do_nothing, family, mutants_of, source_file
 from backdoor.mutants import tests_of as declared_tests  # not collected as a test
-from backdoor.harness.mutate import (CAUGHT, ERROR, SURVIVED, Job, MutationResult, Target, checkout_files, exit_status,
-                                     registered_methods, repo_root, run_job, run_jobs, select_jobs, target_of)
+from backdoor.harness.mutate import (CAUGHT, DETECTOR_PREFIX, ERROR, SURVIVED, Job, MutationResult, Target,
+                                     checkout_files, exit_status, registered_methods, repo_root, run_job, run_jobs, select_jobs, target_of)
 
 ROOT = repo_root()
-METHODS = {m.name: m for m in registered_methods()}
+METHODS = {(f"{DETECTOR_PREFIX}{m.name}" if family(m) == "detector" else m.name): m for m in registered_methods()}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -34,9 +35,12 @@ def test_each_method_declares_mutants_that_apply_to_its_file_and_compile(name):
         assert (ROOT / entry.split("::")[0]).is_file(), f"{name}: mutation test {entry} does not exist"
 
 
-def test_the_default_selection_is_every_attack_and_defense_but_none():
+def test_the_default_selection_is_every_attack_defense_and_detector_but_none():
     assert "none" not in METHODS
-    assert set(METHODS) == (set(ATTACKS.names()) | set(DEFENSES.names())) - {"none"}
+    assert set(METHODS) == ((set(ATTACKS.names()) | set(DEFENSES.names())) - {"none"}
+                            | {f"{DETECTOR_PREFIX}{n}" for n in DETECTORS.names()})
+    assert registered_methods(["detector:nc"]) == [DETECTORS.get("nc")]
+    assert registered_methods(["nc"]) == [DEFENSES.get("nc")]  # a shared name is the defense's
     jobs = select_jobs([METHODS["ft"], METHODS["fp"]], ROOT, do_nothing_only=True)
     assert [(j.target.method, j.mutant.name) for j in jobs] == [("ft", DO_NOTHING), ("fp", DO_NOTHING)]
     assert jobs[0].target == Target("ft", "defense", "backdoor/defenses/ft.py", "backdoor.defenses.ft",

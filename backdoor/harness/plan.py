@@ -22,6 +22,7 @@ from backdoor.checkpoints import user_models
 from backdoor.attacks import create_attack
 from backdoor.harness.cache import ArtifactCache
 from backdoor.defenses import create_defense
+from backdoor.detectors import create_detector
 from backdoor.harness.launch import grid_command, workers_of
 from backdoor.harness.matrix import MatrixError, load_matrix, parse_seeds
 from backdoor.harness.case import CLEAN, Case
@@ -29,9 +30,10 @@ from backdoor.harness import specs
 from backdoor.harness.runner import Runner
 from backdoor.harness.records import RECORDS, read_records
 
-STAGES = ("dataset", "clean_model", "poison", "backdoor_model", "defense")
+STAGES = ("dataset", "clean_model", "poison", "backdoor_model", "defense", "detection")
 STAGE_ARTIFACTS = {"dataset": "dataset", "clean_model": "clean_model", "poison": "poisoned",
-                   "backdoor_model": "backdoor_model", "defense": "defended_model"}
+                   "backdoor_model": "backdoor_model", "defense": "defended_model", "detection": "detection"}
+OWN_STAGES = ("defense", "detection")  # stages timed by the case's defense (or detector), not its attack
 
 
 def case_artifacts(runner: Runner, case: Case) -> dict[str, tuple[str, dict]]:
@@ -50,6 +52,10 @@ def case_artifacts(runner: Runner, case: Case) -> dict[str, tuple[str, dict]]:
         out["poison"] = ("poisoned", poison)
         out["backdoor_model"] = ("backdoor_model", backdoor)
         out_upstream = backdoor
+    if case.detector:
+        detector = create_detector(case.detector, **case.detector_params)
+        out["detection"] = ("detection", specs.detector_spec(case, out_upstream, detector))
+        return out
     defense = create_defense(case.defense, **case.defense_params)
     if defense.kind != "none":
         out["defense"] = ("defended_model", specs.defense_spec(case, out_upstream, defense))
@@ -86,7 +92,7 @@ def _timed_lines(path: Path) -> list[dict]:
 
 def timing_key(case_id: str, stage: str, training: dict, defense_training: dict | None) -> tuple:
     """What makes two stages the same build: the case and its training budgets (the defense's too)."""
-    budgets = (training, defense_training) if stage == "defense" else (training,)
+    budgets = (training, defense_training) if stage in OWN_STAGES else (training,)
     return case_id, stage, json.dumps(budgets, sort_keys=True, default=str)
 
 
@@ -103,7 +109,7 @@ def stage_estimates(records: list[dict]) -> tuple[dict, dict]:
             if (r.get("build_seconds") or {}).get(stage) is None and (r.get("cache_hits") or {}).get(stage):
                 continue  # a cache hit's time is not a build's
             by_case[timing_key(r["case_id"], stage, r.get("training"), r.get("defense_training"))] = seconds
-            method = r.get("defense") if stage == "defense" else r.get("attack")
+            method = r.get("defense") if stage in OWN_STAGES else r.get("attack")
             by_method.setdefault((method, stage, r.get("dataset"), r.get("model")), []).append(seconds)
     return by_case, {k: statistics.median(v) for k, v in by_method.items()}
 
@@ -176,7 +182,7 @@ def print_plan(matrix_path: Path, args, extra: list[str]) -> int:
 
 def _recorded_seconds(case: Case, stage: str, by_case: dict, by_method: dict) -> float | None:
     key = timing_key(case.case_id, stage, case.training.to_dict(), case.defense_training.to_dict())
-    method = case.defense if stage == "defense" else case.attack
+    method = case.defense if stage in OWN_STAGES else case.attack
     return by_case.get(key, by_method.get((method, stage, case.dataset, case.model)))
 
 

@@ -10,6 +10,7 @@ from backdoor.harness.expectations import (CHAOTIC_WIDTH, FLOOR, RegressionError
                                            parse_regression, write_expected)
 from backdoor.harness.matrix import load_matrix
 from backdoor.harness.case import CLEAN
+from backdoor.detectors import DETECTORS
 
 SMOKE = Path(__file__).resolve().parent.parent / "matrices" / "smoke.yaml"
 ASR_CHECKS = ("asr", "d_asr")
@@ -76,7 +77,7 @@ def test_every_attacked_smoke_cell_checks_its_asr_or_a_claim_that_doing_nothing_
     expected = load_expected(matrix.expected_path)
     unchecked = []
     for case in matrix.cases():
-        if case.attack == CLEAN:
+        if case.attack == CLEAN or case.detector:  # detection cells: the test below
             continue
         widths = [_banded_width(matrix.regression, expected, case, m) for m in ASR_CHECKS]
         if any(w is not None and w <= CHAOTIC_WIDTH[m] for w, m in zip(widths, ASR_CHECKS)):
@@ -86,6 +87,38 @@ def test_every_attacked_smoke_cell_checks_its_asr_or_a_claim_that_doing_nothing_
             unchecked.append(f"{case.attack}/{case.defense} (ASR band widths {widths})")
     assert not unchecked, f"{len(unchecked)} cells check neither ASR by a narrow band nor a claim that doing " \
                           f"nothing breaks: {', '.join(unchecked)}"
+
+
+def _do_nothing_detection(case, expected: dict) -> dict:
+    """What a detector that does nothing (scores 0, flags nothing) would record in this cell: AUROC 0.5, no
+    flag, score 0; an input-level screen that lets every input through leaves the model's metrics as they were."""
+    record = {"attack": case.attack, "defense": case.defense, "status": "ok", "det_auroc": 0.5, "det_tpr": 0.0,
+              "det_fpr": 0.0, "det_score": 0.0, "c_acc": None, "asr": None, "r_acc": None,
+              "detection": {"flagged": 0, "tpr": 0.0, "fpr": 0.0, "auroc": 0.5, "score": 0.0}}
+    none = expected.get(case_key(case.case_id.rsplit("-", 1)[0] + "-none"), {})
+    if DETECTORS.get(case.detector).task == "input" and none:
+        metrics = {m: none[m]["centre"] for m in ("c_acc", "asr", "r_acc")}
+        record.update(metrics, undefended=dict(metrics))
+    if DETECTORS.get(case.detector).task != "data":
+        record["det_tpr"] = record["det_fpr"] = None if DETECTORS.get(case.detector).task == "model" else 0.0
+    if DETECTORS.get(case.detector).task != "model":
+        record["det_score"] = None
+    else:
+        record["det_auroc"] = None
+    return record
+
+
+def test_every_smoke_detector_is_told_from_one_that_does_nothing():
+    """For every detector of the smoke grid, some cell's calibrated bands or claims reject what a detector that
+    does nothing would record: the grid catches its do-nothing version."""
+    matrix = load_matrix(SMOKE, check_data=False)
+    expected = load_expected(matrix.expected_path)
+    caught = {d: [] for d in matrix.detectors}
+    for case in (c for c in matrix.cases() if c.detector):
+        problems = drift(_do_nothing_detection(case, expected), expected.get(case_key(case.case_id)), matrix.regression)
+        if problems:
+            caught[case.detector].append(case.case_id)
+    assert all(caught.values()), f"no cell catches the do-nothing version of {[d for d, c in caught.items() if not c]}"
 
 
 def test_the_smoke_expectations_cover_every_case():

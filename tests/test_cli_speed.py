@@ -12,6 +12,7 @@ from backdoor.harness.catalog import catalog, first_paragraph
 from backdoor.attacks import ATTACKS
 from backdoor.data import DATASETS
 from backdoor.defenses import DEFENSES
+from backdoor.detectors import DETECTORS
 from backdoor.models import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,13 +49,13 @@ def test_a_tools_own_options_are_still_offered():
 
 
 @pytest.mark.parametrize("family, registry", [("data", DATASETS), ("models", MODELS), ("attacks", ATTACKS),
-                                              ("defenses", DEFENSES)])
+                                              ("defenses", DEFENSES), ("detectors", DETECTORS)])
 def test_the_catalog_is_the_registry(family, registry):
     entries = catalog(family)
     assert [e.name for e in entries] == registry.names()
     for entry in entries:
         factory = registry.get(entry.name)
-        assert entry.kind == getattr(factory, "kind", None)
+        assert entry.kind == getattr(factory, "kind", getattr(factory, "task", None))
         assert entry.title == getattr(factory, "title", None)
         doc = factory.__doc__ or sys.modules[factory.__module__].__doc__
         assert entry.summary == first_paragraph(doc)

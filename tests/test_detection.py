@@ -109,8 +109,8 @@ def test_auroc_interval_matches_sklearn_and_covers_it():
     assert auroc_interval(pos, []) is None
 
 
-def model_record(detector, attack, seed, score, flagged, kind="dirty_label"):
-    return {"case_id": f"d-m-{attack}-s{seed}-det_{detector}", "dataset": "d", "model": "m", "attack": attack,
+def model_record(detector, attack, seed, score, flagged, kind="dirty_label", asr=1.0):
+    return {"inspected": {"asr": None if attack == "clean" else asr}, "case_id": f"d-m-{attack}-s{seed}-det_{detector}", "dataset": "d", "model": "m", "attack": attack,
             "attack_kind": None if attack == "clean" else kind, "poison_ratio": 0.0 if attack == "clean" else 0.1,
             "seed": seed, "detector": detector, "task": "model", "status": "ok", "detection_seconds": 2.0,
             "detection": {"score": score, "flagged": flagged, "backdoored": attack != "clean"}}
@@ -119,7 +119,8 @@ def model_record(detector, attack, seed, score, flagged, kind="dirty_label"):
 def test_model_level_table_scores_the_population():
     records = ([model_record("nc", "clean", s, score, False) for s, score in enumerate([0.5, 1.0, 2.5])]
                + [model_record("nc", "badnets", s, score, score > 2) for s, score in enumerate([3.0, 4.0])]
-               + [model_record("nc", "sig", s, score, score > 2, "clean_label") for s, score in enumerate([0.7, 2.2])])
+               + [model_record("nc", "sig", s, score, score > 2, "clean_label", asr)
+                  for s, (score, asr) in enumerate([(0.7, 0.3), (2.2, 0.5)])])
     row = model_frame(records).iloc[0]
     # 4 backdoored against 3 clean: pairs won 3+3 (badnets) + 1 (0.7 > 0.5) + 2 (2.2 > 0.5, 1.0) = 9 of 12
     assert row["AUROC"].startswith("75.00 [") and row["Clean models"] == 3 and row["Backdoored models"] == 4
@@ -127,6 +128,9 @@ def test_model_level_table_scores_the_population():
     breakdown = model_breakdown_frame(records)
     by = dict(zip(breakdown["Backdoored by"], breakdown["AUROC"]))
     assert by["BadNets"].startswith("100.00") and by["family: clean label"].startswith("50.00")
+    # the SIG model at ASR 0.3 is no effective backdoor: 3 left, pairs won 3+3+2 = 8 of 9
+    effective = breakdown[breakdown["Backdoored by"] == "effective (ASR >= 50%)"].iloc[0]
+    assert effective["AUROC"].startswith("88.89 [") and effective["Backdoored models"] == 3
 
 
 def test_detection_records_stay_out_of_the_defense_leaderboard():

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # backdoor/
+#: A detector's task is its base class's (``backdoor.detectors.base``).
+DETECTOR_TASKS = {"InputDetector": "input", "DataDetector": "data", "ModelDetector": "model"}
 
 
 @dataclass(frozen=True)
 class Entry:
     name: str
-    kind: str | None  # the class's ``kind`` (attacks and defenses); None for function factories
+    kind: str | None  # the class's ``kind`` (attacks and defenses), a detector's task; None for function factories
     title: str | None  # the class's ``title`` (its name in tables); None where it declares none
     summary: str
 
@@ -33,8 +35,8 @@ def first_paragraph(doc: str | None) -> str:
 
 
 def catalog(family: str) -> list[Entry]:
-    """The registered entries of ``backdoor.<family>`` (``attacks``, ``defenses``, ``models``, ``data``),
-    sorted by name, as the registry's ``names()`` lists them."""
+    """The registered entries of ``backdoor.<family>`` (``attacks``, ``defenses``, ``detectors``, ``models``,
+    ``data``), sorted by name, as the registry's ``names()`` lists them."""
     entries: list[Entry] = []
     for path in sorted((PACKAGE_ROOT / family).glob("*.py")):
         if not path.name.startswith("_"):
@@ -50,9 +52,14 @@ def _registered_in(module: ast.Module) -> list[Entry]:
             name = _registered_name(node)
             if name is not None:
                 doc = ast.get_docstring(node) or module_doc
-                out.append(Entry(name, _class_constant(node, "kind"), _class_constant(node, "title"),
-                                 first_paragraph(doc)))
+                kind = _class_constant(node, "kind") or _detector_task(node)
+                out.append(Entry(name, kind, _class_constant(node, "title"), first_paragraph(doc)))
     return out
+
+
+def _detector_task(node: ast.ClassDef | ast.FunctionDef) -> str | None:
+    bases = [b.id for b in getattr(node, "bases", []) if isinstance(b, ast.Name)]
+    return next((DETECTOR_TASKS[b] for b in bases if b in DETECTOR_TASKS), None)
 
 
 def _registered_name(node: ast.ClassDef | ast.FunctionDef) -> str | None:

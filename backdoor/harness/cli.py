@@ -63,7 +63,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                           ("defenses", "defenses"), ("detectors", "detectors")):
         print(f"{title}:")
         for entry in catalog(family):
-            kind = f"[{entry.kind.replace('_', ' ')}] " if entry.kind else ""
+            kind = f"[{entry.kind.replace('_', ' ')}{' detection' if family == 'detectors' else ''}] " \
+                if entry.kind else ""
             said = not entry.title or entry.title == entry.name or entry.summary.startswith(f"{entry.title}:")
             title = "" if said else f"({entry.title}) "
             print(f"  {entry.name:<20} {title}{kind}{entry.summary}")

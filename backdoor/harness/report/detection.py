@@ -10,7 +10,8 @@
 - **Model-level** (per dataset, model, detector; over the population of models the records hold: clean reference
   models are the negatives, backdoored models the positives): AUROC with its bootstrap interval over models, TPR
   and FPR at the detector's own decision, seconds per model; then the same broken down by attack family (the
-  attack's kind: dirty label, clean label, training-controllable) and by attack.
+  attack's kind: dirty label, clean label, training-controllable), by attack, and over the effective backdoors
+  alone (ASR at least ``EFFECTIVE_ASR`` on the inspected model).
 
 Percentages exist only here; records hold floats in [0, 1].
 """
@@ -32,6 +33,10 @@ INPUT_FIGURES = {"auroc": "AUROC", "tpr": "TPR", "fpr": "FPR", "residual_asr": "
 DATA_FIGURES = {"tpr": "TPR", "fpr": "FPR", "precision": "Precision", "auroc": "AUROC"}
 FAMILY_TITLES = {"dirty_label": "dirty label", "clean_label": "clean label",
                  "training_controllable": "training-controllable"}
+#: A backdoored model whose trigger works on at least this share of the triggered test set is an effective
+#: backdoor: a population row scores the detectors on those alone (TrojAI keeps only poisoned models whose trigger
+#: works; a model trained on poison whose ASR stayed near the base rate carries no backdoor to find).
+EFFECTIVE_ASR = 0.5
 
 
 def is_detection(record: dict) -> bool:
@@ -110,6 +115,11 @@ def _model_row(rs: list[dict], positives: list[dict]) -> dict:
             "TPR": _percent(_share(positives)), "FPR": _percent(_share(negatives))}
 
 
+def _effective(record: dict) -> bool:
+    asr = (record.get("inspected") or {}).get("asr")
+    return asr is not None and asr >= EFFECTIVE_ASR
+
+
 def _share(rs: list[dict]) -> float | None:
     return sum(bool(r["detection"]["flagged"]) for r in rs) / len(rs) if rs else None
 
@@ -129,13 +139,17 @@ def model_frame(records: list[dict]) -> pd.DataFrame | None:
 
 
 def model_breakdown_frame(records: list[dict]) -> pd.DataFrame | None:
-    """The model-level table by attack family and by attack: the population's clean models against the
-    backdoored models of one family (or one attack)."""
+    """The model-level table over the effective backdoors, by attack family and by attack: the population's clean
+    models against the backdoored models whose ASR reaches ``EFFECTIVE_ASR``, then those of one family (or one
+    attack) whatever their ASR."""
     groups = population(records)
     out = []
     for (dataset, model, detector), rs in groups.items():
         backdoored = [r for r in rs if r["detection"]["backdoored"]]
         titles = attack_titles(backdoored) if backdoored else {}
+        out.append({"Dataset": dataset, "Model": model, "Detector": detector_title(detector),
+                    "Backdoored by": f"effective (ASR >= {100 * EFFECTIVE_ASR:g}%)",
+                    **_model_row(rs, [r for r in backdoored if _effective(r)])})
         families = _order([r.get("attack_kind") for r in backdoored], list(FAMILY_TITLES))
         for family in families:
             members = [r for r in backdoored if r.get("attack_kind") == family]
@@ -161,7 +175,8 @@ LEGENDS = {
               "seed). AUROC of the detector's score over the population, with the "
               f"{BOOTSTRAP_KIND}; TPR / FPR: the share of backdoored / clean models the detector's own rule flags; "
               "Seconds per model: the median. A backdoored model counts as one whatever its ASR (`inspected` in "
-              "records.jsonl holds it)."),
+              "records.jsonl holds it); the breakdown's first row keeps only the effective backdoors (ASR at least "
+              f"{100 * EFFECTIVE_ASR:g}%)."),
 }
 
 

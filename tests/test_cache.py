@@ -212,6 +212,7 @@ def test_sweep_never_touches_a_build_in_progress_or_a_live_builder(tmp_path):
             time.sleep(0.05)
         cache.sweep_stale()
         assert leftovers(tmp_path / "c") == sorted([live, locked, young_unknown, other_host])
+        assert not old_unknown.exists()
     finally:
         release.touch()
         holder.join(60)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from backdoor.attacks import create_attack
 from backdoor.attacks._controllable import batch_poison_count, random_crop_rotate_flip
 from backdoor.attacks.wanet import control_field, identity_grid, warp
-from backdoor.data import Split, load_dataset
+from backdoor.data import load_dataset
 
 
 def ramp_images(h: int, w: int) -> torch.Tensor:

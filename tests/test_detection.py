@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from backdoor.detectors import DETECTORS
 from backdoor.harness.matrix import MatrixError, case_count, load_matrix
+from backdoor.harness.report.figures import roc_figure
 from backdoor.harness.report.detection import (data_frame, input_frame, model_breakdown_frame, model_frame,
                                                render_detection)
 from backdoor.harness.report.leaderboard import leaderboard_frame, render_markdown
@@ -131,6 +132,22 @@ def test_model_level_table_scores_the_population():
     # the SIG model at ASR 0.3 is no effective backdoor: 3 left, pairs won 3+3+2 = 8 of 9
     effective = breakdown[breakdown["Backdoored by"] == "effective (ASR >= 50%)"].iloc[0]
     assert effective["AUROC"].startswith("88.89 [") and effective["Backdoored models"] == 3
+
+
+def test_a_roc_figure_tells_every_attack_apart_and_keeps_its_legend_off_the_panels():
+    attacks = ["badnets", "blended", "sig", "lc", "lf", "ssba", "inputaware", "wanet", "bpp", "trojannn", "ftrojan",
+               "adap_patch", "ctrl"]
+    roc = {"fpr": [0.0, 0.5, 1.0], "tpr": [0.0, 0.7, 1.0]}
+    records = [{"dataset": "d", "model": "m", "attack": a, "detector": "spectral", "task": "data", "status": "ok",
+                "detection": {"roc": roc}} for a in attacks]
+    fig = roc_figure(records, "data", "d", "m")
+    curves = [line for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")]  # not the diagonal
+    styles = {(line.get_color(), line.get_linestyle()) for line in curves}
+    assert len(curves) == len(attacks) and len(styles) == len(attacks)  # 13 attacks: no two alike
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert all(legend.y1 <= ax.get_window_extent().y0 for ax in fig.axes if ax.get_visible())
+    assert all(legend.y1 <= ax.xaxis.label.get_window_extent().y0 for ax in fig.axes if ax.get_visible())
 
 
 def test_detection_records_stay_out_of_the_defense_leaderboard():

@@ -192,6 +192,11 @@ def figure3(cells: dict, dataset: str, model: str):
     return fig
 
 
+LEGEND_COLUMNS = 6
+#: ten colours (tab10), then the same colours dashed, then dotted: thirty attacks stay apart in one panel
+ATTACK_LINESTYLES = ("-", "--", ":")
+
+
 def roc_figure(records: list[dict], task: str, dataset: str, model: str):
     """ROC curves of each detector of one task, one panel per detector: input-level and data-side, each case's
     curve (from its record's ``detection.roc``) coloured by attack; model-level, the curve over the population
@@ -199,11 +204,13 @@ def roc_figure(records: list[dict], task: str, dataset: str, model: str):
     plt = _pyplot()
     rows = [r for r in detection_rows(records, task) if (r["dataset"], r["model"]) == (dataset, model)]
     detectors = _order([r["detector"] for r in rows], DETECTORS.order())
-    cols = min(4, len(detectors))
-    fig, axes = plt.subplots(math.ceil(len(detectors) / cols), cols, figsize=(3.3 * cols, 3.2 * math.ceil(len(detectors) / cols) + 0.8),
-                             squeeze=False)
-    cmap = plt.get_cmap("tab10")
     attacks = _order([r["attack"] for r in rows if r["attack"] != "clean"], attack_order())
+    cols, panel_rows = min(4, len(detectors)), math.ceil(len(detectors) / min(4, len(detectors)))
+    # the attacks' legend goes under the panels, LEGEND_COLUMNS entries a row: room for it in inches
+    legend = 0.0 if task == "model" else 0.15 + 0.2 * math.ceil(len(attacks) / LEGEND_COLUMNS)
+    height = 3.2 * panel_rows + 0.5 + legend
+    fig, axes = plt.subplots(panel_rows, cols, figsize=(3.3 * cols, height), squeeze=False)
+    cmap = plt.get_cmap("tab10")
     for ax, detector in zip(axes.flat, detectors):
         mine = [r for r in rows if r["detector"] == detector]
         if task == "model":
@@ -219,8 +226,8 @@ def roc_figure(records: list[dict], task: str, dataset: str, model: str):
             for i, attack in enumerate(attacks):
                 for j, r in enumerate(r for r in mine if r["attack"] == attack and r["detection"].get("roc")):
                     roc = r["detection"]["roc"]
-                    ax.plot(roc["fpr"], roc["tpr"], color=cmap(i % 10), linewidth=1.2, alpha=0.8,
-                            label=attack_title(attack) if j == 0 else None)
+                    ax.plot(roc["fpr"], roc["tpr"], color=cmap(i % 10), linestyle=ATTACK_LINESTYLES[i // 10 % 3],
+                            linewidth=1.2, alpha=0.8, label=attack_title(attack) if j == 0 else None)
         ax.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, linestyle=":")
         ax.set_title(DETECTORS.title(detector))
         ax.set_xlim(-0.02, 1.02)
@@ -237,9 +244,10 @@ def roc_figure(records: list[dict], task: str, dataset: str, model: str):
                 if label not in labels:
                     handles.append(h)
                     labels.append(label)
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6) or 1, bbox_to_anchor=(0.5, -0.01))
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), LEGEND_COLUMNS) or 1,
+                   bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(f"ROC, {TASK_TITLES[task]} detection, {dataset} / {model}", fontsize=12)
-    fig.tight_layout(rect=(0, 0.07 if task != "model" else 0, 1, 1))
+    fig.tight_layout(rect=(0, legend / height, 1, 1))
     return fig
 
 

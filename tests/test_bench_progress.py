@@ -4,6 +4,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+from backdoor.harness import bench as bench_module
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -38,3 +41,26 @@ def test_an_interrupted_bench_ends_with_one_line():
     lines = [line for line in err.splitlines() if not line.startswith("  [")]
     assert len(lines) == 1 and lines[0].startswith("backdoor bench: interrupted after "), err
     assert "badnets" in out  # the poisoning figures finished before the interrupt are printed
+
+
+def test_an_interrupt_dropped_by_a_finalizer_still_ends_the_bench(monkeypatch, capsys):
+    """Python prints and drops a KeyboardInterrupt raised inside a ``__del__`` (a progress bar's): the bench must
+    still stop at its next step (it ran all 200 rounds in a loaded CI)."""
+    steps = []
+
+    def bench_whose_interrupt_is_swallowed(args, step):
+        step("first")
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # what a finalizer does with it
+        step("second")
+        steps.append("ran on")
+        return 0
+
+    monkeypatch.setattr(bench_module, "_bench", bench_whose_interrupt_is_swallowed)
+    before = signal.getsignal(signal.SIGINT)
+    assert bench_module.main(SimpleNamespace()) == 130 and steps == []
+    err = capsys.readouterr().err
+    assert "first" in err and "second" not in err and "backdoor bench: interrupted after" in err
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back

@@ -205,7 +205,8 @@ def roc_figure(records: list[dict], task: str, dataset: str, model: str):
     rows = [r for r in detection_rows(records, task) if (r["dataset"], r["model"]) == (dataset, model)]
     detectors = _order([r["detector"] for r in rows], DETECTORS.order())
     attacks = _order([r["attack"] for r in rows if r["attack"] != "clean"], attack_order())
-    cols, panel_rows = min(4, len(detectors)), math.ceil(len(detectors) / min(4, len(detectors)))
+    cols = min(4, len(detectors))
+    panel_rows = math.ceil(len(detectors) / cols)
     # the attacks' legend goes under the panels, LEGEND_COLUMNS entries a row: room for it in inches
     legend = 0.0 if task == "model" else 0.15 + 0.2 * math.ceil(len(attacks) / LEGEND_COLUMNS)
     height = 3.2 * panel_rows + 0.5 + legend
